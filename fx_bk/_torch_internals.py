@@ -1,0 +1,114 @@
+"""Every private PyTorch API fx_bk uses, in one place.
+
+fx_bk is tested against the torch version pinned in CI (2.13.0). When a torch upgrade breaks
+something, this is the file to look at first.
+"""
+
+from __future__ import annotations
+
+import contextlib
+
+import torch
+import torch.utils._pytree as pytree
+from torch._functorch._aot_autograd.functional_utils import from_fun, is_fun, to_fun
+from torch._functorch.partitioners import min_cut_rematerialization_partition
+from torch._subclasses.fake_tensor import FakeTensorMode, unset_fake_temporarily
+from torch._subclasses.functional_tensor import FunctionalTensorMode
+from torch.fx.experimental.proxy_tensor import disable_proxy_modes_tracing, make_fx
+from torch.utils._python_dispatch import _disable_current_modes
+from torch.fx.experimental.symbolic_shapes import (
+    DimDynamic,
+    ShapeEnv,
+    StatelessSymbolicContext,
+)
+
+__all__ = [
+    "SymbolicBatchMode",
+    "escape_outer_tracing",
+    "functionalize",
+    "make_fx",
+    "partition_joint_graph",
+]
+
+
+class SymbolicBatchMode:
+    """A fake-tensor mode whose tensors have a symbolic batch dimension (dim 0) and static rest.
+
+    All batched tensors share one batch symbol, so one trace serves every batch size. Plain
+    ``make_fx(tracing_mode="symbolic")`` is not used: it makes every dim symbolic with duck sizing
+    (a dim equal to B would share B's symbol).
+    """
+
+    def __init__(self) -> None:
+        self.shape_env = ShapeEnv()
+        self.fake_mode = FakeTensorMode(shape_env=self.shape_env, allow_non_fake_inputs=False)
+        self._batch_source = None
+
+    def fake(self, t: torch.Tensor, *, batched: bool) -> torch.Tensor:
+        dims = [DimDynamic.STATIC] * t.dim()
+        if batched:
+            dims[0] = DimDynamic.DYNAMIC
+        ctx = StatelessSymbolicContext(dynamic_sizes=dims)
+        out = self.fake_mode.from_tensor(t, symbolic_context=ctx)
+        if batched:
+            if self._batch_source is None:
+                self._batch_source = out.shape[0]
+            else:
+                # every batched tensor shares the first one's batch symbol
+                torch._check(out.shape[0] == self._batch_source)
+        return out
+
+    @property
+    def batch_symbol(self):
+        return None if self._batch_source is None else self._batch_source.node.expr
+
+    def batch_guards(self) -> list[str]:
+        """Guards the trace placed on the batch symbol (other than range facts)."""
+        sym = self.batch_symbol
+        if sym is None:
+            return []
+        return [str(g.expr) for g in self.shape_env.guards if sym in g.expr.free_symbols]
+
+
+@contextlib.contextmanager
+def escape_outer_tracing():
+    """Leave any enclosing Dynamo/AOTAutograd tracing so we can trace our own graphs.
+
+    fx_bk builds its graphs lazily on the first call, which may happen while torch.compile is
+    tracing the user's model (fake tensors, proxy modes, functionalization active).
+    """
+    with contextlib.ExitStack() as stack:
+        stack.enter_context(unset_fake_temporarily())
+        stack.enter_context(disable_proxy_modes_tracing())
+        stack.enter_context(_disable_current_modes())
+        stack.enter_context(torch.enable_grad())
+        yield
+
+
+def functionalize(fn):
+    """Functionalize ``fn`` the way AOTAutograd does (autograd.grad inside keeps working).
+
+    ``torch.func.functionalize`` breaks ``requires_grad_`` / ``autograd.grad``; without
+    functionalization, in-place ops reach the partitioner, which rejects them.
+    """
+
+    def wrapped(*args):
+        with FunctionalTensorMode():
+            fargs = pytree.tree_map_only(torch.Tensor, to_fun, args)
+            outs = fn(*fargs)
+            for a in pytree.tree_leaves(fargs):
+                if is_fun(a):
+                    torch._sync(a)
+                    if torch._functionalize_has_data_mutation(a.elem):
+                        raise RuntimeError(
+                            "fx_bk: the model mutates one of its inputs, parameters or buffers "
+                            "in place during forward; this is not supported"
+                        )
+            return pytree.tree_map_only(torch.Tensor, from_fun, outs)
+
+    return wrapped
+
+
+def partition_joint_graph(joint: torch.fx.GraphModule, num_fwd_outputs: int):
+    """Split a joint graph (placeholders ``primals_*``/``tangents_*``) into forward and backward."""
+    return min_cut_rematerialization_partition(joint, None, num_fwd_outputs=num_fwd_outputs)

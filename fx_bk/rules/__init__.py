@@ -1,0 +1,108 @@
+"""The per-op rule registry.
+
+A *site* is one op of the forward graph that consumes a trainable parameter. Its rule knows, from
+the tensors the op saw (activations ``a``) and the gradient of the loss w.r.t. the op's output
+(``g = dL/ds``, shape ``[B, ...]``), how to compute per sample ``i``:
+
+* ``norm_sq(values) -> ([B], state)``: the squared L2 norm of the per-sample gradient of the
+  site's trainable parameters, ``sum_p ||dl_i/dp||^2`` (computed from ``g``, i.e. before the
+  loss-reduction scaling the caller applies);
+* ``clipped_grads(values, state, c) -> {param_name: grad}``: ``sum_i c_i * dl_i/dp`` for every
+  trainable parameter of the site, ``c`` of shape ``[B]``;
+* ``per_sample_grads(value) -> {param_name: [B, *p.shape]}``: the instantiated per-sample
+  gradients, used when a parameter is shared by sites of different rules.
+
+``values`` is a list of :class:`SiteValues`: one element, or several sites sharing parameters
+when ``rule.can_merge(sites)`` says the rule computes their summed gradient exactly (e.g. the same
+Linear called twice: its norm then includes the cross terms).
+
+Adding an op: one file here with ``@register_rule`` and one row in ``tests/test_rules.py``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from passes.program import Site, per_sample_numel
+
+RULES: dict = {}  # aten OpOverload -> Rule instance
+
+
+def register_rule(*ops):
+    def deco(cls):
+        rule = cls()
+        rule.ops = ops
+        for op in ops:
+            RULES[op] = rule
+        return cls
+
+    return deco
+
+
+def rule_for(op):
+    return RULES.get(op)
+
+
+@dataclass
+class SiteValues:
+    """The runtime tensors of one site inside the joint graph."""
+
+    site: Site
+    tensors: dict[str, torch.Tensor]  # role -> activation tensor (e.g. "input")
+    grad: torch.Tensor  # dL/ds, same shape as the op's output
+
+
+def accumulation_dtype(t: torch.Tensor) -> torch.dtype:
+    """Norms are accumulated in at least float32."""
+    return torch.float32 if t.dtype in (torch.float16, torch.bfloat16) else t.dtype
+
+
+def weighted_sum(c: torch.Tensor, per_sample: torch.Tensor) -> torch.Tensor:
+    """``sum_i c_i * per_sample[i]``; c: [B], per_sample: [B, *shape] -> [*shape]."""
+    return torch.tensordot(c.to(per_sample.dtype), per_sample, dims=1)
+
+
+def squared_norm(per_sample: torch.Tensor) -> torch.Tensor:
+    """[B, *shape] -> [B]."""
+    flat = per_sample.reshape(per_sample.shape[0], -1)
+    return flat.to(accumulation_dtype(flat)).pow(2).sum(1)
+
+
+class Rule:
+    """Base class. Subclasses set ``param_args`` / ``tensor_args`` (names in the op's schema)."""
+
+    name = "?"
+    ops: tuple = ()
+    param_args: tuple[str, ...] = ()  # schema argument names that may hold a parameter
+    tensor_args: tuple[str, ...] = ()  # schema argument names whose values the rule needs
+
+    def validate(self, site: Site) -> str | None:
+        """A reason this site cannot be handled (e.g. sparse embedding), or None."""
+        return None
+
+    def can_merge(self, sites: list[Site]) -> bool:
+        return len(sites) == 1
+
+    def plan(self, sites: list[Site]) -> None:
+        """Choose ``site.strategy`` and ``site.cost`` from the static shapes."""
+        for s in sites:
+            s.strategy = "instantiate"
+            s.cost = sum(per_sample_numel(s.shapes[r]) for r in s.params)
+
+    def per_sample_grads(self, value: SiteValues) -> dict[str, torch.Tensor]:
+        raise NotImplementedError
+
+    def norm_sq(self, values: list[SiteValues]):
+        (value,) = values
+        grads = self.per_sample_grads(value)
+        return sum(squared_norm(g) for g in grads.values()), grads
+
+    def clipped_grads(self, values: list[SiteValues], state, c: torch.Tensor):
+        return {name: weighted_sum(c, g) for name, g in state.items()}
+
+
+
+# Import the rule families so they register themselves.
+from . import embedding, layer_norm, linear  # noqa: E402,F401

@@ -1,0 +1,74 @@
+"""Embedding: ``s = W[x]``, ``W: [V, d]``, ``x: [B, *]`` (T positions), ``g: [B, *, d]``.
+
+* norm (ghost):  ``||G_i||^2 = sum_{t,t'} [x_t = x_t'] <g_t, g_t'>`` over positions that are not
+  ``padding_idx`` (their gradient is zero in PyTorch; Opacus counts them)   cost T^2 d, memory B T^2
+* clipped:       ``index_add`` of ``c_i g_it`` into row ``x_it`` (never a B T V one-hot)
+* per sample:    ``[B, V, d]`` via one ``index_add`` (only for parameters shared across rules).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from . import Rule, accumulation_dtype, register_rule
+
+aten = torch.ops.aten
+
+
+@register_rule(aten.embedding.default)
+class EmbeddingRule(Rule):
+    name = "embedding"
+    param_args = ("weight",)
+    tensor_args = ("indices",)
+
+    def validate(self, site):
+        if site.const_args.get("sparse"):
+            return "sparse=True is not supported; use nn.Embedding(..., sparse=False)"
+        if site.const_args.get("scale_grad_by_freq"):
+            return (
+                "scale_grad_by_freq=True scales each sample's gradient by token counts over the "
+                "whole batch, which mixes samples; use scale_grad_by_freq=False"
+            )
+        return None
+
+    def plan(self, sites):
+        (s,) = sites
+        t = 1
+        for n in s.shapes["indices"][1:]:
+            t *= n
+        s.strategy, s.cost = "ghost", t * t * s.shapes["out"][-1]
+
+    @staticmethod
+    def _flat(value):
+        x = value.tensors["indices"]
+        g = value.grad
+        x = x.reshape(x.shape[0], -1)  # [B, T]
+        g = g.reshape(g.shape[0], -1, g.shape[-1])  # [B, T, d]
+        pad = value.site.const_args.get("padding_idx", -1)
+        if pad is not None and pad >= 0:
+            g = g * (x != pad).unsqueeze(-1).to(g.dtype)  # padding rows get no gradient
+        return x, g
+
+    def norm_sq(self, values):
+        (value,) = values
+        x, g = self._flat(value)
+        acc = accumulation_dtype(g)
+        same = (x.unsqueeze(2) == x.unsqueeze(1)).to(acc)  # [B, T, T]
+        gg = torch.bmm(g, g.transpose(1, 2)).to(acc)  # [B, T, T]
+        return (same * gg).sum((1, 2)), (x, g)
+
+    def clipped_grads(self, values, state, c):
+        x, g = state
+        name = values[0].site.params["weight"]
+        vocab = values[0].site.shapes["weight"][0]
+        cg = (g * c.to(g.dtype)[:, None, None]).reshape(-1, g.shape[-1])  # [B*T, d]
+        out = torch.zeros(vocab, g.shape[-1], dtype=g.dtype, device=g.device)
+        return {name: out.index_add(0, x.reshape(-1), cg)}
+
+    def per_sample_grads(self, value):
+        x, g = self._flat(value)
+        b, vocab = x.shape[0], value.site.shapes["weight"][0]
+        rows = (torch.arange(b, device=x.device).unsqueeze(1) * vocab + x).reshape(-1)
+        out = torch.zeros(b * vocab, g.shape[-1], dtype=g.dtype, device=g.device)
+        out = out.index_add(0, rows, g.reshape(-1, g.shape[-1]))
+        return {value.site.params["weight"]: out.view(b, vocab, g.shape[-1])}

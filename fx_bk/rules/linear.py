@@ -1,0 +1,117 @@
+"""Linear: ``s = a W^T + b``, ``a: [B, *, d]``, ``W: [p, d]``, ``s, g: [B, *, p]``.
+
+All leading non-batch dims fold into T positions: ``a: [B, T, d]``, ``g: [B, T, p]``.
+
+* T = 1:        ``||G_i||^2 = ||a_i||^2 ||g_i||^2``   (G_i = g_i^T a_i is rank one)
+* ghost:        ``||G_i||^2 = sum(a_i a_i^T * g_i g_i^T)``   cost T^2 (d + p), memory B T^2
+* instantiate:  ``G_i = g_i^T a_i``, ``||G_i||^2 = sum G_i^2``  cost T p d,   memory B p d
+* clipped:      ``sum_i c_i G_i = (c g)^T a`` (one GEMM; ``einsum(c, G)`` when instantiated)
+* bias:         ``b_i = sum_t g_it``,  clipped ``c @ b``.
+
+The strategy with fewer multiply-adds per sample is chosen per site from its static shapes. The
+same weight used at several sites (a module called twice) is one per-sample gradient: the sites'
+positions are concatenated along T, which gives the exact norm including the cross terms.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from . import Rule, SiteValues, accumulation_dtype, register_rule, squared_norm, weighted_sum
+
+aten = torch.ops.aten
+
+
+def _positions(shape) -> int:
+    t = 1
+    for s in shape[1:-1]:
+        t *= s
+    return t
+
+
+@register_rule(aten.linear.default)
+class LinearRule(Rule):
+    name = "linear"
+    param_args = ("weight", "bias")
+    tensor_args = ("input",)
+
+    def can_merge(self, sites) -> bool:
+        weights = {s.params.get("weight") for s in sites}
+        return len(weights) == 1
+
+    def plan(self, sites) -> None:
+        p, d = sites[0].shapes["out"][-1], sites[0].shapes["input"][-1]
+        t = sum(_positions(s.shapes["input"]) for s in sites)
+        if "weight" not in sites[0].params:
+            strategy, cost = "bias-only", t * p
+        elif t == 1:
+            strategy, cost = "rank-one", d + p
+        elif t * (d + p) < p * d:
+            strategy, cost = "ghost", t * t * (d + p)
+        else:
+            strategy, cost = "instantiate", t * p * d
+        for s in sites:
+            s.strategy, s.cost = strategy, cost
+
+    @staticmethod
+    def _flat(values: list[SiteValues]):
+        """Concatenate every site's positions: a [B, T, d], g [B, T, p]."""
+        a = [v.tensors["input"] for v in values]
+        g = [v.grad for v in values]
+        a = [x.reshape(x.shape[0], -1, x.shape[-1]) for x in a]
+        g = [x.reshape(x.shape[0], -1, x.shape[-1]) for x in g]
+        if len(values) == 1:
+            return a[0], g[0]
+        return torch.cat(a, 1), torch.cat(g, 1)
+
+    def norm_sq(self, values):
+        a, g = self._flat(values)
+        strategy = values[0].site.strategy
+        acc = accumulation_dtype(g)
+        norm = torch.zeros((), dtype=acc, device=g.device)
+        state = {"a": a, "g": g}
+        if strategy == "rank-one":
+            norm = a.to(acc).pow(2).sum((1, 2)) * g.to(acc).pow(2).sum((1, 2))
+        elif strategy == "ghost":
+            aa = torch.bmm(a, a.transpose(1, 2)).to(acc)  # [B, T, T]
+            gg = torch.bmm(g, g.transpose(1, 2)).to(acc)  # [B, T, T]
+            norm = (aa * gg).sum((1, 2))
+        elif strategy == "instantiate":
+            state["G"] = torch.bmm(g.transpose(1, 2), a)  # [B, p, d]
+            norm = squared_norm(state["G"])
+        state["bias"] = self._bias_grads(values)
+        for bg in state["bias"].values():
+            norm = norm + squared_norm(bg)
+        return norm, state
+
+    @staticmethod
+    def _bias_grads(values) -> dict[str, torch.Tensor]:
+        out: dict[str, torch.Tensor] = {}
+        for v in values:
+            name = v.site.params.get("bias")
+            if name is None:
+                continue
+            g = v.grad
+            b = g.reshape(g.shape[0], -1, g.shape[-1]).sum(1)  # [B, p]
+            out[name] = out[name] + b if name in out else b
+        return out
+
+    def clipped_grads(self, values, state, c):
+        grads = {name: weighted_sum(c, b) for name, b in state["bias"].items()}
+        weight = values[0].site.params.get("weight")
+        if weight is None:
+            return grads
+        if "G" in state:
+            grads[weight] = weighted_sum(c, state["G"])
+        else:
+            a, g = state["a"], state["g"]
+            cg = g * c.to(g.dtype)[:, None, None]  # [B, T, p]
+            grads[weight] = cg.reshape(-1, g.shape[-1]).t() @ a.reshape(-1, a.shape[-1])
+        return grads
+
+    def per_sample_grads(self, value):
+        a, g = self._flat([value])
+        out = {n: b for n, b in self._bias_grads([value]).items()}
+        if "weight" in value.site.params:
+            out[value.site.params["weight"]] = torch.bmm(g.transpose(1, 2), a)
+        return out

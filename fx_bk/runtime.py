@@ -1,0 +1,170 @@
+"""The module ``fx_bk.transform`` returns, and the autograd.Function that runs the BK graphs.
+
+NOTE [lazy build under torch.compile]: the graphs depend on the inputs' non-batch shapes, which
+are only known at the first call, and that call may already be inside ``torch.compile``'s
+tracing. ``BKModule.forward`` therefore calls one per-module function that Dynamo keeps in the
+graph (``allow_in_graph``); it receives only tensors plus the inputs' *layout* (a tuple of
+constants). Inside it, the traced programs are looked up by signature or built outside any
+enclosing tracing (``escape_outer_tracing``); then ``BKFunction.apply`` runs them, and
+AOTAutograd traces through it, so Inductor sees plain aten ops of the forward and BK backward.
+"""
+
+from __future__ import annotations
+
+import weakref
+
+import torch
+
+from passes import BKProgram, InputMeta, run_passes
+
+from ._torch_internals import escape_outer_tracing
+from .config import BKConfig
+from .errors import FxBkError
+from .layout import flatten, unflatten
+
+
+class BKFunction(torch.autograd.Function):
+    """forward: ``fw_graph(primals)``; backward: ``bw_graph(saved, tangents)`` -> clipped grads."""
+
+    @staticmethod
+    def forward(ctx, compiled, *primals):
+        prog = compiled.prog
+        results = prog.fw_graph(*primals)
+        n_out = prog.num_outputs
+        outs, saved = results[:n_out], results[n_out:]
+        tensors = [s for s in saved if isinstance(s, torch.Tensor)]
+        ctx.symints = [s for s in saved if not isinstance(s, torch.Tensor)]
+        ctx.saved_is_tensor = [isinstance(s, torch.Tensor) for s in saved]
+        ctx.save_for_backward(*tensors)
+        ctx.compiled = compiled
+        ctx.mark_non_differentiable(
+            *[o for o, d in zip(outs, prog.differentiable_outputs) if not d]
+        )
+        return tuple(outs)
+
+    @staticmethod
+    def backward(ctx, *grad_outputs):
+        compiled = ctx.compiled
+        prog = compiled.prog
+        tensors, symints = iter(ctx.saved_tensors), iter(ctx.symints)
+        saved = [next(tensors) if t else next(symints) for t in ctx.saved_is_tensor]
+        tangents = [
+            g.contiguous() for g, d in zip(grad_outputs, prog.differentiable_outputs) if d
+        ]
+        grads = compiled.run_backward(saved, tangents)
+        return (None, *compiled.primal_grads(grads))
+
+
+class CompiledProgram:
+    """A built ``BKProgram`` plus the bookkeeping to map its outputs onto the primals."""
+
+    def __init__(self, prog: BKProgram):
+        self.prog = prog
+        bw_inputs = [n.name for n in prog.bw_graph.graph.nodes if n.op == "placeholder"]
+        fw_outputs = [str(n) for n in prog.fw_graph.graph.output_node().args[0]]
+        saved_names = fw_outputs[prog.num_outputs :]
+        # the backward graph's inputs: some of the forward's saved values, then the tangents
+        self.saved_order = [saved_names.index(n) for n in bw_inputs if not n.startswith("tangents")]
+        self.num_tangents = len(bw_inputs) - len(self.saved_order)
+        index = {name: i for i, name in enumerate(prog.param_names)}
+        self.grad_slots = [index[n] for n in prog.graded_params]
+        self.num_primals = len(prog.param_names) + len(prog.buffer_names) + len(prog.inputs)
+
+    def run_backward(self, saved, tangents):
+        return self.prog.bw_graph(*[saved[i] for i in self.saved_order], *tangents)
+
+    def primal_grads(self, grads):
+        out = [None] * self.num_primals
+        for slot, g in zip(self.grad_slots, grads):
+            out[slot] = g
+        return out
+
+
+class BKModule(torch.nn.Module):
+    """Wraps ``module``; ``loss.backward()`` leaves ``sum_i C_i grad l_i`` in every ``p.grad``.
+
+    Shares the wrapped module's Parameter objects, so an optimizer built on either works.
+    """
+
+    def __init__(self, module: torch.nn.Module, config: BKConfig):
+        super().__init__()
+        self._module = module
+        self.bk_config = config
+        self._programs: dict = {}  # input signature -> CompiledProgram
+        self._output_layouts: dict = {}  # (input layout, training) -> output layout
+        self._call = _make_graph_call(self)
+
+    def forward(self, *args, **kwargs):
+        params = [p for _, p in self._module.named_parameters()]
+        buffers = [b for _, b in self._module.named_buffers()]
+        leaves: list = []
+        layout = flatten((args, kwargs), leaves)
+        flat_out = self._call(layout, len(params), len(buffers), *params, *buffers, *leaves)
+        out, _ = unflatten(self._output_layouts[(layout, self._module.training)], flat_out)
+        return out
+
+    def program_for(self, layout, params, buffers, inputs) -> CompiledProgram:
+        """Look up or build the BK program for these inputs (batch size excluded)."""
+        module = self._module
+        if any(isinstance(x, torch.Tensor) and x.requires_grad for x in inputs):
+            raise FxBkError(
+                "fx_bk: an input of the model requires grad; fx_bk computes gradients of the "
+                "model's parameters only. Wrap the whole trainable model with fx_bk.transform, "
+                "or detach the input"
+            )
+        batch = next((x.shape[0] for x in inputs if x.dim() > 0), None)
+        metas = [
+            InputMeta(tuple(x.shape), x.dtype, x.device, x.dim() > 0 and x.shape[0] == batch)
+            for x in inputs
+        ]
+        trainable = tuple(p.requires_grad for p in params)
+        key = (
+            layout, module.training, trainable,
+            tuple((m.shape[1:] if m.batched else m.shape, m.dtype, m.device, m.batched)
+                  for m in metas),
+        )
+        found = self._programs.get(key)
+        if found is not None:
+            return found
+        real = not any(_is_fake(x) for x in [*inputs, *params])
+        with escape_outer_tracing():
+            metas = [_concrete(m) for m in metas]
+            prog = BKProgram(
+                model=module, config=self.bk_config,
+                param_names=[n for n, _ in module.named_parameters()],
+                trainable=list(trainable),
+                buffer_names=[n for n, _ in module.named_buffers()],
+                input_layout=layout, inputs=metas,
+                example_inputs=[x.detach() for x in inputs] if real else None,
+            )
+            run_passes(prog)
+            prog.example_inputs = None
+            compiled = CompiledProgram(prog)
+        self._programs[key] = compiled
+        self._output_layouts[(layout, module.training)] = prog.output_layout
+        return compiled
+
+
+def _is_fake(t: torch.Tensor) -> bool:
+    from torch._subclasses.fake_tensor import is_fake
+
+    return is_fake(t)
+
+
+def _concrete(meta: InputMeta) -> InputMeta:
+    shape = tuple(int(s) if isinstance(s, int) else int(s.node.hint) for s in meta.shape)
+    return InputMeta(shape, meta.dtype, meta.device, meta.batched)
+
+
+def _make_graph_call(module: BKModule):
+    ref = weakref.ref(module)
+
+    def bk_graph_call(layout, n_params, n_buffers, *flat):
+        self = ref()
+        params = list(flat[:n_params])
+        buffers = list(flat[n_params : n_params + n_buffers])
+        inputs = list(flat[n_params + n_buffers :])
+        compiled = self.program_for(layout, params, buffers, inputs)
+        return BKFunction.apply(compiled, *params, *buffers, *inputs)
+
+    return torch._dynamo.allow_in_graph(bk_graph_call)

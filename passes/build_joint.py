@@ -1,0 +1,92 @@
+"""Pass 6: trace the joint graph: forward, output gradients, per-sample norms, clipped grads.
+
+``joint(primals, tangents) -> (*outputs, *clipped_grads)`` where ``primals`` are the forward
+graph's inputs (params, buffers, tensor inputs) and ``tangents`` the gradients of the float
+outputs. Inside, the parameters are fresh leaves that require grad and ``torch.autograd.grad`` is
+taken w.r.t. the site outputs only: autograd never builds an unclipped weight-gradient matmul.
+The whole function is functionalized and traced by ``make_fx`` with the symbolic batch, so the
+result is one aten graph for every batch size.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from fx_bk._torch_internals import functionalize, make_fx
+from fx_bk.clipping import clipped_gradients
+from fx_bk.rules import SiteValues
+
+from .plan_sites import is_merged
+from .program import BKProgram
+
+
+def output_vals(prog: BKProgram) -> list:
+    out = prog.forward_graph.graph.output_node().args[0]
+    return [n.meta.get("val") if isinstance(n, torch.fx.Node) else n for n in out]
+
+
+def build_joint(prog: BKProgram) -> None:
+    vals = output_vals(prog)[: prog.num_outputs]
+    prog.differentiable_outputs = [
+        isinstance(v, torch.Tensor) and v.dtype.is_floating_point for v in vals
+    ]
+    with prog.mode.fake_mode:
+        tangents = [
+            torch.empty(v.shape, dtype=v.dtype, device=v.device)
+            for v, d in zip(vals, prog.differentiable_outputs) if d
+        ]
+    joint = make_joint_function(prog)
+    with prog.mode.fake_mode:
+        gm = make_fx(functionalize(joint))(list(prog.fake_inputs), tangents)
+    _name_placeholders(gm, len(prog.fake_inputs))
+    prog.joint_graph = gm
+
+
+def _name_placeholders(gm: torch.fx.GraphModule, num_primals: int) -> None:
+    """Flat ``primals_i`` / ``tangents_i`` placeholders, the names the partitioner expects."""
+    placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
+    for i, node in enumerate(placeholders):
+        kind, k = ("primals", i + 1) if i < num_primals else ("tangents", i - num_primals + 1)
+        node.name = node.target = f"{kind}_{k}"
+    gm.graph._codegen = torch.fx.graph.CodeGen()
+    gm.recompile()
+
+
+def make_joint_function(prog: BKProgram):
+    gm = prog.forward_graph
+    n_p, n_out = len(prog.param_names), prog.num_outputs
+    trainable = prog.trainable
+    batched_input = n_p + len(prog.buffer_names) + next(
+        i for i, m in enumerate(prog.inputs) if m.batched
+    )
+    diff = prog.differentiable_outputs
+    graded = [n for n in prog.trainable_names if any(n in s.params.values() for s in prog.sites)]
+
+    def joint(primals, tangents):
+        primals = list(primals)
+        for i in range(n_p):
+            if trainable[i]:
+                primals[i] = primals[i].detach().requires_grad_()
+        with torch.enable_grad():
+            flat = gm(*primals)
+        outs, aux = flat[:n_out], flat[n_out:]
+        pairs = [(o, t) for o, t in zip([o for o, d in zip(outs, diff) if d], tangents)
+                 if o.requires_grad]
+        site_outs = [aux[s.aux["out"]] for s in prog.sites]
+        grads_out = torch.autograd.grad(
+            [o for o, _ in pairs], site_outs, [t for _, t in pairs],
+            allow_unused=True, materialize_grads=True,
+        ) if pairs else [torch.zeros_like(s) for s in site_outs]
+        values = [
+            SiteValues(s, {r: aux[i] for r, i in s.aux.items() if r != "out"}, g.detach())
+            for s, g in zip(prog.sites, grads_out)
+        ]
+        groups = [([values[i] for i in grp], is_merged(prog, grp)) for grp in prog.groups]
+        batch = primals[batched_input].shape[0]
+        grads, _ = clipped_gradients(groups, prog.config, batch)
+        param_of = dict(zip(prog.param_names, primals[:n_p]))
+        grads = [grads[n].to(param_of[n].dtype) for n in graded]
+        return [o.detach() if isinstance(o, torch.Tensor) else o for o in outs] + grads
+
+    prog.graded_params = graded
+    return joint

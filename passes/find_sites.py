@@ -1,0 +1,115 @@
+"""Pass 2: find every op that consumes a trainable parameter and give it a rule.
+
+A trainable parameter must reach ops only as a parameter argument of an op that has a rule
+(``fx_bk.rules``); any other use (an op without a rule, a view of the parameter, the parameter in
+an activation slot) is a problem reported with the op, parameter, module and source line.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch.fx.operator_schemas import normalize_function
+
+from fx_bk.errors import Problem
+from fx_bk.rules import RULES, rule_for
+
+from .program import BKProgram, Site
+
+
+def supported_ops() -> str:
+    return ", ".join(sorted({r.name for r in RULES.values()}))
+
+
+def _where(node: torch.fx.Node) -> str:
+    trace = node.meta.get("stack_trace") or ""
+    lines = [ln.strip() for ln in trace.strip().splitlines() if ln.strip().startswith("File")]
+    return f" (at {lines[-1]})" if lines else ""
+
+
+def _shape(value) -> tuple:
+    if not isinstance(value, torch.Tensor):
+        return ()
+    return tuple(s if isinstance(s, int) else "B" for s in value.shape)
+
+
+def _module_of(param: str) -> str:
+    return param.rpartition(".")[0] or "<root>"
+
+
+def find_sites(prog: BKProgram) -> None:
+    placeholders = prog.placeholders()
+    trainable = {
+        placeholders[i]: name
+        for i, (name, t) in enumerate(zip(prog.param_names, prog.trainable))
+        if t
+    }
+    claimed: set[tuple[torch.fx.Node, torch.fx.Node]] = set()  # (param node, user node)
+    for node in prog.forward_graph.graph.nodes:
+        if node.op != "call_function":
+            continue
+        uses = [a for a in node.all_input_nodes if a in trainable]
+        if not uses:
+            continue
+        rule = rule_for(node.target)
+        if rule is None:
+            continue
+        site = _make_site(node, rule, trainable)
+        if site is None:
+            continue
+        claimed.update((p, node) for p in uses if trainable[p] in site.params.values())
+        reason = rule.validate(site)
+        if reason:
+            prog.problems.append(Problem("unsupported-op", _describe(site, node, reason)))
+        prog.sites.append(site)
+
+    for p_node, name in trainable.items():
+        for user in p_node.users:
+            if user.op == "output":
+                msg = f"the model returns trainable parameter '{name}' as an output"
+            elif (p_node, user) in claimed:
+                continue
+            else:
+                msg = (
+                    f"op {_op_name(user)} consumes trainable parameter '{name}' of module "
+                    f"'{_module_of(name)}'{_where(user)}, and fx_bk has no per-sample rule for "
+                    f"that use. Supported ops: {supported_ops()}. Freeze the parameter "
+                    f"(requires_grad=False) or express the layer with a supported op"
+                )
+            prog.problems.append(Problem("unsupported-op", msg))
+
+
+def _op_name(node: torch.fx.Node) -> str:
+    t = node.target
+    return f"aten.{t.name()}" if hasattr(t, "name") else str(t)
+
+
+def _make_site(node, rule, trainable) -> Site | None:
+    norm = normalize_function(
+        node.target, node.args, node.kwargs, normalize_to_only_use_kwargs=True
+    )
+    kwargs = norm.kwargs if norm is not None else {}
+    params, tensor_args, const_args = {}, {}, {}
+    shapes = {"out": _shape(node.meta.get("val"))}
+    for key, value in kwargs.items():
+        if isinstance(value, torch.fx.Node):
+            shapes[key] = _shape(value.meta.get("val"))
+            if key in rule.param_args and value in trainable:
+                params[key] = trainable[value]
+            elif key in rule.tensor_args:
+                tensor_args[key] = value.name
+        else:
+            const_args[key] = value
+    if not params:
+        return None  # the trainable parameter sits in a non-parameter slot: reported later
+    return Site(
+        node=node.name, op=node.target, rule=rule, params=params,
+        tensor_args=tensor_args, const_args=const_args, shapes=shapes,
+    )
+
+
+def _describe(site: Site, node, reason: str) -> str:
+    name = next(iter(site.params.values()))
+    return (
+        f"op {_op_name(node)} on parameter '{name}' of module '{_module_of(name)}'"
+        f"{_where(node)}: {reason}"
+    )

@@ -1,0 +1,53 @@
+"""Pass 3: group sites that share a parameter and let each rule pick its strategy.
+
+Sites sharing any trainable parameter (tied weights, a module called twice) form one *group*:
+the group's per-sample gradient is the sum over its sites, so its norm needs the cross terms.
+A group whose sites all have one rule that ``can_merge`` them is computed by that rule; any other
+group falls back to instantiating each site's per-sample gradients (``[B, *p.shape]``) and
+summing them (exact, but memory ``B * |p|``).
+"""
+
+from __future__ import annotations
+
+from .program import BKProgram, per_sample_numel
+
+
+def group_sites(prog: BKProgram) -> list[list[int]]:
+    parent = list(range(len(prog.sites)))
+
+    def find(i: int) -> int:
+        while parent[i] != i:
+            parent[i] = parent[parent[i]]
+            i = parent[i]
+        return i
+
+    owner: dict[str, int] = {}
+    for i, site in enumerate(prog.sites):
+        for name in site.params.values():
+            if name in owner:
+                parent[find(i)] = find(owner[name])
+            else:
+                owner[name] = i
+    groups: dict[int, list[int]] = {}
+    for i in range(len(prog.sites)):
+        groups.setdefault(find(i), []).append(i)
+    return list(groups.values())
+
+
+def is_merged(prog: BKProgram, group: list[int]) -> bool:
+    sites = [prog.sites[i] for i in group]
+    rules = {s.rule for s in sites}
+    return len(rules) == 1 and sites[0].rule.can_merge(sites)
+
+
+def plan_sites(prog: BKProgram) -> None:
+    prog.groups = group_sites(prog)
+    for group in prog.groups:
+        sites = [prog.sites[i] for i in group]
+        if is_merged(prog, group):
+            sites[0].rule.plan(sites)
+        else:
+            for s in sites:
+                s.strategy = "instantiate (shared parameter)"
+                s.cost = sum(per_sample_numel(s.shapes[r]) for r in s.params)
+

@@ -1,0 +1,84 @@
+"""Pass 1: trace the model's forward into an aten graph with a symbolic batch dimension.
+
+Pre-dispatch tracing keeps the ops at the level users write them (``aten.linear``,
+``aten.embedding``, ``aten.layer_norm``, ``aten.scaled_dot_product_attention``), which is where
+the per-sample rules are defined. Placeholders: parameters, buffers, tensor inputs, in that order.
+"""
+
+from __future__ import annotations
+
+import sympy
+import torch
+from torch.func import functional_call
+
+from fx_bk._torch_internals import SymbolicBatchMode, make_fx
+from fx_bk.errors import Problem
+from fx_bk.layout import flatten, unflatten
+
+from .program import BKProgram
+
+# batch sizes at which a guard the trace placed on the batch symbol must hold
+_CHECKED_BATCH_SIZES = (1, 2, 3, 5, 64, 1000, 65537)
+
+
+def example_tensor(meta, batch: int) -> torch.Tensor:
+    shape = (batch, *meta.shape[1:]) if meta.batched else meta.shape
+    return torch.empty(shape, dtype=meta.dtype, device=meta.device)
+
+
+def trace_model(prog: BKProgram) -> None:
+    model = prog.model
+    params = dict(model.named_parameters())
+    buffers = dict(model.named_buffers())
+    n_p, n_b = len(prog.param_names), len(prog.buffer_names)
+    batch = max(2, next((m.shape[0] for m in prog.inputs if m.batched), 2))
+
+    mode = SymbolicBatchMode()
+    flat = [mode.fake(params[n], batched=False) for n in prog.param_names]
+    flat += [mode.fake(buffers[n], batched=False) for n in prog.buffer_names]
+    flat += [mode.fake(example_tensor(m, batch), batched=m.batched) for m in prog.inputs]
+
+    out_layout = []
+
+    def forward(flat_args):
+        state = dict(zip(prog.param_names, flat_args[:n_p]))
+        state.update(zip(prog.buffer_names, flat_args[n_p : n_p + n_b]))
+        (args, kwargs), _ = unflatten(prog.input_layout, flat_args[n_p + n_b :])
+        out = functional_call(model, state, tuple(args), kwargs, tie_weights=True, strict=False)
+        leaves: list = []
+        out_layout.append(flatten(out, leaves))
+        return leaves
+
+    with mode.fake_mode:
+        gm = make_fx(forward, pre_dispatch=True, record_stack_traces=True)(flat)
+    gm.graph._codegen = torch.fx.graph.CodeGen()  # flat placeholders, no pytree wrapping
+    gm.recompile()
+    prog.mode = mode
+    prog.fake_inputs = flat
+    prog.forward_graph = gm
+    prog.output_layout = out_layout[-1]
+    prog.num_outputs = sum(1 for n in gm.graph.output_node().args[0])
+    _check_batch_guards(prog)
+
+
+def _check_batch_guards(prog: BKProgram) -> None:
+    sym = prog.mode.batch_symbol
+    if sym is None:
+        prog.problems.append(Problem(
+            "no-batch-input",
+            "no tensor input was found to carry the batch dimension (dim 0); pass the batch as "
+            "a tensor argument of forward()",
+        ))
+        return
+    for guard in prog.mode.shape_env.guards:
+        expr = guard.expr
+        if sym not in expr.free_symbols:
+            continue
+        bad = [b for b in _CHECKED_BATCH_SIZES if expr.subs(sym, b) != sympy.true]
+        if bad:
+            prog.problems.append(Problem(
+                "batch-size-specialized",
+                f"the forward only works for some batch sizes: tracing it placed the condition "
+                f"{expr} on the batch size (fails for B in {bad}); remove code that depends "
+                f"on the batch size",
+            ))
