@@ -11,6 +11,7 @@ AOTAutograd traces through it, so Inductor sees plain aten ops of the forward an
 
 from __future__ import annotations
 
+import itertools
 import weakref
 
 import torch
@@ -92,18 +93,22 @@ class BKModule(torch.nn.Module):
         self.bk_config = config
         self._programs: dict = {}  # input signature -> CompiledProgram
         self._output_layouts: dict = {}  # (input layout, training) -> output layout
-        self._call = _make_graph_call(self)
+        self._bk_id = next(_ids)
+        _MODULES[self._bk_id] = self
 
     def forward(self, *args, **kwargs):
         params = [p for _, p in self._module.named_parameters()]
         buffers = [b for _, b in self._module.named_buffers()]
         leaves: list = []
         layout = flatten((args, kwargs), leaves)
-        flat_out = self._call(layout, len(params), len(buffers), *params, *buffers, *leaves)
-        out, _ = unflatten(self._output_layouts[(layout, self._module.training)], flat_out)
+        training = self._module.training
+        flat_out = bk_graph_call(
+            self._bk_id, layout, training, len(params), len(buffers), *params, *buffers, *leaves
+        )
+        out, _ = unflatten(self._output_layouts[(layout, training)], flat_out)
         return out
 
-    def program_for(self, layout, params, buffers, inputs) -> CompiledProgram:
+    def program_for(self, layout, training, params, buffers, inputs) -> CompiledProgram:
         """Look up or build the BK program for these inputs (batch size excluded)."""
         module = self._module
         if any(isinstance(x, torch.Tensor) and x.requires_grad for x in inputs):
@@ -119,7 +124,7 @@ class BKModule(torch.nn.Module):
         ]
         trainable = tuple(p.requires_grad for p in params)
         key = (
-            layout, module.training, trainable,
+            layout, training, trainable,
             tuple((m.shape[1:] if m.batched else m.shape, m.dtype, m.device, m.batched)
                   for m in metas),
         )
@@ -141,7 +146,7 @@ class BKModule(torch.nn.Module):
             prog.example_inputs = None
             compiled = CompiledProgram(prog)
         self._programs[key] = compiled
-        self._output_layouts[(layout, module.training)] = prog.output_layout
+        self._output_layouts[(layout, training)] = prog.output_layout
         return compiled
 
 
@@ -156,15 +161,20 @@ def _concrete(meta: InputMeta) -> InputMeta:
     return InputMeta(shape, meta.dtype, meta.device, meta.batched)
 
 
-def _make_graph_call(module: BKModule):
-    ref = weakref.ref(module)
+_MODULES: weakref.WeakValueDictionary = weakref.WeakValueDictionary()
+_ids = itertools.count()
 
-    def bk_graph_call(layout, n_params, n_buffers, *flat):
-        self = ref()
-        params = list(flat[:n_params])
-        buffers = list(flat[n_params : n_params + n_buffers])
-        inputs = list(flat[n_params + n_buffers :])
-        compiled = self.program_for(layout, params, buffers, inputs)
-        return BKFunction.apply(compiled, *params, *buffers, *inputs)
 
-    return torch._dynamo.allow_in_graph(bk_graph_call)
+@torch._dynamo.allow_in_graph
+def bk_graph_call(module_id, layout, training, n_params, n_buffers, *flat):
+    """The one call torch.compile keeps opaque (see NOTE [lazy build under torch.compile]).
+
+    ``module_id`` is a constant of the Dynamo graph, so two fx_bk modules never share a compiled
+    graph (a per-module closure would: Dynamo does not guard on closure identity).
+    """
+    module = _MODULES[module_id]
+    params = list(flat[:n_params])
+    buffers = list(flat[n_params : n_params + n_buffers])
+    inputs = list(flat[n_params + n_buffers :])
+    compiled = module.program_for(layout, training, params, buffers, inputs)
+    return BKFunction.apply(compiled, *params, *buffers, *inputs)

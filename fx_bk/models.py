@@ -1,0 +1,107 @@
+"""Small model builders and a synthetic task shared by the demo, the benchmarks and the tests.
+
+Every model here uses only ops fx_bk supports on trainable parameters: embedding, layer_norm,
+linear, plus parameter-free ops (scaled_dot_product_attention, elementwise, views). No dropout,
+no BatchNorm, no nn.MultiheadAttention.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+class Block(nn.Module):
+    """Pre-LN transformer block: x + attn(ln1(x)), then x + mlp(ln2(x))."""
+
+    def __init__(self, d: int, n_heads: int):
+        super().__init__()
+        assert d % n_heads == 0, "d must be divisible by n_heads"
+        self.n_heads = n_heads
+        self.ln1 = nn.LayerNorm(d)
+        self.qkv = nn.Linear(d, 3 * d)
+        self.proj = nn.Linear(d, d)
+        self.ln2 = nn.LayerNorm(d)
+        self.fc1 = nn.Linear(d, 4 * d)
+        self.fc2 = nn.Linear(4 * d, d)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        B, T, d = x.shape  # [B, T, d]
+        H = self.n_heads
+        qkv = self.qkv(self.ln1(x))  # [B, T, 3d]
+        # Keep the batch at dim 0 for every intermediate (fx_bk's sample-independence check
+        # compares dim 0 across samples); no [3, B, ...] stacking.
+        q, k, v = qkv.view(B, T, 3, H, d // H).unbind(2)  # [B, T, H, dh] each
+        q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # [B, H, T, dh]
+        a = F.scaled_dot_product_attention(q, k, v, is_causal=True)  # [B, H, T, dh]
+        a = a.transpose(1, 2).reshape(B, T, d)  # [B, T, d]
+        x = x + self.proj(a)  # [B, T, d]
+        x = x + self.fc2(F.gelu(self.fc1(self.ln2(x))))  # [B, T, d]
+        return x
+
+
+class TinyTransformer(nn.Module):
+    """Causal pre-LN transformer classifier: tokens [B, T] (int64) -> logits [B, n_classes]."""
+
+    def __init__(
+        self,
+        vocab: int = 64,
+        d: int = 64,
+        n_heads: int = 4,
+        n_layers: int = 2,
+        max_len: int = 32,
+        n_classes: int = 4,
+        padding_idx: int | None = 0,
+        broadcast_positions: bool = False,
+    ):
+        super().__init__()
+        # broadcast_positions=True looks up pos.weight once ([T, d]) and broadcasts it over the
+        # batch; the default expands the indices to [B, T] first (same values and gradients).
+        self.broadcast_positions = broadcast_positions
+        self.tok = nn.Embedding(vocab, d, padding_idx=padding_idx)
+        self.pos = nn.Embedding(max_len, d)
+        self.blocks = nn.ModuleList(Block(d, n_heads) for _ in range(n_layers))
+        self.ln_f = nn.LayerNorm(d)
+        self.head = nn.Linear(d, n_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        B, T = x.shape  # x: [B, T]
+        pos = torch.arange(T, device=x.device)  # [T]
+        if not self.broadcast_positions:
+            pos = pos.expand(B, T)  # [B, T]: one copy per sample, so each sample owns its lookup
+        h = self.tok(x) + self.pos(pos)  # [B, T, d] + [B, T, d] (or [T, d] broadcast)
+        for block in self.blocks:
+            h = block(h)  # [B, T, d]
+        h = self.ln_f(h).mean(dim=1)  # [B, d]
+        return self.head(h)  # [B, n_classes]
+
+
+def mlp(d_in: int, hidden: int, depth: int, n_classes: int) -> nn.Sequential:
+    """``depth`` hidden Linear+ReLU layers of width ``hidden``, then a Linear head."""
+    layers: list[nn.Module] = []
+    width = d_in
+    for _ in range(depth):
+        layers += [nn.Linear(width, hidden), nn.ReLU()]
+        width = hidden
+    layers.append(nn.Linear(width, n_classes))
+    return nn.Sequential(*layers)
+
+
+def synthetic_token_task(
+    n: int, T: int, vocab: int, n_classes: int, seed: int = 0
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Random token sequences labelled by a learnable bag-of-tokens rule.
+
+    Tokens are uniform in ``1..vocab-1`` (0 is padding). Each token belongs to group
+    ``token % n_classes``; the label is the most frequent group in the sequence (ties broken at
+    random, fixed by ``seed``). Mean-pooled one-hot group embeddings followed by an argmax solve it
+    exactly, so a small model gets well above chance (1 / n_classes) quickly.
+    Returns ``x`` [n, T] int64 and ``y`` [n] int64.
+    """
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randint(1, vocab, (n, T), generator=g)  # [n, T]
+    hist = F.one_hot(x % n_classes, n_classes).sum(dim=1).float()  # [n, n_classes]
+    jitter = 0.5 * torch.rand(n, n_classes, generator=g)  # < 1: only breaks ties
+    y = (hist + jitter).argmax(dim=1)  # [n]
+    return x, y
