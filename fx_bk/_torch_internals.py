@@ -16,6 +16,8 @@ from torch._subclasses.fake_tensor import FakeTensorMode, unset_fake_temporarily
 from torch._subclasses.functional_tensor import FunctionalTensorMode
 from torch.fx.experimental.proxy_tensor import disable_proxy_modes_tracing, make_fx
 from torch.utils._python_dispatch import _disable_current_modes
+from torch.utils._sympy.interp import sympy_interp
+from torch.utils._sympy.reference import PythonReferenceAnalysis
 from torch.fx.experimental.symbolic_shapes import (
     DimDynamic,
     ShapeEnv,
@@ -24,6 +26,7 @@ from torch.fx.experimental.symbolic_shapes import (
 
 __all__ = [
     "SymbolicBatchMode",
+    "evaluate_batch_condition",
     "escape_outer_tracing",
     "functionalize",
     "make_fx",
@@ -112,3 +115,8 @@ def functionalize(fn):
 def partition_joint_graph(joint: torch.fx.GraphModule, num_fwd_outputs: int):
     """Split a joint graph (placeholders ``primals_*``/``tangents_*``) into forward and backward."""
     return min_cut_rematerialization_partition(joint, None, num_fwd_outputs=num_fwd_outputs)
+
+
+def evaluate_batch_condition(expr, symbol, batch) -> bool:
+    """A sympy condition on the batch symbol, at ``batch`` (int, or SymInt: then a guard)."""
+    return bool(sympy_interp(PythonReferenceAnalysis, {symbol: batch}, expr))

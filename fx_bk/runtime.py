@@ -91,7 +91,7 @@ class BKModule(torch.nn.Module):
         super().__init__()
         self._module = module
         self.bk_config = config
-        self._programs: dict = {}  # input signature -> CompiledProgram
+        self._regions: dict = {}  # input signature -> _BatchRegions
         self._output_layouts: dict = {}  # (input layout, training) -> output layout
         self._bk_id = next(_ids)
         _MODULES[self._bk_id] = self
@@ -128,7 +128,8 @@ class BKModule(torch.nn.Module):
             tuple((m.shape[1:] if m.batched else m.shape, m.dtype, m.device, m.batched)
                   for m in metas),
         )
-        found = self._programs.get(key)
+        region = self._regions.setdefault(key, _BatchRegions())
+        found = region.lookup(batch)
         if found is not None:
             return found
         real = not any(_is_fake(x) for x in [*inputs, *params])
@@ -145,9 +146,45 @@ class BKModule(torch.nn.Module):
             run_passes(prog)
             prog.example_inputs = None
             compiled = CompiledProgram(prog)
-        self._programs[key] = compiled
+        region.add(compiled)
         self._output_layouts[(layout, training)] = prog.output_layout
-        return compiled
+        found = region.lookup(batch)
+        if found is None:
+            raise FxBkError(
+                f"fx_bk: the model's forward depends on the batch size in a way that cannot "
+                f"be traced for batch size {batch} (conditions: "
+                f"{[str(g.expr) for g in prog.batch_guards]}); avoid code that branches on it"
+            )
+        return found
+
+    @property
+    def programs(self) -> list[CompiledProgram]:
+        """Every BK program built so far (one per input signature and batch-size region)."""
+        return [p for r in self._regions.values() for p in r.programs.values()]
+
+
+class _BatchRegions:
+    """The programs of one input signature, told apart by the batch-size conditions their
+    traces assumed (usually none: one program for every batch size)."""
+
+    def __init__(self):
+        self.guards: list = []  # every BatchGuard seen in this signature's traces
+        self.programs: dict[tuple[bool, ...], CompiledProgram] = {}
+
+    def _outcomes(self, batch) -> tuple[bool, ...]:
+        return tuple(g.holds(batch) for g in self.guards)
+
+    def lookup(self, batch) -> CompiledProgram | None:
+        outcomes = self._outcomes(batch)
+        for key, compiled in self.programs.items():
+            if all(o == k for o, k in zip(outcomes, key)):
+                return compiled
+        return None
+
+    def add(self, compiled: CompiledProgram) -> None:
+        self.guards.extend(compiled.prog.batch_guards)
+        hint = compiled.prog.trace_batch
+        self.programs[self._outcomes(hint)] = compiled
 
 
 def _is_fake(t: torch.Tensor) -> bool:

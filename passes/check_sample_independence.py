@@ -13,7 +13,7 @@ import torch
 
 from fx_bk.errors import Problem
 
-from .find_sites import _op_name, _where
+from .find_sites import op_name, where
 from .program import BKProgram
 
 CHECK_BATCH = 3
@@ -61,9 +61,24 @@ class _Recorder(torch.fx.Interpreter):
 
     def run_node(self, n):
         out = super().run_node(n)
-        if isinstance(out, torch.Tensor) and out.dim() and out.shape[0] == CHECK_BATCH:
-            self.values[n] = out.detach()
+        if isinstance(out, torch.Tensor):
+            self.values[n] = out.detach().clone()  # clone: later in-place ops must not alter it
         return out
+
+
+def _batch_dim(node: torch.fx.Node, symbol) -> int | None:
+    """The dim of ``node`` that is exactly the batch, -1 if none depends on it, None if the
+    batch is folded into a dim with others (e.g. ``[B*T, d]``: no per-sample view)."""
+    val = node.meta.get("val")
+    if not isinstance(val, torch.Tensor):
+        return None
+    folded = False
+    for i, size in enumerate(val.shape):
+        if isinstance(size, torch.SymInt):
+            if size.node.expr == symbol:
+                return i
+            folded = folded or symbol in size.node.expr.free_symbols
+    return None if folded else -1
 
 
 def _run(prog, flat):
@@ -75,10 +90,13 @@ def _run(prog, flat):
     return rec.values
 
 
-def _moved(a: torch.Tensor, b: torch.Tensor) -> bool:
+def _moved(a: torch.Tensor, b: torch.Tensor, dim: int) -> bool:
+    """Did anything but sample 0 (along ``dim``; -1: no batch dim, the whole tensor) change?"""
+    if dim >= 0:
+        a, b = a.narrow(dim, 1, a.shape[dim] - 1), b.narrow(dim, 1, b.shape[dim] - 1)
     if not (a.dtype.is_floating_point or a.dtype.is_complex):
-        return not torch.equal(a[1:], b[1:])
-    a, b = a[1:].double(), b[1:].double()
+        return not torch.equal(a, b)
+    a, b = a.double(), b.double()
     scale = torch.nan_to_num(a.abs().max(), nan=0.0, posinf=0.0).item() + 1e-30
     return not torch.allclose(a, b, rtol=0, atol=1e-6 * scale, equal_nan=True)
 
@@ -102,11 +120,15 @@ def check_sample_independence(prog: BKProgram) -> None:
             f"failed ({type(e).__name__}: {e}); call the model once on real data first",
         ))
         return
+    symbol = prog.mode.batch_symbol
     for node, value in base.items():
-        if node in other and node.op != "placeholder" and _moved(value, other[node]):
+        if node.op == "placeholder" or node not in other:
+            continue
+        dim = _batch_dim(node, symbol)
+        if dim is not None and _moved(value, other[node], dim):
             prog.problems.append(Problem(
                 "mixes-samples",
-                f"op {_op_name(node)}{_where(node)} mixes samples across the batch dimension: "
+                f"op {op_name(node)}{where(node)} mixes samples across the batch dimension: "
                 f"changing sample 0 changed the other samples' values. Per-sample clipping "
                 f"needs each sample's output to depend on that sample only: no batch statistics "
                 f"(BatchNorm -> GroupNorm/LayerNorm), no reductions or softmax over dim 0",

@@ -20,7 +20,7 @@ def supported_ops() -> str:
     return ", ".join(sorted({r.name for r in RULES.values()}))
 
 
-def _where(node: torch.fx.Node) -> str:
+def where(node: torch.fx.Node) -> str:
     trace = node.meta.get("stack_trace") or ""
     lines = [ln.strip() for ln in trace.strip().splitlines() if ln.strip().startswith("File")]
     return f" (at {lines[-1]})" if lines else ""
@@ -70,17 +70,20 @@ def find_sites(prog: BKProgram) -> None:
                 continue
             else:
                 msg = (
-                    f"op {_op_name(user)} consumes trainable parameter '{name}' of module "
-                    f"'{_module_of(name)}'{_where(user)}, and fx_bk has no per-sample rule for "
+                    f"op {op_name(user)} consumes trainable parameter '{name}' of module "
+                    f"'{_module_of(name)}'{where(user)}, and fx_bk has no per-sample rule for "
                     f"that use. Supported ops: {supported_ops()}. Freeze the parameter "
                     f"(requires_grad=False) or express the layer with a supported op"
                 )
             prog.problems.append(Problem("unsupported-op", msg))
 
 
-def _op_name(node: torch.fx.Node) -> str:
+def op_name(node: torch.fx.Node) -> str:
+    """``aten.linear.default`` -> ``aten.linear``."""
     t = node.target
-    return f"aten.{t.name()}" if hasattr(t, "name") else str(t)
+    if isinstance(t, torch._ops.OpOverload):
+        return f"{t.namespace}.{t._schema.name.split('::')[-1]}"
+    return getattr(t, "__name__", str(t))
 
 
 def _make_site(node, rule, trainable) -> Site | None:
@@ -110,6 +113,6 @@ def _make_site(node, rule, trainable) -> Site | None:
 def _describe(site: Site, node, reason: str) -> str:
     name = next(iter(site.params.values()))
     return (
-        f"op {_op_name(node)} on parameter '{name}' of module '{_module_of(name)}'"
-        f"{_where(node)}: {reason}"
+        f"op {op_name(node)} on parameter '{name}' of module '{_module_of(name)}'"
+        f"{where(node)}: {reason}"
     )

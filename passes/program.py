@@ -7,6 +7,7 @@ from typing import Any
 
 import torch
 
+from fx_bk._torch_internals import evaluate_batch_condition
 from fx_bk.config import BKConfig
 from fx_bk.errors import Problem
 
@@ -17,6 +18,20 @@ def per_sample_numel(shape: tuple) -> int:
     for d in shape:
         n *= 1 if d == "B" else d
     return n
+
+
+@dataclass(frozen=True)
+class BatchGuard:
+    """A condition on the batch size that the trace assumed (e.g. ``s0 < 16`` in a kernel's
+    heuristic, or a branch of the model's forward)."""
+
+    symbol: Any  # the trace's sympy batch symbol
+    expr: Any  # sympy boolean in ``symbol``
+
+    def holds(self, batch) -> bool:
+        """Evaluate at ``batch`` (an int, or a SymInt under torch.compile: then the check
+        becomes a guard of the compiled graph)."""
+        return evaluate_batch_condition(self.expr, self.symbol, batch)
 
 
 @dataclass(frozen=True)
@@ -59,6 +74,8 @@ class BKProgram:
     forward_graph: torch.fx.GraphModule | None = None  # params, buffers, inputs -> outputs
     output_layout: tuple | None = None
     num_outputs: int = 0
+    trace_batch: int = 0  # the batch size the trace was made with (the symbol's hint)
+    batch_guards: list[BatchGuard] = field(default_factory=list)
     fake_inputs: list[torch.Tensor] = field(default_factory=list)  # the forward graph's inputs
     sites: list[Site] = field(default_factory=list)
     groups: list[list[int]] = field(default_factory=list)  # site indices sharing parameters

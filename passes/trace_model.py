@@ -7,7 +7,6 @@ the per-sample rules are defined. Placeholders: parameters, buffers, tensor inpu
 
 from __future__ import annotations
 
-import sympy
 import torch
 from torch.func import functional_call
 
@@ -15,11 +14,7 @@ from fx_bk._torch_internals import SymbolicBatchMode, make_fx
 from fx_bk.errors import Problem
 from fx_bk.layout import flatten, unflatten
 
-from .program import BKProgram
-
-# batch sizes at which a guard the trace placed on the batch symbol must hold
-_CHECKED_BATCH_SIZES = (1, 2, 3, 5, 64, 1000, 65537)
-
+from .program import BatchGuard, BKProgram
 
 def example_tensor(meta, batch: int) -> torch.Tensor:
     shape = (batch, *meta.shape[1:]) if meta.batched else meta.shape
@@ -54,6 +49,7 @@ def trace_model(prog: BKProgram) -> None:
     gm.graph._codegen = torch.fx.graph.CodeGen()  # flat placeholders, no pytree wrapping
     gm.recompile()
     prog.mode = mode
+    prog.trace_batch = batch
     prog.fake_inputs = flat
     prog.forward_graph = gm
     prog.output_layout = out_layout[-1]
@@ -62,6 +58,7 @@ def trace_model(prog: BKProgram) -> None:
 
 
 def _check_batch_guards(prog: BKProgram) -> None:
+    """Record the conditions the trace placed on the batch size (the runtime re-checks them)."""
     sym = prog.mode.batch_symbol
     if sym is None:
         prog.problems.append(Problem(
@@ -70,15 +67,6 @@ def _check_batch_guards(prog: BKProgram) -> None:
             "a tensor argument of forward()",
         ))
         return
-    for guard in prog.mode.shape_env.guards:
-        expr = guard.expr
-        if sym not in expr.free_symbols:
-            continue
-        bad = [b for b in _CHECKED_BATCH_SIZES if expr.subs(sym, b) != sympy.true]
-        if bad:
-            prog.problems.append(Problem(
-                "batch-size-specialized",
-                f"the forward only works for some batch sizes: tracing it placed the condition "
-                f"{expr} on the batch size (fails for B in {bad}); remove code that depends "
-                f"on the batch size",
-            ))
+    prog.batch_guards = [
+        BatchGuard(sym, g.expr) for g in prog.mode.shape_env.guards if sym in g.expr.free_symbols
+    ]

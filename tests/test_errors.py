@@ -1,0 +1,174 @@
+"""Bad input: a clear error before the first step, never a silent wrong gradient."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn as nn
+
+import fx_bk
+from fx_bk.errors import ConfigError, UnsupportedModelError
+
+
+def _model():
+    return nn.Sequential(nn.Linear(4, 3))
+
+
+@pytest.mark.parametrize("bad", [0, -1.0, float("nan"), float("inf"), "1", None, True])
+def test_max_grad_norm_must_be_positive(bad):
+    with pytest.raises(ConfigError, match="max_grad_norm"):
+        fx_bk.transform(_model(), max_grad_norm=bad)
+
+
+def test_unknown_loss_reduction():
+    with pytest.raises(ConfigError, match="loss_reduction.*'avg'"):
+        fx_bk.transform(_model(), max_grad_norm=1.0, loss_reduction="avg")
+
+
+def test_max_grad_norm_is_keyword_only_and_required():
+    with pytest.raises(TypeError):
+        fx_bk.transform(_model(), 1.0)
+    with pytest.raises(TypeError):
+        fx_bk.transform(_model())
+
+
+def test_no_trainable_parameters():
+    m = _model().requires_grad_(False)
+    with pytest.raises(UnsupportedModelError, match="no parameter with requires_grad=True"):
+        fx_bk.transform(m, max_grad_norm=1.0)
+
+
+@pytest.mark.parametrize("affine", [True, False])
+def test_batch_norm_rejected_even_frozen_or_eval(affine):
+    m = nn.Sequential(nn.Linear(4, 3), nn.BatchNorm1d(3, affine=affine), nn.Linear(3, 2))
+    m.eval()
+    for p in m[1].parameters():
+        p.requires_grad_(False)
+    with pytest.raises(UnsupportedModelError, match=r"module '1' is BatchNorm1d.*GroupNorm"):
+        fx_bk.transform(m, max_grad_norm=1.0)
+
+
+class Centered(nn.Module):
+    """Subtracts the batch mean: sample i's output depends on every sample."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(4, 3)
+
+    def forward(self, x):
+        h = self.fc(x)
+        return h - h.mean(0, keepdim=True)
+
+
+class MixesBeforeSite(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(4, 3)
+
+    def forward(self, x):
+        return self.fc(torch.softmax(x, dim=0))
+
+
+class MixesTokens(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.emb = nn.Embedding(10, 4)
+        self.fc = nn.Linear(4, 3)
+
+    def forward(self, x):
+        h = self.emb(x)  # [B, T, d]
+        return self.fc(h.sum(0, keepdim=True).expand_as(h).contiguous()).mean(1)
+
+
+@pytest.mark.parametrize(
+    "model, x, op",
+    [
+        (Centered(), torch.randn(5, 4), "aten.mean"),
+        (MixesBeforeSite(), torch.randn(5, 4), "aten.softmax"),
+        (MixesTokens(), torch.randint(0, 10, (5, 6)), "aten.sum"),
+    ],
+    ids=["sub-batch-mean", "softmax-dim0", "int-inputs"],
+)
+def test_mixing_samples_is_detected(model, x, op):
+    bk = fx_bk.transform(model, max_grad_norm=1.0)
+    with pytest.raises(UnsupportedModelError, match=rf"mixes-samples.*op {op}.*test_errors.py"):
+        bk(x)
+    assert all(p.grad is None for p in model.parameters())
+
+
+class Unsupported(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv1d(2, 3, 3)
+        self.scale = nn.Parameter(torch.ones(3))
+        self.fc = nn.Linear(3, 2)
+
+    def forward(self, x):
+        h = self.conv(x).mean(-1) * self.scale
+        return self.fc(h)
+
+
+def test_unsupported_ops_named_and_collected():
+    bk = fx_bk.transform(Unsupported(), max_grad_norm=1.0)
+    with pytest.raises(UnsupportedModelError) as info:
+        bk(torch.randn(4, 2, 8))
+    msg = str(info.value)
+    assert len(info.value.problems) == 3, msg  # conv weight, conv bias, scale
+    assert "aten.conv1d" in msg and "'conv.weight'" in msg and "'conv.bias'" in msg
+    assert "aten.mul" in msg and "'scale'" in msg and "module '<root>'" in msg
+    assert "Supported ops: embedding, layer_norm, linear" in msg
+    assert "requires_grad=False" in msg
+
+
+def test_all_problems_raised_once():
+    class Both(Unsupported):
+        def forward(self, x):
+            h = self.conv(x).mean(-1)
+            return self.fc(h - h.mean(0))
+
+    with pytest.raises(UnsupportedModelError) as info:
+        fx_bk.transform(Both(), max_grad_norm=1.0)(torch.randn(4, 2, 8))
+    kinds = [p.kind for p in info.value.problems]
+    assert kinds.count("unsupported-op") == 2 and kinds.count("mixes-samples") == 1, kinds
+
+
+def test_frozen_unsupported_op_is_fine():
+    m = Unsupported()
+    m.conv.requires_grad_(False)
+    m.scale.requires_grad_(False)
+    bk = fx_bk.transform(m, max_grad_norm=1.0)
+    bk(torch.randn(4, 2, 8)).sum().backward()
+    assert m.fc.weight.grad is not None and m.conv.weight.grad is None
+
+
+@pytest.mark.parametrize(
+    "emb, reason",
+    [
+        (nn.Embedding(10, 4, sparse=True), "sparse=True"),
+        (nn.Embedding(10, 4, scale_grad_by_freq=True), "scale_grad_by_freq=True"),
+        # max_norm renormalizes the weight in place, under no_grad, from the batch's tokens
+        (nn.Embedding(10, 4, max_norm=1.0), "aten.detach consumes trainable parameter '0.weight'"),
+    ],
+)
+def test_embedding_options_rejected(emb, reason):
+    with pytest.raises(UnsupportedModelError, match=reason):
+        fx_bk.transform(nn.Sequential(emb), max_grad_norm=1.0)(torch.randint(0, 10, (3, 5)))
+
+
+def test_input_requiring_grad_rejected():
+    bk = fx_bk.transform(_model(), max_grad_norm=1.0)
+    with pytest.raises(fx_bk.FxBkError, match="input of the model requires grad"):
+        bk(torch.randn(3, 4, requires_grad=True))
+
+
+def test_batch_size_specialization_rejected():
+    class Fixed(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc = nn.Linear(4, 3)
+
+        def forward(self, x):
+            return self.fc(x.view(5, 4))
+
+    with pytest.raises(UnsupportedModelError, match="batch"):
+        fx_bk.transform(Fixed(), max_grad_norm=1.0)(torch.randn(5, 4))
