@@ -22,10 +22,13 @@ from torch.fx.experimental.symbolic_shapes import (
     DimDynamic,
     ShapeEnv,
     StatelessSymbolicContext,
+    statically_known_true,
 )
 
 __all__ = [
     "SymbolicBatchMode",
+    "disable_proxy_modes_tracing",
+    "statically_known_true",
     "evaluate_batch_condition",
     "escape_outer_tracing",
     "functionalize",

@@ -30,7 +30,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--steps", type=int, default=60)
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--seq-len", type=int, default=16)
-    p.add_argument("--lr", type=float, default=3e-3, help="Adam learning rate")
+    p.add_argument("--lr", type=float, default=1e-2, help="Adam learning rate")
     p.add_argument("--max-grad-norm", type=float, default=1.0, help="clipping bound R")
     p.add_argument("--noise-multiplier", type=float, default=1.0, help="sigma")
     p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=True,
@@ -91,7 +91,8 @@ def main(argv=None) -> None:
         if step % args.log_every == 0 or step == args.steps - 1:
             acc = (logits.argmax(-1) == y).float().mean().item()
             ms = f"{1e3 * statistics.median(recent):7.1f} ms" if recent else "      -   "
-            extra = f"  (first step incl. compile: {first_step_s:.1f} s)" if step == 0 else ""
+            first = "first step incl. compile" if args.compile else "first step incl. tracing"
+            extra = f"  ({first}: {first_step_s:.1f} s)" if step == 0 else ""
             print(f"step {step:4d}  loss {loss.item():.4f}  batch acc {acc:5.2f}  "
                   f"step {ms}{extra}")
             recent = []

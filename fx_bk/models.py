@@ -89,18 +89,27 @@ def mlp(d_in: int, hidden: int, depth: int, n_classes: int) -> nn.Sequential:
 
 
 def synthetic_token_task(
-    n: int, T: int, vocab: int, n_classes: int, seed: int = 0
+    n: int, T: int, vocab: int, n_classes: int, seed: int = 0, skew: float = 0.3
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Random token sequences labelled by a learnable bag-of-tokens rule.
 
-    Tokens are uniform in ``1..vocab-1`` (0 is padding). Each token belongs to group
-    ``token % n_classes``; the label is the most frequent group in the sequence (ties broken at
-    random, fixed by ``seed``). Mean-pooled one-hot group embeddings followed by an argmax solve it
-    exactly, so a small model gets well above chance (1 / n_classes) quickly.
-    Returns ``x`` [n, T] int64 and ``y`` [n] int64.
+    Tokens lie in ``1..vocab-1`` (0 is padding); token ``v`` belongs to group ``v % n_classes``.
+    The label is the most frequent group in the sequence (ties broken at random, fixed by
+    ``seed``): mean-pooled one-hot group embeddings followed by an argmax solve it exactly. To give
+    clear margins, each sequence first picks a group uniformly and draws each token from it with
+    probability ``skew`` (otherwise uniformly); ``skew=0`` gives i.i.d. uniform tokens.
+    Returns ``x`` [n, T] int64 and ``y`` [n] int64, classes roughly balanced.
     """
+    assert vocab > n_classes, "every group needs a non-padding token: vocab > n_classes"
     g = torch.Generator().manual_seed(seed)
-    x = torch.randint(1, vocab, (n, T), generator=g)  # [n, T]
+    x = torch.randint(1, vocab, (n, T), generator=g)  # [n, T] uniform tokens
+    # Tokens of group c: c, c + n_classes, ... (token 0 excluded), remapped from a uniform draw.
+    group = torch.randint(0, n_classes, (n, 1), generator=g)  # [n, 1]
+    n_in_group = (vocab - 1 - group) // n_classes + (group > 0).long()  # [n, 1]; > 0 if vocab > C
+    first = torch.where(group > 0, group, group + n_classes)  # [n, 1] smallest token of the group
+    j = (torch.rand(n, T, generator=g) * n_in_group).long()  # [n, T] index inside the group
+    skewed = first + n_classes * j  # [n, T] tokens of the picked group
+    x = torch.where(torch.rand(n, T, generator=g) < skew, skewed, x)  # [n, T]
     hist = F.one_hot(x % n_classes, n_classes).sum(dim=1).float()  # [n, n_classes]
     jitter = 0.5 * torch.rand(n, n_classes, generator=g)  # < 1: only breaks ties
     y = (hist + jitter).argmax(dim=1)  # [n]

@@ -18,7 +18,11 @@ import torch
 
 from passes import BKProgram, InputMeta, run_passes
 
-from ._torch_internals import escape_outer_tracing
+from ._torch_internals import (
+    disable_proxy_modes_tracing,
+    escape_outer_tracing,
+    statically_known_true,
+)
 from .config import BKConfig
 from .errors import FxBkError
 from .layout import flatten, unflatten
@@ -117,24 +121,20 @@ class BKModule(torch.nn.Module):
                 "model's parameters only. Wrap the whole trainable model with fx_bk.transform, "
                 "or detach the input"
             )
-        batch = next((x.shape[0] for x in inputs if x.dim() > 0), None)
-        metas = [
-            InputMeta(tuple(x.shape), x.dtype, x.device, x.dim() > 0 and x.shape[0] == batch)
-            for x in inputs
-        ]
-        trainable = tuple(p.requires_grad for p in params)
-        key = (
-            layout, training, trainable,
-            tuple((m.shape[1:] if m.batched else m.shape, m.dtype, m.device, m.batched)
-                  for m in metas),
-        )
-        region = self._regions.setdefault(key, _BatchRegions())
-        found = region.lookup(batch)
+        with disable_proxy_modes_tracing():
+            batch, metas = input_metas(inputs)
+            trainable = tuple(p.requires_grad for p in params)
+            key = (
+                layout, training, trainable,
+                tuple((m.shape[1:] if m.batched else m.shape, m.dtype, m.device, m.batched)
+                      for m in metas),
+            )
+            region = self._regions.setdefault(key, _BatchRegions())
+            found = region.lookup(batch)
         if found is not None:
             return found
         real = not any(_is_fake(x) for x in [*inputs, *params])
         with escape_outer_tracing():
-            metas = [_concrete(m) for m in metas]
             prog = BKProgram(
                 model=module, config=self.bk_config,
                 param_names=[n for n, _ in module.named_parameters()],
@@ -148,7 +148,8 @@ class BKModule(torch.nn.Module):
             compiled = CompiledProgram(prog)
         region.add(compiled)
         self._output_layouts[(layout, training)] = prog.output_layout
-        found = region.lookup(batch)
+        with disable_proxy_modes_tracing():
+            found = region.lookup(batch)
         if found is None:
             raise FxBkError(
                 f"fx_bk: the model's forward depends on the batch size in a way that cannot "
@@ -193,9 +194,31 @@ def _is_fake(t: torch.Tensor) -> bool:
     return is_fake(t)
 
 
-def _concrete(meta: InputMeta) -> InputMeta:
-    shape = tuple(int(s) if isinstance(s, int) else int(s.node.hint) for s in meta.shape)
-    return InputMeta(shape, meta.dtype, meta.device, meta.batched)
+def input_metas(inputs: list[torch.Tensor]):
+    """The batch size (int, or SymInt under torch.compile) and concrete metadata per input.
+
+    Under ``torch.compile(dynamic=True)`` every dim may be symbolic: the non-batch dims are
+    specialized here (``int()`` adds a guard, so a new sequence length recompiles), the batch
+    dim stays symbolic and its hint sizes the trace. Tensors whose dim 0 equals the first
+    tensor's are batched.
+    """
+    batch = next((x.shape[0] for x in inputs if x.dim() > 0), None)
+    metas = []
+    for x in inputs:
+        batched = x.dim() > 0 and _same_size(x.shape[0], batch)
+        shape = [_hint(s) if batched and i == 0 else int(s) for i, s in enumerate(x.shape)]
+        metas.append(InputMeta(tuple(shape), x.dtype, x.device, batched))
+    return batch, metas
+
+
+def _same_size(a, b) -> bool:
+    if isinstance(a, torch.SymInt) or isinstance(b, torch.SymInt):
+        return statically_known_true(a == b)
+    return a == b
+
+
+def _hint(size) -> int:
+    return size if isinstance(size, int) else int(size.node.hint)
 
 
 _MODULES: weakref.WeakValueDictionary = weakref.WeakValueDictionary()

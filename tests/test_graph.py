@@ -1,0 +1,106 @@
+"""The structure BK promises: one forward, one backward, no unclipped weight-gradient GEMM."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+import fx_bk
+from tests.models import MODELS, batch_for
+
+aten = torch.ops.aten
+MATMULS = {aten.mm.default, aten.addmm.default, aten.bmm.default, aten.matmul.default}
+
+
+def _ancestors(node: torch.fx.Node) -> set[torch.fx.Node]:
+    seen, todo = set(), [node]
+    while todo:
+        for a in todo.pop().all_input_nodes:
+            if a not in seen:
+                seen.add(a)
+                todo.append(a)
+    return seen
+
+
+def _static_shape(node):
+    """The node's shape if it does not depend on the batch size, else None."""
+    shape = node.meta["val"].shape
+    return None if any(isinstance(d, torch.SymInt) for d in shape) else tuple(shape)
+
+
+@pytest.mark.parametrize("name", ["mlp", "transformer", "reused"])
+def test_every_weight_gradient_matmul_is_clipped(name):
+    model = MODELS[name]()
+    bk = fx_bk.transform(model, max_grad_norm=1.0)
+    x, _ = batch_for(name, model, 4, seed=0)
+    bk(x)
+    (compiled,) = bk.programs
+    prog, bw = compiled.prog, compiled.prog.bw_graph.graph
+    linear_weights = {
+        tuple(p.shape) for n, p in model.named_parameters()
+        if any(s.params.get("weight") == n and s.rule.name == "linear" for s in prog.sites)
+    }
+    clamps = [n for n in bw.nodes if n.target in (aten.clamp.default, aten.clamp_max.default)]
+    assert len(clamps) == 1, "exactly one clip-factor computation"
+    weight_matmuls = [
+        n for n in bw.nodes
+        if n.target in MATMULS and _static_shape(n) in linear_weights | {s[::-1] for s in linear_weights}
+    ]
+    ghost_or_rank_one = [s for s in prog.sites
+                         if s.rule.name == "linear" and s.strategy in ("ghost", "rank-one")]
+    assert len(weight_matmuls) == len({s.params["weight"] for s in ghost_or_rank_one})
+    for mm in weight_matmuls:
+        assert clamps[0] in _ancestors(mm), f"{mm} computes a weight gradient without C"
+
+
+def test_one_backward_per_loss_backward(monkeypatch):
+    model = MODELS["transformer"]()
+    bk = fx_bk.transform(model, max_grad_norm=1.0)
+    x, y = batch_for("transformer", model, 5, seed=0)
+    bk(x)  # build
+    (compiled,) = bk.programs
+    calls = {"fw": 0, "bw": 0}
+    fw, bw = compiled.prog.fw_graph, compiled.prog.bw_graph
+
+    def count(graph, key):
+        def run(*args):
+            calls[key] += 1
+            return graph.forward(*args)
+        return run
+
+    monkeypatch.setattr(compiled.prog, "fw_graph", count(fw, "fw"))
+    monkeypatch.setattr(compiled.prog, "bw_graph", count(bw, "bw"))
+    grad_fns = []
+    loss = F.cross_entropy(bk(x), y)
+    node = loss.grad_fn
+    while node is not None:  # walk back to our autograd node
+        grad_fns.append(type(node).__name__)
+        node = node.next_functions[0][0] if node.next_functions else None
+    loss.backward()
+    assert calls == {"fw": 1, "bw": 1}
+    assert "BKFunctionBackward" in grad_fns
+    # the parameters are reached from the loss only through fx_bk's one backward node
+    assert all(p.grad is not None for p in model.parameters())
+
+
+def test_partly_used_and_non_differentiable_outputs():
+    class TwoHeads(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a = nn.Linear(4, 3)
+            self.b = nn.Linear(4, 2)
+            self.unused = nn.Linear(4, 2)
+
+        def forward(self, x):
+            return {"a": self.a(x), "b": self.b(x), "argmax": self.a(x).argmax(-1)}
+
+    model = TwoHeads()
+    bk = fx_bk.transform(model, max_grad_norm=1e3, loss_reduction="sum")
+    out = bk(torch.randn(6, 4))
+    assert set(out) == {"a", "b", "argmax"} and out["argmax"].dtype == torch.long
+    out["a"].sum().backward()
+    assert model.b.weight.grad is not None and model.b.weight.grad.abs().max() == 0
+    assert model.unused.weight.grad is None
+    assert model.a.bias.grad is not None and torch.allclose(model.a.bias.grad, torch.full((3,), 6.))
