@@ -49,31 +49,29 @@ class SymbolicBatchMode:
         self.shape_env = ShapeEnv()
         self.fake_mode = FakeTensorMode(shape_env=self.shape_env, allow_non_fake_inputs=False)
         self._batch_source = None
+        self._batch_symbol = None
 
     def fake(self, t: torch.Tensor, *, batched: bool) -> torch.Tensor:
+        """A fake copy of ``t``; ``batched``: dim 0 is the (shared) symbolic batch size."""
+        if batched and self._batch_source is not None:
+            with self.fake_mode:  # reuse the batch symbol: same SymInt, no equality guard
+                return torch.empty(
+                    (self._batch_source, *t.shape[1:]), dtype=t.dtype, device=t.device
+                )
         dims = [DimDynamic.STATIC] * t.dim()
         if batched:
             dims[0] = DimDynamic.DYNAMIC
         ctx = StatelessSymbolicContext(dynamic_sizes=dims)
         out = self.fake_mode.from_tensor(t, symbolic_context=ctx)
         if batched:
-            if self._batch_source is None:
-                self._batch_source = out.shape[0]
-            else:
-                # every batched tensor shares the first one's batch symbol
-                torch._check(out.shape[0] == self._batch_source)
+            self._batch_source = out.shape[0]
+            self._batch_symbol = out.shape[0].node.expr  # before any later specialization
         return out
 
     @property
     def batch_symbol(self):
-        return None if self._batch_source is None else self._batch_source.node.expr
-
-    def batch_guards(self) -> list[str]:
-        """Guards the trace placed on the batch symbol (other than range facts)."""
-        sym = self.batch_symbol
-        if sym is None:
-            return []
-        return [str(g.expr) for g in self.shape_env.guards if sym in g.expr.free_symbols]
+        """The sympy symbol of the batch size (None if no input is batched)."""
+        return self._batch_symbol
 
 
 @contextlib.contextmanager

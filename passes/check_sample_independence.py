@@ -102,6 +102,8 @@ def _moved(a: torch.Tensor, b: torch.Tensor, dim: int) -> bool:
 
 
 def check_sample_independence(prog: BKProgram) -> None:
+    if any(p.kind in ("batch-size-specialized", "no-batch-input") for p in prog.problems):
+        return  # no batch to perturb
     model = prog.model
     params = dict(model.named_parameters())
     buffers = dict(model.named_buffers())

@@ -67,6 +67,23 @@ def _check_batch_guards(prog: BKProgram) -> None:
             "a tensor argument of forward()",
         ))
         return
-    prog.batch_guards = [
-        BatchGuard(sym, g.expr) for g in prog.mode.shape_env.guards if sym in g.expr.free_symbols
-    ]
+    shape_env = prog.mode.shape_env
+    if shape_env.replace(sym) != sym:
+        prog.problems.append(Problem(
+            "batch-size-specialized",
+            f"the forward only works for batch size {shape_env.replace(sym)} (e.g. a reshape "
+            f"to a fixed batch size); use -1 or x.shape[0] for the batch dimension",
+        ))
+        return
+    for guard in shape_env.guards:
+        expr = shape_env.replace(guard.expr)
+        if sym not in expr.free_symbols:
+            continue
+        if expr.free_symbols != {sym}:
+            prog.problems.append(Problem(
+                "batch-size-specialized",
+                f"tracing the forward produced the condition {expr} relating the batch size to "
+                f"other sizes; fx_bk supports forwards whose only dynamic size is the batch",
+            ))
+            continue
+        prog.batch_guards.append(BatchGuard(sym, expr))

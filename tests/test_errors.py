@@ -170,5 +170,26 @@ def test_batch_size_specialization_rejected():
         def forward(self, x):
             return self.fc(x.view(5, 4))
 
-    with pytest.raises(UnsupportedModelError, match="batch"):
+    with pytest.raises(UnsupportedModelError, match="only works for batch size 5"):
         fx_bk.transform(Fixed(), max_grad_norm=1.0)(torch.randn(5, 4))
+
+
+def test_forward_branching_on_batch_size_gets_one_program_per_branch():
+    class Branch(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.big = nn.Linear(4, 3)
+            self.small = nn.Linear(4, 3)
+
+        def forward(self, x):
+            return self.big(x) if x.shape[0] > 6 else self.small(x)
+
+    model = Branch()
+    bk = fx_bk.transform(model, max_grad_norm=1.0)
+    for b, used in [(3, "small"), (9, "big"), (4, "small"), (12, "big")]:
+        model.zero_grad(set_to_none=True)
+        bk(torch.randn(b, 4)).sum().backward()
+        assert getattr(model, used).weight.grad is not None
+        other = "big" if used == "small" else "small"
+        assert getattr(model, other).weight.grad is None
+    assert len(bk.programs) == 2
