@@ -64,7 +64,7 @@ def emit_aux_outputs(prog: BKProgram) -> None:
             with graph.inserting_after(node):
                 copy = graph.call_function(aten.clone.default, (node,))
                 copy.meta["val"] = node.meta.get("val")
-            node.replace_all_uses_with(copy, delete_user_cb=lambda user: user is not copy)
+            node.replace_all_uses_with(copy, delete_user_cb=lambda user, c=copy: user is not c)
         site.aux["out"] = len(aux)
         aux.append(node)
     output = graph.output_node()

@@ -16,6 +16,7 @@ from fx_bk.layout import flatten, unflatten
 
 from .program import BatchGuard, BKProgram
 
+
 def example_tensor(meta, batch: int) -> torch.Tensor:
     shape = (batch, *meta.shape[1:]) if meta.batched else meta.shape
     return torch.empty(shape, dtype=meta.dtype, device=meta.device)

@@ -54,14 +54,11 @@ def test_kwargs_constants_and_nested_outputs():
         out.pow(2).sum().backward()
         got = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
 
-        def loss_fn(o, _y):
-            return o.pow(2).sum()
-
         from torch.func import functional_call, grad, vmap
 
         params = {n: p.detach() for n, p in model.named_parameters()}
 
-        def one(p, xi, bi):
+        def one(p, xi, bi, use_gate=use_gate):
             o, _ = functional_call(model, p, (xi[None],), dict(
                 scale=scale, extra={"bias": bi[None]}, use_gate=use_gate))
             return o.pow(2).sum()

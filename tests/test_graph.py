@@ -44,9 +44,9 @@ def test_every_weight_gradient_matmul_is_clipped(name):
     }
     clamps = [n for n in bw.nodes if n.target in (aten.clamp.default, aten.clamp_max.default)]
     assert len(clamps) == 1, "exactly one clip-factor computation"
+    weight_like = linear_weights | {s[::-1] for s in linear_weights}
     weight_matmuls = [
-        n for n in bw.nodes
-        if n.target in MATMULS and _static_shape(n) in linear_weights | {s[::-1] for s in linear_weights}
+        n for n in bw.nodes if n.target in MATMULS and _static_shape(n) in weight_like
     ]
     ghost_or_rank_one = [s for s in prog.sites
                          if s.rule.name == "linear" and s.strategy in ("ghost", "rank-one")]

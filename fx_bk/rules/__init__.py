@@ -77,6 +77,7 @@ class Rule:
     ops: tuple = ()
     param_args: tuple[str, ...] = ()  # schema argument names that may hold a parameter
     tensor_args: tuple[str, ...] = ()  # schema argument names whose values the rule needs
+    strategies = "instantiated"  # one line for the README's supported-op table
 
     def validate(self, site: Site) -> str | None:
         """A reason this site cannot be handled (e.g. sparse embedding), or None."""
@@ -102,6 +103,16 @@ class Rule:
     def clipped_grads(self, values: list[SiteValues], state, c: torch.Tensor):
         return {name: weighted_sum(c, g) for name, g in state.items()}
 
+
+
+def supported_ops_table() -> str:
+    """The README's supported-op table, generated from the registry."""
+    rows = ["| op family | aten ops | parameters | per-sample norm |", "|---|---|---|---|"]
+    for rule in sorted(set(RULES.values()), key=lambda r: r.name):
+        ops = ", ".join(f"`{op}`" for op in rule.ops)
+        params = ", ".join(rule.param_args)
+        rows.append(f"| {rule.name} | {ops} | {params} | {rule.strategies} |")
+    return "\n".join(rows)
 
 
 # Import the rule families so they register themselves.

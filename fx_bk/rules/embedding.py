@@ -19,6 +19,7 @@ aten = torch.ops.aten
 class EmbeddingRule(Rule):
     name = "embedding"
     param_args = ("weight",)
+    strategies = "ghost over positions, `padding_idx` excluded; no one-hot"
     tensor_args = ("indices",)
 
     def validate(self, site):

@@ -18,6 +18,7 @@ aten = torch.ops.aten
 class LayerNormRule(Rule):
     name = "layer_norm"
     param_args = ("weight", "bias")
+    strategies = "instantiated (weight and/or bias)"
     tensor_args = ("input",)
 
     def per_sample_grads(self, value):

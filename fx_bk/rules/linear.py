@@ -33,6 +33,7 @@ def _positions(shape) -> int:
 class LinearRule(Rule):
     name = "linear"
     param_args = ("weight", "bias")
+    strategies = "rank-one (T=1), ghost or instantiated, by FLOPs per site; bias instantiated"
     tensor_args = ("input",)
 
     def can_merge(self, sites) -> bool:
