@@ -1,0 +1,75 @@
+"""Shared parameters across rules, and in-place ops that touch a site's tensors."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+import fx_bk
+from tests.oracles import fx_bk_grads, max_rel_err, vmap_clipped_sum
+
+
+class TiedLM(nn.Module):
+    """Embedding and output projection share one [V, d] weight (GPT-2 style)."""
+
+    def __init__(self, vocab=11, d=6):
+        super().__init__()
+        self.emb = nn.Embedding(vocab, d)
+        self.mix = nn.Linear(d, d)
+        self.out = nn.Linear(d, vocab, bias=False)
+        self.out.weight = self.emb.weight
+
+    def forward(self, x):  # [B, T] -> [B, V]
+        h = torch.tanh(self.mix(self.emb(x)))  # [B, T, d]
+        return self.out(h).mean(1)
+
+
+class InPlace(nn.Module):
+    """In-place ops on Linear outputs: ReLU(inplace=True), ``+=`` on a view, ``mul_``."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc1 = nn.Linear(5, 8)
+        self.act = nn.ReLU(inplace=True)
+        self.fc2 = nn.Linear(8, 8)
+        self.fc3 = nn.Linear(8, 3)
+
+    def forward(self, x):
+        h = self.act(self.fc1(x))  # fc1's output is mutated by the ReLU
+        y = self.fc2(h)
+        y[:, :4] += 1.0  # a view of fc2's output, mutated
+        y.mul_(2.0)
+        return self.fc3(torch.tanh(y))
+
+
+def test_tied_embedding_and_linear_exact():
+    model = TiedLM().double()
+    bk = fx_bk.transform(model, max_grad_norm=0.05)
+    for b in (1, 5):
+        x = torch.randint(0, 11, (b, 4))
+        y = torch.randint(0, 11, (b,))
+        got = fx_bk_grads(bk, model, x, y, "mean")
+        assert set(got) == {"emb.weight", "mix.weight", "mix.bias"}
+        assert max_rel_err(got, vmap_clipped_sum(model, x, y, 0.05)) <= 1e-10
+
+
+def test_inplace_ops_after_sites_exact():
+    model = InPlace().double()
+    bk = fx_bk.transform(model, max_grad_norm=0.3, loss_reduction="sum")
+    x, y = torch.randn(6, 5, dtype=torch.float64), torch.randint(0, 3, (6,))
+    got = fx_bk_grads(bk, model, x, y, "sum")
+    assert max_rel_err(got, vmap_clipped_sum(model, x, y, 0.3)) <= 1e-10
+
+
+def test_dynamic_true_new_sequence_length_retraces():
+    from tests.models import TransformerStyle
+
+    model = TransformerStyle()
+    compiled = torch.compile(fx_bk.transform(model, max_grad_norm=0.5), dynamic=True,
+                             fullgraph=True)
+    for b, t in ((4, 7), (6, 5), (3, 7)):
+        x, y = torch.randint(1, 13, (b, t)), torch.randint(0, 5, (b,))
+        got = fx_bk_grads(compiled, model, x, y, "mean")
+        assert max_rel_err(got, vmap_clipped_sum(model, x, y, 0.5)) <= 1e-5
+        F.cross_entropy(compiled(x), y)  # outputs usable as well
