@@ -11,6 +11,7 @@ AOTAutograd traces through it, so Inductor sees plain aten ops of the forward an
 
 from __future__ import annotations
 
+import inspect
 import itertools
 import weakref
 
@@ -100,7 +101,15 @@ class BKModule(torch.nn.Module):
         self._bk_id = next(_ids)
         _MODULES[self._bk_id] = self
 
+    def __getattr__(self, name: str):
+        """Attributes the wrapper lacks come from the wrapped module (e.g. a HF ``config``)."""
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            return getattr(self._modules["_module"], name)
+
     def forward(self, *args, **kwargs):
+        """Same call signature as the wrapped module's forward."""
         params = [p for _, p in self._module.named_parameters()]
         buffers = [b for _, b in self._module.named_buffers()]
         leaves: list = []
@@ -133,6 +142,7 @@ class BKModule(torch.nn.Module):
             found = region.lookup(batch)
         if found is not None:
             return found
+        _check_call_signature(module, layout, inputs)
         real = not any(_is_fake(x) for x in [*inputs, *params])
         with escape_outer_tracing():
             prog = BKProgram(
@@ -192,6 +202,14 @@ def _is_fake(t: torch.Tensor) -> bool:
     from torch._subclasses.fake_tensor import is_fake
 
     return is_fake(t)
+
+
+def _check_call_signature(module: torch.nn.Module, layout, inputs) -> None:
+    (args, kwargs), _ = unflatten(layout, inputs)
+    try:
+        inspect.signature(module.forward).bind(*args, **kwargs)
+    except TypeError as e:
+        raise TypeError(f"{type(module).__name__}.forward() called through fx_bk: {e}") from None
 
 
 def input_metas(inputs: list[torch.Tensor]):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -112,3 +113,11 @@ def test_dropout_per_sample_gradients_exact_for_the_sampled_mask():
     F.cross_entropy(model(x), y, reduction="sum").backward()  # R huge: clipped == plain
     ref = {n: p.grad for n, p in model.named_parameters()}
     assert max_rel_err(got, ref) <= 1e-10
+
+
+def test_wrapper_forwards_attributes_and_checks_the_call_signature():
+    model = KwargsModel()
+    bk = fx_bk.transform(model, max_grad_norm=1.0)
+    assert bk.fc is model.fc and bk.training
+    with pytest.raises(TypeError, match=r"KwargsModel.forward\(\) called through fx_bk"):
+        bk(torch.randn(3, 4), torch.rand(3))  # scale is keyword-only
