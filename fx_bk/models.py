@@ -30,8 +30,7 @@ class Block(nn.Module):
         B, T, d = x.shape  # [B, T, d]
         H = self.n_heads
         qkv = self.qkv(self.ln1(x))  # [B, T, 3d]
-        # Keep the batch at dim 0 for every intermediate (fx_bk's sample-independence check
-        # compares dim 0 across samples); no [3, B, ...] stacking.
+        # The batch stays at dim 0 in every intermediate (no [3, B, ...] stacking).
         q, k, v = qkv.view(B, T, 3, H, d // H).unbind(2)  # [B, T, H, dh] each
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # [B, H, T, dh]
         a = F.scaled_dot_product_attention(q, k, v, is_causal=True)  # [B, H, T, dh]
@@ -53,12 +52,8 @@ class TinyTransformer(nn.Module):
         max_len: int = 32,
         n_classes: int = 4,
         padding_idx: int | None = 0,
-        broadcast_positions: bool = False,
     ):
         super().__init__()
-        # broadcast_positions=True looks up pos.weight once ([T, d]) and broadcasts it over the
-        # batch; the default expands the indices to [B, T] first (same values and gradients).
-        self.broadcast_positions = broadcast_positions
         self.tok = nn.Embedding(vocab, d, padding_idx=padding_idx)
         self.pos = nn.Embedding(max_len, d)
         self.blocks = nn.ModuleList(Block(d, n_heads) for _ in range(n_layers))
@@ -67,10 +62,11 @@ class TinyTransformer(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         B, T = x.shape  # x: [B, T]
-        pos = torch.arange(T, device=x.device)  # [T]
-        if not self.broadcast_positions:
-            pos = pos.expand(B, T)  # [B, T]: one copy per sample, so each sample owns its lookup
-        h = self.tok(x) + self.pos(pos)  # [B, T, d] + [B, T, d] (or [T, d] broadcast)
+        # [B, T]: one lookup per sample, so the positional embedding's per-sample gradient is
+        # visible at the op (fx_bk rejects a [T, d] lookup broadcast over the batch). Contiguous
+        # because Opacus's embedding ghost norm calls indices.view(-1, 1).
+        pos = torch.arange(T, device=x.device).expand(B, T).contiguous()  # [B, T]
+        h = self.tok(x) + self.pos(pos)  # [B, T, d]
         for block in self.blocks:
             h = block(h)  # [B, T, d]
         h = self.ln_f(h).mean(dim=1)  # [B, d]

@@ -26,10 +26,17 @@ def where(node: torch.fx.Node) -> str:
     return f" (at {lines[-1]})" if lines else ""
 
 
-def _shape(value) -> tuple:
+def _shape(value, batch_symbol) -> tuple:
+    """Static dims as ints, the batch dim as "B", a dim folding the batch with others as str."""
     if not isinstance(value, torch.Tensor):
         return ()
-    return tuple(s if isinstance(s, int) else "B" for s in value.shape)
+    out = []
+    for s in value.shape:
+        if isinstance(s, int):
+            out.append(s)
+        else:
+            out.append("B" if s.node.expr == batch_symbol else str(s.node.expr))
+    return tuple(out)
 
 
 def _module_of(param: str) -> str:
@@ -53,14 +60,15 @@ def find_sites(prog: BKProgram) -> None:
         rule = rule_for(node.target)
         if rule is None:
             continue
-        site = _make_site(node, rule, trainable)
+        site = _make_site(node, rule, trainable, prog.mode.batch_symbol)
         if site is None:
             continue
         claimed.update((p, node) for p in uses if trainable[p] in site.params.values())
-        reason = rule.validate(site)
+        reason = _batch_layout_problem(site) or rule.validate(site)
         if reason:
             prog.problems.append(Problem("unsupported-op", _describe(site, node, reason)))
-        prog.sites.append(site)
+        else:
+            prog.sites.append(site)
 
     for p_node, name in trainable.items():
         for user in p_node.users:
@@ -86,16 +94,32 @@ def op_name(node: torch.fx.Node) -> str:
     return getattr(t, "__name__", str(t))
 
 
-def _make_site(node, rule, trainable) -> Site | None:
+def _batch_layout_problem(site: Site) -> str | None:
+    """Rules need the batch as dim 0 of the op's tensors, and nowhere else."""
+    for role in (*site.tensor_args, "out"):
+        shape = site.shapes[role]
+        if not shape or shape[0] != "B" or any(isinstance(d, str) for d in shape[1:]):
+            what = "output" if role == "out" else f"argument '{role}'"
+            return (
+                f"its {what} has shape {list(shape)} (B = batch size): the batch must be dim "
+                f"0 and only there. A parameter applied to a tensor without the batch dim "
+                f"(e.g. a positional embedding of arange(T), broadcast later) has no per-sample "
+                f"gradient at this op: give it the batch dim, e.g. "
+                f"pos(torch.arange(T).expand(B, T)); do not fold the batch into other dims"
+            )
+    return None
+
+
+def _make_site(node, rule, trainable, batch_symbol) -> Site | None:
     norm = normalize_function(
         node.target, node.args, node.kwargs, normalize_to_only_use_kwargs=True
     )
     kwargs = norm.kwargs if norm is not None else {}
     params, tensor_args, const_args = {}, {}, {}
-    shapes = {"out": _shape(node.meta.get("val"))}
+    shapes = {"out": _shape(node.meta.get("val"), batch_symbol)}
     for key, value in kwargs.items():
         if isinstance(value, torch.fx.Node):
-            shapes[key] = _shape(value.meta.get("val"))
+            shapes[key] = _shape(value.meta.get("val"), batch_symbol)
             if key in rule.param_args and value in trainable:
                 params[key] = trainable[value]
             elif key in rule.tensor_args:

@@ -193,3 +193,40 @@ def test_forward_branching_on_batch_size_gets_one_program_per_branch():
         other = "big" if used == "small" else "small"
         assert getattr(model, other).weight.grad is None
     assert len(bk.programs) == 2
+
+
+class BroadcastPositions(nn.Module):
+    """A positional embedding of arange(T): its output [T, d] has no batch dim."""
+
+    def __init__(self):
+        super().__init__()
+        self.pos = nn.Embedding(8, 4)
+        self.fc = nn.Linear(4, 2)
+
+    def forward(self, x):  # [B, T, 4]
+        return self.fc(x + self.pos(torch.arange(x.shape[1]))).sum(1)
+
+
+class SeqFirst(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(4, 2)
+
+    def forward(self, x):  # [B, T, 4] -> Linear on [T, B, 4]
+        return self.fc(x.transpose(0, 1)).transpose(0, 1).sum(1)
+
+
+@pytest.mark.parametrize(
+    "model, match",
+    [
+        (BroadcastPositions(), r"'pos.weight'.*'indices' has shape \[8\].*arange\(T\).expand"),
+        (SeqFirst(), r"'fc.weight'.*argument 'input' has shape \[6, 'B', 4\]"),
+    ],
+    ids=["broadcast-positions", "seq-first"],
+)
+def test_site_without_leading_batch_dim_rejected(model, match):
+    """Without the batch as dim 0 the rule cannot separate samples: reject, never guess."""
+    t = 6 if isinstance(model, SeqFirst) else 8
+    for b in (5, t):  # B == T: a size coincidence must not hide the problem
+        with pytest.raises(UnsupportedModelError, match=match):
+            fx_bk.transform(model, max_grad_norm=1.0)(torch.randn(b, t, 4))
