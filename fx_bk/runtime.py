@@ -2,11 +2,12 @@
 
 NOTE [lazy build under torch.compile]: the graphs depend on the inputs' non-batch shapes, which
 are only known at the first call, and that call may already be inside ``torch.compile``'s
-tracing. ``BKModule.forward`` therefore calls one per-module function that Dynamo keeps in the
-graph (``allow_in_graph``); it receives only tensors plus the inputs' *layout* (a tuple of
-constants). Inside it, the traced programs are looked up by signature or built outside any
-enclosing tracing (``escape_outer_tracing``); then ``BKFunction.apply`` runs them, and
-AOTAutograd traces through it, so Inductor sees plain aten ops of the forward and BK backward.
+tracing. ``BKModule.forward`` therefore calls ``bk_graph_call``, which Dynamo keeps in the graph
+(``allow_in_graph``); it receives only tensors plus constants: the module's id, the inputs'
+*layout* (a tuple of constants) and the train/eval flag. Inside it, the traced programs are
+looked up by signature or built outside any enclosing tracing (``escape_outer_tracing``); then
+``BKFunction.apply`` runs them, and AOTAutograd traces through it, so Inductor sees plain aten
+ops of the forward and BK backward.
 """
 
 from __future__ import annotations
@@ -69,15 +70,19 @@ class CompiledProgram:
         bw_inputs = [n.name for n in prog.bw_graph.graph.nodes if n.op == "placeholder"]
         fw_outputs = [str(n) for n in prog.fw_graph.graph.output_node().args[0]]
         saved_names = fw_outputs[prog.num_outputs :]
-        # the backward graph's inputs: some of the forward's saved values, then the tangents
-        self.saved_order = [saved_names.index(n) for n in bw_inputs if not n.startswith("tangents")]
-        self.num_tangents = len(bw_inputs) - len(self.saved_order)
+        # the backward graph's inputs, by name: some of the forward's saved values, then
+        # tangents_k (the k-th differentiable output's gradient)
+        tangents = [n for n in bw_inputs if n.startswith("tangents_")]
+        self.saved_order = [saved_names.index(n) for n in bw_inputs if n not in tangents]
+        self.tangent_order = [int(n.removeprefix("tangents_")) - 1 for n in tangents]
         index = {name: i for i, name in enumerate(prog.param_names)}
         self.grad_slots = [index[n] for n in prog.graded_params]
         self.num_primals = len(prog.param_names) + len(prog.buffer_names) + len(prog.inputs)
 
     def run_backward(self, saved, tangents):
-        return self.prog.bw_graph(*[saved[i] for i in self.saved_order], *tangents)
+        return self.prog.bw_graph(
+            *[saved[i] for i in self.saved_order], *[tangents[k] for k in self.tangent_order]
+        )
 
     def primal_grads(self, grads):
         out = [None] * self.num_primals

@@ -104,3 +104,23 @@ def test_partly_used_and_non_differentiable_outputs():
     assert model.b.weight.grad is not None and model.b.weight.grad.abs().max() == 0
     assert model.unused.weight.grad is None
     assert model.a.bias.grad is not None and torch.allclose(model.a.bias.grad, torch.full((3,), 6.))
+
+
+def test_output_independent_of_parameters_gets_no_tangent_confusion():
+    class Passthrough(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc = nn.Linear(4, 3)
+
+        def forward(self, x):
+            return x * 2.0, self.fc(x), x.sum(-1)
+
+    model = Passthrough().double()
+    bk = fx_bk.transform(model, max_grad_norm=1e3, loss_reduction="sum")
+    x = torch.randn(5, 4, dtype=torch.float64)
+    a, b, c = bk(x)
+    (a.sum() + b.pow(2).sum() + c.sum()).backward()
+    model2 = Passthrough().double()
+    model2.load_state_dict(model.state_dict())
+    model2(x)[1].pow(2).sum().backward()
+    assert torch.allclose(model.fc.weight.grad, model2.fc.weight.grad)
