@@ -9,7 +9,9 @@ summing them (exact, but memory ``B * |p|``).
 
 from __future__ import annotations
 
-from .program import BKProgram, per_sample_numel
+from fx_bk.rules import plan_instantiated
+
+from .program import BKProgram
 
 
 def group_sites(prog: BKProgram) -> list[list[int]]:
@@ -47,7 +49,5 @@ def plan_sites(prog: BKProgram) -> None:
         if is_merged(prog, group):
             sites[0].rule.plan(sites)
         else:
-            for s in sites:
-                s.strategy = "instantiate (shared parameter)"
-                s.cost = sum(per_sample_numel(s.shapes[r]) for r in s.params)
+            plan_instantiated(sites, "instantiate (shared parameter)")
 

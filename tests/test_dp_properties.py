@@ -17,10 +17,6 @@ def _flat(grads: dict) -> torch.Tensor:
     return torch.cat([g.reshape(-1) for _, g in sorted(grads.items())])
 
 
-def _take(x, idx):
-    return x[idx]
-
-
 cases = st.tuples(
     st.sampled_from(sorted(MODELS)),
     st.integers(2, 9),  # batch size
@@ -30,18 +26,26 @@ cases = st.tuples(
 )
 
 
-@settings(max_examples=20, deadline=None)
-@given(cases)
-def test_each_sample_contributes_at_most_r(case):
+def _setup(case):
+    """(clipped-sum function of a batch, batch, R) for one hypothesis case, in float64."""
     name, b, norm, seed, reduction = case
     torch.manual_seed(seed)
     model = MODELS[name]().double()
     bk = fx_bk.transform(model, max_grad_norm=norm, loss_reduction=reduction)
     x, y = batch_for(name, model, b, seed=seed, dtype=torch.float64)
-    full = _flat(fx_bk_grads(bk, model, x, y, reduction))
+    x2, y2 = batch_for(name, model, b, seed=seed + 1, dtype=torch.float64)
+    return (lambda xb, yb: _flat(fx_bk_grads(bk, model, xb, yb, reduction))), (x, y), (x2, y2)
+
+
+@settings(max_examples=20, deadline=None)
+@given(cases)
+def test_each_sample_contributes_at_most_r(case):
+    clipped_sum, (x, y), _ = _setup(case)
+    b, norm = len(x), case[2]
+    full = clipped_sum(x, y)
     for i in range(b):
         keep = torch.tensor([j for j in range(b) if j != i])
-        rest = _flat(fx_bk_grads(bk, model, _take(x, keep), _take(y, keep), reduction))
+        rest = clipped_sum(x[keep], y[keep])
         contribution = (full - rest).norm().item()
         assert contribution <= norm * SLACK, (i, contribution, norm)
 
@@ -49,16 +53,11 @@ def test_each_sample_contributes_at_most_r(case):
 @settings(max_examples=20, deadline=None)
 @given(cases)
 def test_replacing_one_sample_moves_the_sum_by_at_most_2r(case):
-    name, b, norm, seed, reduction = case
-    torch.manual_seed(seed)
-    model = MODELS[name]().double()
-    bk = fx_bk.transform(model, max_grad_norm=norm, loss_reduction=reduction)
-    x, y = batch_for(name, model, b, seed=seed, dtype=torch.float64)
-    x2, y2 = batch_for(name, model, b, seed=seed + 1, dtype=torch.float64)
+    clipped_sum, (x, y), (x2, y2) = _setup(case)
+    b, norm = len(x), case[2]
     x_swapped, y_swapped = x.clone(), y.clone()
     x_swapped[b // 2], y_swapped[b // 2] = x2[0], y2[0]
-    before = _flat(fx_bk_grads(bk, model, x, y, reduction))
-    after = _flat(fx_bk_grads(bk, model, x_swapped, y_swapped, reduction))
+    before, after = clipped_sum(x, y), clipped_sum(x_swapped, y_swapped)
     assert (before - after).norm().item() <= 2 * norm * SLACK
 
 

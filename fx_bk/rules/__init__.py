@@ -59,6 +59,13 @@ def accumulation_dtype(t: torch.Tensor) -> torch.dtype:
     return torch.float32 if t.dtype in (torch.float16, torch.bfloat16) else t.dtype
 
 
+def plan_instantiated(sites: list[Site], label: str) -> None:
+    """Per-sample gradients instantiated: cost = their size (multiply-adds per sample)."""
+    for s in sites:
+        s.strategy = label
+        s.cost = sum(per_sample_numel(s.shapes[r]) for r in s.params)
+
+
 def weighted_sum(c: torch.Tensor, per_sample: torch.Tensor) -> torch.Tensor:
     """``sum_i c_i * per_sample[i]``; c: [B], per_sample: [B, *shape] -> [*shape]."""
     return torch.tensordot(c.to(per_sample.dtype), per_sample, dims=1)
@@ -88,9 +95,7 @@ class Rule:
 
     def plan(self, sites: list[Site]) -> None:
         """Choose ``site.strategy`` and ``site.cost`` from the static shapes."""
-        for s in sites:
-            s.strategy = "instantiate"
-            s.cost = sum(per_sample_numel(s.shapes[r]) for r in s.params)
+        plan_instantiated(sites, "instantiate")
 
     def per_sample_grads(self, value: SiteValues) -> dict[str, torch.Tensor]:
         raise NotImplementedError
