@@ -14,6 +14,7 @@ import torch
 
 from fx_bk._torch_internals import functionalize, make_fx
 from fx_bk.clipping import clipped_gradients
+from fx_bk.errors import FxBkError
 from fx_bk.rules import SiteValues
 
 from .plan_sites import is_merged
@@ -39,6 +40,12 @@ def build_joint(prog: BKProgram) -> None:
     with prog.mode.fake_mode:
         gm = make_fx(functionalize(joint))(list(prog.fake_inputs), tangents)
     _name_placeholders(gm, len(prog.fake_inputs))
+    sym = prog.mode.batch_symbol
+    if prog.mode.shape_env.replace(sym) != sym:
+        raise FxBkError(
+            "fx_bk internal error: a per-sample rule specialized the batch size while tracing "
+            "the joint graph; please report this with the model"
+        )
     prog.joint_graph = gm
 
 

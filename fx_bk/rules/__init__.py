@@ -59,6 +59,17 @@ def accumulation_dtype(t: torch.Tensor) -> torch.dtype:
     return torch.float32 if t.dtype in (torch.float16, torch.bfloat16) else t.dtype
 
 
+def affine_per_sample_grads(value: SiteValues, x_hat: torch.Tensor, reduce_dims: tuple):
+    """Normalization layers: ``w_i = sum g_i * x_hat_i``, ``b_i = sum g_i`` over ``reduce_dims``."""
+    g, out = value.grad, {}
+    if "weight" in value.site.params:
+        w = g * x_hat
+        out[value.site.params["weight"]] = w.sum(reduce_dims) if reduce_dims else w
+    if "bias" in value.site.params:
+        out[value.site.params["bias"]] = g.sum(reduce_dims) if reduce_dims else g
+    return out
+
+
 def plan_instantiated(sites: list[Site], label: str) -> None:
     """Per-sample gradients instantiated: cost = their size (multiply-adds per sample)."""
     for s in sites:
@@ -121,4 +132,4 @@ def supported_ops_table() -> str:
 
 
 # Import the rule families so they register themselves.
-from . import embedding, layer_norm, linear  # noqa: E402,F401
+from . import conv, embedding, layer_norm, linear, norms  # noqa: E402,F401

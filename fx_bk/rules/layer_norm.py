@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import torch
 
-from . import Rule, register_rule
+from . import Rule, affine_per_sample_grads, register_rule
 
 aten = torch.ops.aten
 
@@ -22,15 +22,9 @@ class LayerNormRule(Rule):
     tensor_args = ("input",)
 
     def per_sample_grads(self, value):
-        x, g = value.tensors["input"], value.grad
+        x = value.tensors["input"]
         shape = list(value.site.const_args["normalized_shape"])
         eps = value.site.const_args.get("eps", 1e-5)
         dims = tuple(range(1, x.dim() - len(shape)))  # positions between batch and normalized
-        out = {}
-        if "weight" in value.site.params:
-            x_hat = torch.nn.functional.layer_norm(x, shape, None, None, eps)
-            w = g * x_hat
-            out[value.site.params["weight"]] = w.sum(dims) if dims else w
-        if "bias" in value.site.params:
-            out[value.site.params["bias"]] = g.sum(dims) if dims else g
-        return out
+        x_hat = torch.nn.functional.layer_norm(x, shape, None, None, eps)
+        return affine_per_sample_grads(value, x_hat, dims)

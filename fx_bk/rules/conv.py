@@ -1,0 +1,153 @@
+"""Convolution (1-D, 2-D, 3-D; stride, padding incl. "same"/"valid", dilation, groups).
+
+im2col turns the conv into a Linear per group: ``a: [B, L, Cin/g * K]`` (L output positions,
+K kernel elements), ``g: [B, L, Cout/g]``, weight per group ``[Cout/g, Cin/g * K]``; then the
+Linear formulas apply group by group:
+
+* ghost:        ``||G_i||^2 = sum_groups sum(a_i a_i^T * g_i g_i^T)``  cost g L^2 (Cin/g K + Cout/g)
+* instantiate:  ``G_i = g_i^T a_i`` per group                        cost g L (Cout/g)(Cin/g K)
+* clipped:      ``sum_i c_i G_i`` (one batched GEMM over groups, or ``einsum(c, G)``)
+* bias:         ``b_i = sum_l g_il``.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from . import Rule, register_rule, squared_norm, weighted_sum
+
+aten = torch.ops.aten
+
+
+def _tuple(value, n: int) -> tuple[int, ...]:
+    return tuple(value) if isinstance(value, (list, tuple)) else (value,) * n
+
+
+def _geometry(site):
+    """kernel, stride, dilation, pads [(left, right) per spatial dim], groups."""
+    kernel = site.shapes["weight"][2:]
+    n = len(kernel)
+    args = site.const_args
+    stride, dilation = _tuple(args.get("stride", 1), n), _tuple(args.get("dilation", 1), n)
+    padding = args.get("padding", 0)
+    if padding == "valid":
+        pads = [(0, 0)] * n
+    elif padding == "same":
+        total = [d * (k - 1) for d, k in zip(dilation, kernel)]
+        pads = [(t // 2, t - t // 2) for t in total]
+    else:
+        pads = [(p, p) for p in _tuple(padding, n)]
+    return kernel, stride, dilation, pads, args.get("groups", 1)
+
+
+def _zero_pad(x: torch.Tensor, pads) -> torch.Tensor:
+    """Zero padding of the spatial dims by concatenation (``F.pad`` specializes the batch size
+    when traced with a symbolic batch: measured on torch 2.13)."""
+    for i, (left, right) in enumerate(pads):
+        dim = 2 + i
+        parts = []
+        for width in (left, right):
+            shape = list(x.shape)
+            shape[dim] = width
+            parts.append(x.new_zeros(shape))
+        if left or right:
+            x = torch.cat([parts[0], x, parts[1]], dim)
+    return x
+
+
+def im2col(x: torch.Tensor, site) -> torch.Tensor:
+    """``[B, C, *S] -> [B, L, C * K]`` (channel-major, then kernel positions)."""
+    kernel, stride, dilation, pads, _ = _geometry(site)
+    n = len(kernel)
+    x = _zero_pad(x, pads)
+    for i in range(n):
+        x = x.unfold(2 + i, dilation[i] * (kernel[i] - 1) + 1, stride[i])
+    x = x[(Ellipsis, *[slice(None, None, d) for d in dilation])]  # [B, C, *O, *K]
+    b, c = x.shape[0], x.shape[1]
+    x = x.permute(0, *range(2, 2 + n), 1, *range(2 + n, 2 + 2 * n))  # [B, *O, C, *K]
+    return x.reshape(b, -1, c * math.prod(kernel))
+
+
+@register_rule(aten.conv1d.default, aten.conv2d.default, aten.conv3d.default,
+               aten.conv1d.padding, aten.conv2d.padding, aten.conv3d.padding)
+class ConvRule(Rule):
+    name = "conv"
+    param_args = ("weight", "bias")
+    strategies = "ghost or instantiated per group (im2col), by FLOPs per site; bias instantiated"
+    tensor_args = ("input",)
+
+    def plan(self, sites):
+        (s,) = sites
+        _, _, _, _, groups = _geometry(s)
+        cout, cin_g, *kernel = s.shapes["weight"]
+        positions = math.prod(s.shapes["out"][2:])
+        k, p = cin_g * math.prod(kernel), cout // groups
+        if "weight" not in s.params:
+            s.strategy, s.cost = "bias-only", positions * cout
+        elif positions * (k + p) < p * k:
+            s.strategy, s.cost = "ghost", groups * positions**2 * (k + p)
+        else:
+            s.strategy, s.cost = "instantiate", groups * positions * p * k
+
+    @staticmethod
+    def _grouped(value):
+        """a: [B, g, L, Cin/g K], g: [B, g, L, Cout/g]."""
+        site = value.site
+        groups = _geometry(site)[4]
+        a = im2col(value.tensors["input"], site)
+        g = value.grad
+        b, cout = g.shape[0], g.shape[1]
+        g = g.reshape(b, cout, -1).transpose(1, 2)  # [B, L, Cout]
+        a = a.reshape(b, a.shape[1], groups, -1).transpose(1, 2)
+        g = g.reshape(b, g.shape[1], groups, -1).transpose(1, 2)
+        return a, g
+
+    def norm_sq(self, values):
+        (value,) = values
+        site, state = value.site, {}
+        norm = torch.zeros((), dtype=value.grad.dtype, device=value.grad.device)
+        if "bias" in site.params:
+            state["bias"] = value.grad.reshape(*value.grad.shape[:2], -1).sum(2)  # [B, Cout]
+            norm = norm + squared_norm(state["bias"])
+        if "weight" in site.params:
+            a, g = self._grouped(value)
+            if site.strategy == "ghost":
+                aa = a @ a.transpose(-1, -2)  # [B, g, L, L]
+                gg = g @ g.transpose(-1, -2)  # [B, g, L, L]
+                norm = norm + (aa * gg).sum((1, 2, 3))
+                state["a"], state["g"] = a, g
+            else:
+                state["G"] = g.transpose(-1, -2) @ a  # [B, g, Cout/g, Cin/g K]
+                norm = norm + squared_norm(state["G"])
+        return norm, state
+
+    def clipped_grads(self, values, state, c):
+        site = values[0].site
+        out = {}
+        if "bias" in state:
+            out[site.params["bias"]] = weighted_sum(c, state["bias"])
+        if "weight" in site.params:
+            shape = site.shapes["weight"]
+            if "G" in state:
+                w = weighted_sum(c, state["G"])
+            else:
+                a, g = state["a"], state["g"]
+                cg = g * c.to(g.dtype)[:, None, None, None]
+                groups = a.shape[1]
+                lhs = cg.permute(1, 3, 0, 2).reshape(groups, g.shape[-1], -1)  # [g, p, B L]
+                rhs = a.permute(1, 0, 2, 3).reshape(groups, -1, a.shape[-1])  # [g, B L, k]
+                w = lhs @ rhs
+            out[site.params["weight"]] = w.reshape(shape)
+        return out
+
+    def per_sample_grads(self, value):
+        site, out = value.site, {}
+        if "bias" in site.params:
+            out[site.params["bias"]] = value.grad.reshape(*value.grad.shape[:2], -1).sum(2)
+        if "weight" in site.params:
+            a, g = self._grouped(value)
+            G = g.transpose(-1, -2) @ a
+            out[site.params["weight"]] = G.reshape(G.shape[0], *site.shapes["weight"])
+        return out
