@@ -99,12 +99,12 @@ def test_mixing_samples_is_detected(model, x, op):
 class Unsupported(nn.Module):
     def __init__(self):
         super().__init__()
-        self.conv = nn.Conv1d(2, 3, 3)
+        self.conv = nn.ConvTranspose1d(2, 3, 3)
         self.scale = nn.Parameter(torch.ones(3))
         self.fc = nn.Linear(3, 2)
 
     def forward(self, x):
-        h = self.conv(x).mean(-1) * self.scale
+        h = self.conv(x).mean(-1) / self.scale
         return self.fc(h)
 
 
@@ -114,9 +114,9 @@ def test_unsupported_ops_named_and_collected():
         bk(torch.randn(4, 2, 8))
     msg = str(info.value)
     assert len(info.value.problems) == 3, msg  # conv weight, conv bias, scale
-    assert "aten.conv1d" in msg and "'conv.weight'" in msg and "'conv.bias'" in msg
-    assert "aten.mul" in msg and "'scale'" in msg and "module '<root>'" in msg
-    assert "Supported ops: embedding, layer_norm, linear" in msg
+    assert "aten.conv_transpose1d" in msg and "'conv.weight'" in msg and "'conv.bias'" in msg
+    assert "aten.div" in msg and "'scale'" in msg and "module '<root>'" in msg
+    assert "Supported ops: broadcast_add, broadcast_mul, conv, embedding, expand" in msg
     assert "requires_grad=False" in msg
 
 

@@ -39,6 +39,22 @@ class Twice(nn.Module):
         return self.lin(torch.tanh(self.lin(x)))
 
 
+class Bare(nn.Module):
+    """A bare parameter in a broadcasting op: ``fn(x, p)``."""
+
+    def __init__(self, shape, fn):
+        super().__init__()
+        self.p = nn.Parameter(torch.randn(shape))
+        self.fn = fn
+
+    def forward(self, x):
+        return self.fn(x, self.p)
+
+
+def _cls_token(x, p):  # p: [1, 1, d] -> [B, 1 + T, d]
+    return torch.cat([p.expand(x.shape[0], -1, -1), x], dim=1)
+
+
 def _frozen(module: nn.Module, *names: str) -> nn.Module:
     for n in names:
         getattr(module, n).requires_grad_(False)
@@ -122,6 +138,18 @@ RULE_CASES = [
              "instance_norm", "instantiate"),
     RuleCase("instance_norm2d", lambda: nn.InstanceNorm2d(2, affine=True), 4, floats(2, 3, 4),
              "instance_norm", "instantiate"),
+    RuleCase("bare-add-positions", lambda: Bare((4, 5), torch.add), 5, floats(4, 5),
+             "broadcast_add", "instantiate"),
+    RuleCase("bare-add-leading-one", lambda: Bare((1, 4, 5), lambda x, p: p + x), 5,
+             floats(4, 5), "broadcast_add", "instantiate"),
+    RuleCase("bare-sub-alpha", lambda: Bare((5,), lambda x, p: torch.sub(x, p, alpha=0.5)), 5,
+             floats(4, 5), "broadcast_add", "instantiate"),
+    RuleCase("bare-mul-scale", lambda: Bare((5,), torch.mul), 5, floats(3, 5),
+             "broadcast_mul", "instantiate"),
+    RuleCase("bare-mul-channels", lambda: Bare((2, 1, 1), lambda x, p: p * x), 4,
+             floats(2, 3, 4), "broadcast_mul", "instantiate"),
+    RuleCase("bare-cls-token", lambda: Bare((1, 1, 5), _cls_token), 5, floats(3, 5), "expand",
+             "instantiate"),
     RuleCase("rms_norm", lambda: nn.RMSNorm(5), 5, floats(3, 5), "rms_norm", "instantiate"),
     RuleCase("rms_norm-eps-2d-shape", lambda: nn.RMSNorm([2, 5], eps=1e-3), 5,
              floats(2, 5), "rms_norm", "instantiate"),

@@ -132,4 +132,4 @@ def supported_ops_table() -> str:
 
 
 # Import the rule families so they register themselves.
-from . import conv, embedding, layer_norm, linear, norms  # noqa: E402,F401
+from . import broadcast, conv, embedding, layer_norm, linear, norms  # noqa: E402,F401

@@ -1,0 +1,78 @@
+"""A bare ``nn.Parameter`` used directly in a broadcasting op (position embedding, scale,
+cls token): ``s = x + p``, ``s = x - p``, ``s = x * p``, ``s = p.expand(B, ...)``.
+
+``s: [B, *S]``; ``p`` is broadcast against ``S`` (right-aligned; a leading dim of size 1 may sit
+under the batch). Per sample, the gradient is the site's vjp summed over every broadcast dim:
+
+* add / sub / expand: ``p_i = sum_broadcast(±alpha g_i)``
+* mul:                ``p_i = sum_broadcast(g_i * x_i)``
+
+instantiated (``[B, *p.shape]``, as small as the parameter times B).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from . import Rule, register_rule
+
+aten = torch.ops.aten
+
+
+def reduce_to_param(h: torch.Tensor, shape: tuple) -> torch.Tensor:
+    """``h: [B, *S]`` summed to the per-sample gradient ``[B, *shape]`` of a broadcast param."""
+    b, rest = h.shape[0], h.dim() - 1
+    inner = shape[1:] if len(shape) == h.dim() else shape  # a leading param dim under the batch
+    target = (b, *([1] * (rest - len(inner))), *inner)
+    return h.sum_to_size(target).reshape(b, *shape)
+
+
+class _BroadcastRule(Rule):
+    param_args = ("input", "other")
+    strategies = "instantiated (vjp summed over the broadcast dims)"
+
+    def _vjp(self, value, role: str) -> torch.Tensor:
+        raise NotImplementedError
+
+    def per_sample_grads(self, value):
+        return {
+            name: reduce_to_param(self._vjp(value, role), value.site.shapes[role])
+            for role, name in value.site.params.items()
+        }
+
+
+@register_rule(aten.add.Tensor, aten.sub.Tensor)
+class BroadcastAddRule(_BroadcastRule):
+    name = "broadcast_add"
+    tensor_args = ()
+
+    def _vjp(self, value, role):
+        alpha = value.site.const_args.get("alpha", 1)
+        sign = -1 if value.site.op is aten.sub.Tensor and role == "other" else 1
+        scale = sign * (alpha if role == "other" else 1)
+        return value.grad if scale == 1 else value.grad * scale
+
+
+@register_rule(aten.mul.Tensor)
+class BroadcastMulRule(_BroadcastRule):
+    name = "broadcast_mul"
+    tensor_args = ("input", "other")
+
+    def validate(self, site):
+        if len(site.params) != 1:
+            return "a product of two trainable parameters has no per-sample rule"
+        return None
+
+    def _vjp(self, value, role):
+        other = "other" if role == "input" else "input"
+        return value.grad * value.tensors[other]
+
+
+@register_rule(aten.expand.default)
+class ExpandRule(_BroadcastRule):
+    name = "expand"
+    param_args = ("input",)
+    tensor_args = ()
+
+    def _vjp(self, value, role):
+        return value.grad
