@@ -7,13 +7,21 @@ from fx_bk.errors import raise_if_any
 from .build_joint import build_joint
 from .check_sample_independence import check_sample_independence
 from .emit_aux_outputs import emit_aux_outputs
+from .expand_broadcast_sites import expand_broadcast_sites
 from .find_sites import find_sites
 from .partition_joint import partition_joint
 from .plan_sites import plan_sites
 from .program import BKProgram, InputMeta, Site
 from .trace_model import trace_model
 
-ANALYSIS_PASSES = (trace_model, find_sites, plan_sites, emit_aux_outputs, check_sample_independence)
+ANALYSIS_PASSES = (
+    trace_model,
+    expand_broadcast_sites,
+    find_sites,
+    plan_sites,
+    emit_aux_outputs,
+    check_sample_independence,
+)
 BUILD_PASSES = (build_joint, partition_joint)
 
 __all__ = ["BKProgram", "InputMeta", "Site", "run_passes"]

@@ -84,12 +84,12 @@ def make_joint_function(prog: BKProgram):
             [o for o, _ in pairs], site_outs, [t for _, t in pairs],
             allow_unused=True, materialize_grads=True,
         ) if pairs else [torch.zeros_like(s) for s in site_outs]
+        batch = primals[batched_input].shape[0]
         values = [
-            SiteValues(s, {r: aux[i] for r, i in s.aux.items() if r != "out"}, g.detach())
+            SiteValues(s, {r: aux[i] for r, i in s.aux.items() if r != "out"}, g.detach(), batch)
             for s, g in zip(prog.sites, grads_out)
         ]
         groups = [([values[i] for i in grp], is_merged(prog, grp)) for grp in prog.groups]
-        batch = primals[batched_input].shape[0]
         grads, _ = clipped_gradients(groups, prog.config, batch)
         param_of = dict(zip(prog.param_names, primals[:n_p]))
         grads = [grads[n].to(param_of[n].dtype) for n in graded]

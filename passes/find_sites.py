@@ -7,6 +7,7 @@ an activation slot) is a problem reported with the op, parameter, module and sou
 
 from __future__ import annotations
 
+import sympy
 import torch
 from torch.fx.operator_schemas import normalize_function
 
@@ -14,6 +15,8 @@ from fx_bk.errors import Problem
 from fx_bk.rules import RULES, rule_for
 
 from .program import BKProgram, Site
+
+aten = torch.ops.aten
 
 
 def supported_ops() -> str:
@@ -63,6 +66,8 @@ def find_sites(prog: BKProgram) -> None:
         site = _make_site(node, rule, trainable, prog.mode.batch_symbol)
         if site is None:
             continue
+        if rule.folds_batch:
+            _unfold_batch(site, node, prog.mode.batch_symbol)
         claimed.update((p, node) for p in uses if trainable[p] in site.params.values())
         reason = _batch_layout_problem(site) or rule.validate(site)
         if reason:
@@ -110,6 +115,43 @@ def _batch_layout_problem(site: Site) -> str | None:
     return None
 
 
+_VIEWS = {aten.view.default, aten.reshape.default, aten._unsafe_view.default,
+          aten.flatten.using_ints}
+
+
+def _unfold_batch(site: Site, node: torch.fx.Node, batch_symbol) -> None:
+    """``[B*k, d]`` -> logical ``("B", k, d)`` when the input is a row-major reshape of a tensor
+    whose dim 0 is the batch (so sample i owns rows ``i*k .. i*k+k-1``), for rules that accept
+    it; the op's output rows follow its input rows."""
+    if "input" not in site.tensor_args:
+        return
+    src = next(a for a in node.all_input_nodes if a.name == site.tensor_args["input"])
+    rows = src.meta["val"].shape[0] if src.meta["val"].dim() else None
+    if not isinstance(rows, torch.SymInt) or rows.node.expr == batch_symbol:
+        return
+    k = sympy.simplify(rows.node.expr / batch_symbol)
+    if not k.is_Integer or not _reshaped_from_batch(src, int(k), batch_symbol):
+        return
+    folded = site.shapes["input"][0]
+    for role in ("input", "out"):
+        if site.shapes[role][0] == folded:
+            site.shapes[role] = ("B", int(k), *site.shapes[role][1:])
+
+
+def _reshaped_from_batch(node: torch.fx.Node, k: int, batch_symbol) -> bool:
+    while node.op == "call_function" and node.target in _VIEWS:
+        node = node.args[0]
+        shape = _shape(node.meta.get("val"), batch_symbol)
+        if shape and shape[0] == "B":
+            prefix = 1
+            for d in shape[1:]:
+                if prefix == k or not isinstance(d, int):
+                    break
+                prefix *= d
+            return prefix == k
+    return False
+
+
 def _make_site(node, rule, trainable, batch_symbol) -> Site | None:
     norm = normalize_function(
         node.target, node.args, node.kwargs, normalize_to_only_use_kwargs=True
@@ -117,7 +159,9 @@ def _make_site(node, rule, trainable, batch_symbol) -> Site | None:
     kwargs = norm.kwargs if norm is not None else {}
     params, tensor_args, const_args = {}, {}, {}
     shapes = {"out": _shape(node.meta.get("val"), batch_symbol)}
-    for key, value in kwargs.items():
+    roles = rule.roles(node.target)
+    for name, value in kwargs.items():
+        key = roles.get(name, name)
         if isinstance(value, torch.fx.Node):
             shapes[key] = _shape(value.meta.get("val"), batch_symbol)
             if key in rule.param_args and value in trainable:

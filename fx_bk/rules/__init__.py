@@ -52,6 +52,7 @@ class SiteValues:
     site: Site
     tensors: dict[str, torch.Tensor]  # role -> activation tensor (e.g. "input")
     grad: torch.Tensor  # dL/ds, same shape as the op's output
+    batch: object  # the batch size (a SymInt while tracing)
 
 
 def accumulation_dtype(t: torch.Tensor) -> torch.dtype:
@@ -96,6 +97,11 @@ class Rule:
     param_args: tuple[str, ...] = ()  # schema argument names that may hold a parameter
     tensor_args: tuple[str, ...] = ()  # schema argument names whose values the rule needs
     strategies = "instantiated"  # one line for the README's supported-op table
+    folds_batch = False  # accepts tensors whose dim 0 folds the batch with positions [B*T, ...]
+
+    def roles(self, op) -> dict[str, str]:
+        """Schema argument name -> role name used by this rule (default: the same)."""
+        return {}
 
     def validate(self, site: Site) -> str | None:
         """A reason this site cannot be handled (e.g. sparse embedding), or None."""

@@ -32,6 +32,8 @@ def _positions(shape) -> int:
 @register_rule(aten.linear.default)
 class LinearRule(Rule):
     name = "linear"
+    transposed_weight = False  # W: [p, d]; the matmul rule's W is [d, p]
+    folds_batch = True
     param_args = ("weight", "bias")
     strategies = "rank-one (T=1), ghost or instantiated, by FLOPs per site; bias instantiated"
     tensor_args = ("input",)
@@ -56,11 +58,9 @@ class LinearRule(Rule):
 
     @staticmethod
     def _flat(values: list[SiteValues]):
-        """Concatenate every site's positions: a [B, T, d], g [B, T, p]."""
-        a = [v.tensors["input"] for v in values]
-        g = [v.grad for v in values]
-        a = [x.reshape(x.shape[0], -1, x.shape[-1]) for x in a]
-        g = [x.reshape(x.shape[0], -1, x.shape[-1]) for x in g]
+        """Concatenate every site's positions: a [B, T, d], g [B, T, p] (also from [B*T, d])."""
+        a = [v.tensors["input"].reshape(v.batch, -1, v.tensors["input"].shape[-1]) for v in values]
+        g = [v.grad.reshape(v.batch, -1, v.grad.shape[-1]) for v in values]
         if len(values) == 1:
             return a[0], g[0]
         return torch.cat(a, 1), torch.cat(g, 1)
@@ -78,7 +78,7 @@ class LinearRule(Rule):
             gg = torch.bmm(g, g.transpose(1, 2)).to(acc)  # [B, T, T]
             norm = (aa * gg).sum((1, 2))
         elif strategy == "instantiate":
-            state["G"] = torch.bmm(g.transpose(1, 2), a)  # [B, p, d]
+            state["G"] = self._per_sample_weight(a, g)  # [B, p, d]
             norm = squared_norm(state["G"])
         state["bias"] = self._bias_grads(values)
         for bg in state["bias"].values():
@@ -92,8 +92,7 @@ class LinearRule(Rule):
             name = v.site.params.get("bias")
             if name is None:
                 continue
-            g = v.grad
-            b = g.reshape(g.shape[0], -1, g.shape[-1]).sum(1)  # [B, p]
+            b = v.grad.reshape(v.batch, -1, v.grad.shape[-1]).sum(1)  # [B, p]
             out[name] = out[name] + b if name in out else b
         return out
 
@@ -106,13 +105,45 @@ class LinearRule(Rule):
             grads[weight] = weighted_sum(c, state["G"])
         else:
             a, g = state["a"], state["g"]
-            cg = g * c.to(g.dtype)[:, None, None]  # [B, T, p]
-            grads[weight] = cg.reshape(-1, g.shape[-1]).t() @ a.reshape(-1, a.shape[-1])
+            cg = (g * c.to(g.dtype)[:, None, None]).reshape(-1, g.shape[-1])  # [B T, p]
+            a = a.reshape(-1, a.shape[-1])  # [B T, d]
+            grads[weight] = a.t() @ cg if self.transposed_weight else cg.t() @ a
         return grads
+
+    def _per_sample_weight(self, a, g):
+        """``G_i = g_i^T a_i``: [B, p, d] (or ``a_i^T g_i``: [B, d, p] for ``x @ W``)."""
+        if self.transposed_weight:
+            return torch.bmm(a.transpose(1, 2), g)
+        return torch.bmm(g.transpose(1, 2), a)
 
     def per_sample_grads(self, value):
         a, g = self._flat([value])
         out = {n: b for n, b in self._bias_grads([value]).items()}
         if "weight" in value.site.params:
-            out[value.site.params["weight"]] = torch.bmm(g.transpose(1, 2), a)
+            out[value.site.params["weight"]] = self._per_sample_weight(a, g)
         return out
+
+
+@register_rule(aten.addmm.default, aten.mm.default, aten.matmul.default)
+class MatmulRule(LinearRule):
+    """A bare parameter as the right operand: ``x @ W``, ``mm(x, W)``, ``addmm(b, x, W)``
+    (Hugging Face ``Conv1D``), ``W: [d, p]``: the Linear formulas with ``G_i = a_i^T g_i``."""
+
+    name = "matmul"
+    transposed_weight = True
+    strategies = "as linear, for `x @ W` with the parameter on the right (HF Conv1D)"
+    _ROLES = {
+        aten.addmm.default: {"input": "bias", "mat1": "input", "mat2": "weight"},
+        aten.mm.default: {"mat2": "weight"},
+        aten.matmul.default: {"other": "weight"},
+    }
+
+    def roles(self, op):
+        return self._ROLES[op]
+
+    def validate(self, site):
+        if len(site.shapes.get("weight", (0, 0))) != 2:
+            return "only a 2-D parameter on the right of a matmul is supported"
+        if site.const_args.get("beta", 1) != 1 or site.const_args.get("alpha", 1) != 1:
+            return "addmm with beta or alpha other than 1 is not supported"
+        return None

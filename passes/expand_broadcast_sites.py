@@ -1,0 +1,102 @@
+"""Pass 2a: give the batch dim to sites whose output is broadcast over the batch.
+
+``wpe(position_ids)`` with ``position_ids: [1, T]`` (Hugging Face GPT-2, BERT) or ``[T]`` yields a
+``[1, T, d]`` / ``[T, d]`` output that a later ``add`` broadcasts over the batch. At the op
+itself the samples are not separable (autograd would sum their gradients), so the op's
+non-batched tensor arguments are expanded to ``[B, ...]``: its output becomes ``[B, T, d]``,
+identical to what the broadcast produced. Only done when every user of the output is an
+elementwise add/sub/mul whose output shape stays exactly the same (checked by re-propagating
+shapes); otherwise ``find_sites`` reports the site.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch.fx.passes.fake_tensor_prop import FakeTensorProp
+
+from fx_bk.rules import rule_for
+
+from .program import BKProgram
+
+aten = torch.ops.aten
+_BROADCASTING = {aten.add.Tensor, aten.sub.Tensor, aten.mul.Tensor}
+# shape-preserving, per-element and deterministic: what passes through them is unchanged
+_PASSTHROUGH = {aten.to.dtype_layout, aten.to.dtype, aten.to.device, aten._to_copy.default,
+                aten.alias.default, aten.clone.default, aten.contiguous.default}
+
+
+def _final_users(node) -> list:
+    """The users of ``node``, looking through pass-through ops (``.to(device)``, ``alias``…)."""
+    out = []
+    for user in node.users:
+        out.extend(_final_users(user) if user.target in _PASSTHROUGH else [user])
+    return out
+
+
+def _is_batched(node, sym) -> bool:
+    val = node.meta.get("val")
+    return isinstance(val, torch.Tensor) and any(
+        isinstance(d, torch.SymInt) and sym in d.node.expr.free_symbols for d in val.shape
+    )
+
+
+def _candidates(prog: BKProgram, trainable: set):
+    sym = prog.mode.batch_symbol
+    for node in prog.forward_graph.graph.nodes:
+        rule = rule_for(node.target) if node.op == "call_function" else None
+        if rule is None or not any(a in trainable for a in node.all_input_nodes):
+            continue
+        if _is_batched(node, sym) or not node.users:
+            continue
+        users = _final_users(node)
+        if users and all(u.target in _BROADCASTING and _is_batched(u, sym) for u in users):
+            yield node, rule
+
+
+def expand_broadcast_sites(prog: BKProgram) -> None:
+    sym = prog.mode.batch_symbol
+    if sym is None:
+        return
+    placeholders = prog.placeholders()
+    trainable = {placeholders[i] for i, t in enumerate(prog.trainable) if t}
+    batched = placeholders[len(prog.param_names) + len(prog.buffer_names) + next(
+        i for i, m in enumerate(prog.inputs) if m.batched)]
+    graph = prog.forward_graph.graph
+    before = {n: tuple(n.meta["val"].shape) for n in graph.nodes
+              if isinstance(n.meta.get("val"), torch.Tensor)}
+    changed = []
+    for node, rule in list(_candidates(prog, trainable)):
+        user_rank = min(u.meta["val"].dim() for u in _final_users(node))
+        lead = user_rank - node.meta["val"].dim()  # 1: [T, d] -> [B, T, d]; 0: [1, T, d]
+        if lead not in (0, 1):
+            continue
+        with graph.inserting_before(node):
+            batch = graph.call_function(aten.sym_size.int, (batched, 0))
+            for arg in node.all_input_nodes:
+                if arg in trainable or arg not in _tensor_args(node, rule):
+                    continue
+                shape = list(arg.meta["val"].shape)
+                src = graph.call_function(aten.unsqueeze.default, (arg, 0)) if lead else arg
+                size = [batch, *(shape if lead else shape[1:])]
+                node.replace_input_with(arg, graph.call_function(aten.expand.default, (src, size)))
+        changed.append(node)
+    if not changed:
+        return
+    prog.forward_graph.recompile()
+    FakeTensorProp(prog.forward_graph, prog.mode.fake_mode).propagate_dont_convert_inputs(
+        *prog.fake_inputs
+    )
+    for node in changed:
+        for user in _final_users(node):
+            if tuple(user.meta["val"].shape) != before[user]:
+                raise AssertionError(f"fx_bk: expanding {node} changed {user}'s shape")
+
+
+def _tensor_args(node, rule) -> set:
+    from torch.fx.operator_schemas import normalize_function
+
+    norm = normalize_function(node.target, node.args, node.kwargs,
+                              normalize_to_only_use_kwargs=True)
+    roles = rule.roles(node.target)
+    return {v for k, v in norm.kwargs.items()
+            if isinstance(v, torch.fx.Node) and roles.get(k, k) in rule.tensor_args}

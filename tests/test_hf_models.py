@@ -1,0 +1,92 @@
+"""Hugging Face models built from configs (no downloads), unmodified, vs a per-sample loop."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import fx_bk
+from tests.oracles import max_rel_err
+
+transformers = pytest.importorskip("transformers")
+transformers.logging.set_verbosity_error()
+
+
+def gpt2():
+    cfg = transformers.GPT2Config(
+        n_layer=2, n_embd=32, n_head=2, vocab_size=50, n_positions=16, resid_pdrop=0.0,
+        embd_pdrop=0.0, attn_pdrop=0.0, use_cache=False, bos_token_id=0, eos_token_id=0,
+    )
+    model = transformers.GPT2LMHeadModel(cfg)
+    assert model.lm_head.weight is model.transformer.wte.weight  # tied
+
+    def loss(out, x):  # next-token loss, mean over positions: one number per sample
+        logits = out.logits[:, :-1]
+        return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), x[:, 1:].reshape(-1),
+                               reduction="none").view(x.shape[0], -1).mean(1)
+
+    return model, lambda g, b: torch.randint(0, 50, (b, 8), generator=g), loss
+
+
+def bert():
+    cfg = transformers.BertConfig(
+        vocab_size=60, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+        intermediate_size=64, max_position_embeddings=16, hidden_dropout_prob=0.0,
+        attention_probs_dropout_prob=0.0, num_labels=3,
+    )
+    model = transformers.BertForSequenceClassification(cfg)
+    return (model, lambda g, b: torch.randint(1, 60, (b, 7), generator=g),  # label: x[:, 0] % 3
+            lambda out, x: F.cross_entropy(out.logits, x[:, 0] % 3, reduction="none"))
+
+
+def vit():
+    cfg = transformers.ViTConfig(
+        image_size=8, patch_size=4, num_channels=3, hidden_size=32, num_hidden_layers=2,
+        num_attention_heads=2, intermediate_size=64, hidden_dropout_prob=0.0,
+        attention_probs_dropout_prob=0.0, num_labels=3,
+    )
+    model = transformers.ViTForImageClassification(cfg)
+
+    def label(x):  # a function of the sample itself
+        return (x[:, 0, 0, :3] > 0).long().sum(1) % 3
+
+    return (model, lambda g, b: torch.randn(b, 3, 8, 8, generator=g),
+            lambda out, x: F.cross_entropy(out.logits, label(x), reduction="none"))
+
+
+def loop_clipped_sum(model, x, per_sample_loss, norm):
+    """Explicit per-sample oracle: one forward/backward per sample."""
+    params = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    total = {n: torch.zeros_like(p) for n, p in params}
+    for i in range(x.shape[0]):
+        grads = torch.autograd.grad(per_sample_loss(model(x[i : i + 1]), x[i : i + 1]).sum(),
+                                    [p for _, p in params])
+        c = min(1.0, norm / (torch.sqrt(sum(g.pow(2).sum() for g in grads)).item() + 1e-6))
+        for (n, _), g in zip(params, grads):
+            total[n] += c * g
+    return total
+
+
+@pytest.mark.parametrize("build", [gpt2, bert, vit], ids=["gpt2", "bert", "vit"])
+@pytest.mark.parametrize("compiled", [False, True], ids=["eager", "compiled"])
+def test_hf_model_matches_per_sample_loop(build, compiled):
+    torch.manual_seed(0)
+    model, make_input, per_sample_loss = build()
+    model.eval()  # dropout off (rates are 0 anyway) for the comparison
+    model = model.double() if not compiled else model
+    tol = 1e-5 if compiled else 1e-10
+    norm = 0.05
+    bk = fx_bk.transform(model, max_grad_norm=norm)
+    if compiled:
+        bk = torch.compile(bk, fullgraph=True)
+    for b in (1, 5):
+        x = make_input(torch.Generator().manual_seed(b), b)
+        if x.is_floating_point():
+            x = x.to(next(model.parameters()).dtype)
+        model.zero_grad(set_to_none=True)
+        per_sample_loss(bk(x), x).mean().backward()
+        got = {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
+        ref = loop_clipped_sum(model, x, per_sample_loss, norm)
+        err = max_rel_err(got, ref)
+        assert err <= tol, f"{build.__name__} B={b}: rel err {err:.2e}"
