@@ -10,6 +10,7 @@ from __future__ import annotations
 from .api import transform
 from .config import BKConfig
 from .errors import ConfigError, FxBkError, Problem, UnsupportedModelError
+from .explain import explain
 
 __all__ = [
     "BKConfig",
@@ -17,6 +18,7 @@ __all__ = [
     "FxBkError",
     "Problem",
     "UnsupportedModelError",
+    "explain",
     "transform",
 ]
 __version__ = "0.1.0"

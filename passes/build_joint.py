@@ -1,4 +1,4 @@
-"""Pass 6: trace the joint graph: forward, output gradients, per-sample norms, clipped grads.
+"""Pass 7: trace the joint graph: forward, output gradients, per-sample norms, clipped grads.
 
 ``joint(primals, tangents) -> (*outputs, *clipped_grads)`` where ``primals`` are the forward
 graph's inputs (params, buffers, tensor inputs) and ``tangents`` the gradients of the float

@@ -1,4 +1,4 @@
-"""Pass 5: check that no sample's values depend on another sample (DP's core assumption).
+"""Pass 6: check that no sample's values depend on another sample (DP's core assumption).
 
 BK assumes ``dL/ds_i`` is sample i's own gradient and that sample i's activations come from
 sample i alone. A forward that mixes samples (batch statistics, a reduction or softmax over dim 0,

@@ -1,4 +1,4 @@
-"""Pass 2a: give the batch dim to sites whose output is broadcast over the batch.
+"""Pass 2: give the batch dim to sites whose output is broadcast over the batch.
 
 ``wpe(position_ids)`` with ``position_ids: [1, T]`` (Hugging Face GPT-2, BERT) or ``[T]`` yields a
 ``[1, T, d]`` / ``[T, d]`` output that a later ``add`` broadcasts over the batch. At the op

@@ -1,4 +1,4 @@
-"""Pass 2: find every op that consumes a trainable parameter and give it a rule.
+"""Pass 3: find every op that consumes a trainable parameter and give it a rule.
 
 A trainable parameter must reach ops only as a parameter argument of an op that has a rule
 (``fx_bk.rules``); any other use (an op without a rule, a view of the parameter, the parameter in

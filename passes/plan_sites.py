@@ -1,4 +1,4 @@
-"""Pass 3: group sites that share a parameter and let each rule pick its strategy.
+"""Pass 4: group sites that share a parameter and let each rule pick its strategy.
 
 Sites sharing any trainable parameter (tied weights, a module called twice) form one *group*:
 the group's per-sample gradient is the sum over its sites, so its norm needs the cross terms.

@@ -121,3 +121,24 @@ def test_wrapper_forwards_attributes_and_checks_the_call_signature():
     assert bk.fc is model.fc and bk.training
     with pytest.raises(TypeError, match=r"KwargsModel.forward\(\) called through fx_bk"):
         bk(torch.randn(3, 4), torch.rand(3))  # scale is keyword-only
+
+
+def test_explain_lists_every_site_with_rule_strategy_and_cost():
+    from tests.models import TransformerStyle
+
+    model = TransformerStyle()
+    x, _ = batch_for("transformer", model, 4, seed=0)
+    report = fx_bk.explain(model, x)
+    rows = [[c.strip() for c in ln.strip("|").split("|")]
+            for ln in report.splitlines() if ln.startswith("| ") and "aten." in ln]
+    by_module = {r[2]: (r[1], r[5], r[6], int(r[7].replace(",", ""))) for r in rows}
+    assert by_module == {
+        "emb": ("aten.embedding.default", "embedding", "ghost", 7 * 7 * 16),
+        "ln1": ("aten.layer_norm.default", "layer_norm", "instantiate", 32),
+        "ln2": ("aten.layer_norm.default", "layer_norm", "instantiate", 32),
+        "qkv": ("aten.linear.default", "linear", "ghost", 7 * 7 * (16 + 48)),
+        "proj": ("aten.linear.default", "linear", "ghost", 7 * 7 * 32),
+        "fc1": ("aten.linear.default", "linear", "ghost", 7 * 7 * 48),
+        "fc2": ("aten.linear.default", "linear", "ghost", 7 * 7 * 48),
+        "head": ("aten.linear.default", "linear", "rank-one", 16 + 5),
+    }
