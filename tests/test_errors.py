@@ -195,8 +195,8 @@ def test_forward_branching_on_batch_size_gets_one_program_per_branch():
     assert len(bk.programs) == 2
 
 
-class BroadcastPositions(nn.Module):
-    """A positional embedding of arange(T): its output [T, d] has no batch dim."""
+class ReducedPositions(nn.Module):
+    """A positional lookup of arange(T) reduced over T before use: no per-sample view exists."""
 
     def __init__(self):
         super().__init__()
@@ -204,7 +204,7 @@ class BroadcastPositions(nn.Module):
         self.fc = nn.Linear(4, 2)
 
     def forward(self, x):  # [B, T, 4]
-        return self.fc(x + self.pos(torch.arange(x.shape[1]))).sum(1)
+        return self.fc(x + self.pos(torch.arange(x.shape[1])).mean(0)).sum(1)
 
 
 class SeqFirst(nn.Module):
@@ -219,10 +219,10 @@ class SeqFirst(nn.Module):
 @pytest.mark.parametrize(
     "model, match",
     [
-        (BroadcastPositions(), r"'pos.weight'.*'indices' has shape \[8\].*arange\(T\).expand"),
+        (ReducedPositions(), r"'pos.weight'.*'indices' has shape \[8\].*arange\(T\).expand"),
         (SeqFirst(), r"'fc.weight'.*argument 'input' has shape \[6, 'B', 4\]"),
     ],
-    ids=["broadcast-positions", "seq-first"],
+    ids=["reduced-positions", "seq-first"],
 )
 def test_site_without_leading_batch_dim_rejected(model, match):
     """Without the batch as dim 0 the rule cannot separate samples: reject, never guess."""

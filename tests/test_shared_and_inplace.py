@@ -73,3 +73,31 @@ def test_dynamic_true_new_sequence_length_retraces():
         got = fx_bk_grads(compiled, model, x, y, "mean")
         assert max_rel_err(got, vmap_clipped_sum(model, x, y, 0.5)) <= 1e-5
         F.cross_entropy(compiled(x), y)  # outputs usable as well
+
+
+class BroadcastPositions(nn.Module):
+    """Positional lookups broadcast over the batch: ``pos(arange(T))`` ([T, d]) and
+    ``pos2(position_ids)`` with ``position_ids: [1, T]`` (Hugging Face style), through ``.to``."""
+
+    def __init__(self):
+        super().__init__()
+        self.pos = nn.Embedding(8, 4)
+        self.pos2 = nn.Embedding(8, 4)
+        self.fc = nn.Linear(4, 3)
+
+    def forward(self, x):  # [B, T, 4]
+        t = torch.arange(x.shape[1])
+        h = x + self.pos(t)
+        h = h * self.pos2(t.unsqueeze(0)).to(x.device)
+        return self.fc(h).sum(1)
+
+
+def test_sites_broadcast_over_the_batch_get_per_sample_gradients():
+    model = BroadcastPositions().double()
+    bk = fx_bk.transform(model, max_grad_norm=0.1)
+    for b in (1, 8):  # 8 == T
+        x, y = torch.randn(b, 8, 4, dtype=torch.float64), torch.randint(0, 3, (b,))
+        got = fx_bk_grads(bk, model, x, y, "mean")
+        assert max_rel_err(got, vmap_clipped_sum(model, x, y, 0.1)) <= 1e-10
+    indices = [s.shapes["indices"] for s in bk.programs[0].prog.sites if s.rule.name == "embedding"]
+    assert indices == [("B", 8), ("B", 8)]
