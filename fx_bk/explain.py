@@ -31,7 +31,8 @@ def explain(model: torch.nn.Module, *args, **kwargs) -> str:
         shapes = "; ".join(f"{k}: {list(v)}" for k, v in site.shapes.items())
         rows.append(
             f"| {site.node} | {site.op} | {module} | {params} | {shapes} | {site.rule.name} | "
-            f"{site.strategy} | {site.cost:,} |"
+            f"{site.strategy}{f' + {site.group_note}' if site.group_note else ''} | "
+            f"{site.cost:,} |"
         )
     total = sum(s.cost for s in prog.sites)
     rows.append(f"\n{len(prog.sites)} sites, {total:,} multiply-adds per sample for the norms")

@@ -17,7 +17,6 @@ from fx_bk.clipping import clipped_gradients
 from fx_bk.errors import FxBkError
 from fx_bk.rules import SiteValues
 
-from .plan_sites import is_merged
 from .program import BKProgram
 
 
@@ -89,7 +88,8 @@ def make_joint_function(prog: BKProgram):
             SiteValues(s, {r: aux[i] for r, i in s.aux.items() if r != "out"}, g.detach(), batch)
             for s, g in zip(prog.sites, grads_out)
         ]
-        groups = [([values[i] for i in grp], is_merged(prog, grp)) for grp in prog.groups]
+        groups = [([values[i] for i in grp], handler)
+                  for grp, handler in zip(prog.groups, prog.group_handlers)]
         grads, _ = clipped_gradients(groups, prog.config, batch)
         param_of = dict(zip(prog.param_names, primals[:n_p]))
         grads = [grads[n].to(param_of[n].dtype) for n in graded]

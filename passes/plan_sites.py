@@ -2,14 +2,15 @@
 
 Sites sharing any trainable parameter (tied weights, a module called twice) form one *group*:
 the group's per-sample gradient is the sum over its sites, so its norm needs the cross terms.
-A group whose sites all have one rule that ``can_merge`` them is computed by that rule; any other
-group falls back to instantiating each site's per-sample gradients (``[B, *p.shape]``) and
-summing them (exact, but memory ``B * |p|``).
+A group whose sites all have one rule that ``can_merge`` them is computed by that rule; sites of
+different rules by a tie handler for that pair when one exists (embedding + linear: tied input and
+output embeddings); any other group by instantiating each site's per-sample gradients
+(``[B, *p.shape]``) and summing them (exact, but memory ``B * |p|``).
 """
 
 from __future__ import annotations
 
-from fx_bk.rules import plan_instantiated
+from fx_bk.rules import group_handler
 
 from .program import BKProgram
 
@@ -36,18 +37,11 @@ def group_sites(prog: BKProgram) -> list[list[int]]:
     return list(groups.values())
 
 
-def is_merged(prog: BKProgram, group: list[int]) -> bool:
-    sites = [prog.sites[i] for i in group]
-    rules = {s.rule for s in sites}
-    return len(rules) == 1 and sites[0].rule.can_merge(sites)
-
-
 def plan_sites(prog: BKProgram) -> None:
     prog.groups = group_sites(prog)
+    prog.group_handlers = []
     for group in prog.groups:
         sites = [prog.sites[i] for i in group]
-        if is_merged(prog, group):
-            sites[0].rule.plan(sites)
-        else:
-            plan_instantiated(sites, "instantiate (shared parameter)")
-
+        handler = group_handler(sites)
+        handler.plan(sites)
+        prog.group_handlers.append(handler)

@@ -57,6 +57,7 @@ class Site:
     shapes: dict[str, tuple]  # role/"out" -> shape with "B" for the batch dim
     strategy: str = ""  # chosen by the rule's plan(), e.g. "ghost" / "instantiate"
     cost: int = 0  # multiply-adds per sample of the chosen strategy
+    group_note: str = ""  # how a parameter shared with other sites is handled, if it is
     aux: dict[str, int] = field(default_factory=dict)  # role/"out" -> index among aux outputs
 
 
@@ -79,6 +80,7 @@ class BKProgram:
     fake_inputs: list[torch.Tensor] = field(default_factory=list)  # the forward graph's inputs
     sites: list[Site] = field(default_factory=list)
     groups: list[list[int]] = field(default_factory=list)  # site indices sharing parameters
+    group_handlers: list = field(default_factory=list)  # per group: computes norm and grads
     problems: list[Problem] = field(default_factory=list)
     num_aux_outputs: int = 0
     joint_graph: torch.fx.GraphModule | None = None

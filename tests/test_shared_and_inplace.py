@@ -13,7 +13,7 @@ from tests.oracles import fx_bk_grads, max_rel_err, vmap_clipped_sum
 class TiedLM(nn.Module):
     """Embedding and output projection share one [V, d] weight (GPT-2 style)."""
 
-    def __init__(self, vocab=11, d=6):
+    def __init__(self, vocab=64, d=6):
         super().__init__()
         self.emb = nn.Embedding(vocab, d)
         self.mix = nn.Linear(d, d)
@@ -47,11 +47,21 @@ def test_tied_embedding_and_linear_exact():
     model = TiedLM().double()
     bk = fx_bk.transform(model, max_grad_norm=0.05)
     for b in (1, 5):
-        x = torch.randint(0, 11, (b, 4))
-        y = torch.randint(0, 11, (b,))
+        x = torch.randint(0, 64, (b, 4))
+        x[0, :2] = 7  # a repeated token
+        y = torch.randint(0, 64, (b,))
         got = fx_bk_grads(bk, model, x, y, "mean")
         assert set(got) == {"emb.weight", "mix.weight", "mix.bias"}
         assert max_rel_err(got, vmap_clipped_sum(model, x, y, 0.05)) <= 1e-10
+    (compiled,) = bk.programs
+    tied = [s for s in compiled.prog.sites if s.params.get("weight") == "emb.weight"]
+    assert [s.group_note for s in tied] == ["tie cross term"] * 2
+    assert {s.strategy for s in tied} == {"ghost"}  # V = 64 >> T = 4
+    # no [B, V, d] per-sample gradient anywhere in the joint graph
+    for node in compiled.prog.joint_graph.graph.nodes:
+        val = node.meta.get("val")
+        if isinstance(val, torch.Tensor) and val.dim() == 3:
+            assert tuple(val.shape[1:]) != (64, 6), node
 
 
 def test_inplace_ops_after_sites_exact():

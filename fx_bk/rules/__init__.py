@@ -127,6 +127,39 @@ class Rule:
 
 
 
+class InstantiateShared:
+    """Group handler for a parameter shared by sites of different rules and no tie handler:
+    each site's per-sample gradients ``[B, *p.shape]`` are instantiated and summed (exact; memory
+    ``B * |p|``)."""
+
+    label = "instantiate (shared parameter)"
+
+    def plan(self, sites: list[Site]) -> None:
+        plan_instantiated(sites, self.label)
+
+    def norm_sq(self, values: list[SiteValues]):
+        per_sample: dict[str, torch.Tensor] = {}
+        for v in values:
+            for name, g in v.site.rule.per_sample_grads(v).items():
+                per_sample[name] = per_sample[name] + g if name in per_sample else g
+        return sum(squared_norm(g) for g in per_sample.values()), per_sample
+
+    def clipped_grads(self, values, state, c):
+        return {name: weighted_sum(c, g) for name, g in state.items()}
+
+
+TIE_HANDLERS: list = []  # handlers with matches(sites) for sites of different rules
+
+
+def group_handler(sites: list[Site]):
+    """What computes a parameter group's norm and clipped grads: the sites' rule when it can
+    merge them, else a tie handler for that combination, else :class:`InstantiateShared`."""
+    rules = {s.rule for s in sites}
+    if len(rules) == 1 and sites[0].rule.can_merge(sites):
+        return sites[0].rule
+    return next((t for t in TIE_HANDLERS if t.matches(sites)), InstantiateShared())
+
+
 def supported_ops_table() -> str:
     """The README's supported-op table, generated from the registry."""
     rows = ["| op family | aten ops | parameters | per-sample norm |", "|---|---|---|---|"]
@@ -138,4 +171,4 @@ def supported_ops_table() -> str:
 
 
 # Import the rule families so they register themselves.
-from . import broadcast, conv, embedding, layer_norm, linear, norms  # noqa: E402,F401
+from . import broadcast, conv, embedding, layer_norm, linear, norms, tied  # noqa: E402,F401

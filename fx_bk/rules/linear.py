@@ -22,7 +22,8 @@ from . import Rule, SiteValues, accumulation_dtype, register_rule, squared_norm,
 aten = torch.ops.aten
 
 
-def _positions(shape) -> int:
+def positions(shape) -> int:
+    """T: the positions of a ``[B, *, d]`` shape."""
     t = 1
     for s in shape[1:-1]:
         t *= s
@@ -44,7 +45,7 @@ class LinearRule(Rule):
 
     def plan(self, sites) -> None:
         p, d = sites[0].shapes["out"][-1], sites[0].shapes["input"][-1]
-        t = sum(_positions(s.shapes["input"]) for s in sites)
+        t = sum(positions(s.shapes["input"]) for s in sites)
         if "weight" not in sites[0].params:
             strategy, cost = "bias-only", t * p
         elif t == 1:

@@ -1,0 +1,72 @@
+"""Tied input/output embeddings: one weight ``W: [V, d]`` used by an embedding site (rows
+``x_t`` looked up, output grads ``e_t``) and linear sites (``W`` as the output projection,
+activations ``a_s``, logit grads ``l_s``; GPT-2's ``wte`` / ``lm_head``).
+
+The per-sample gradient is ``E_i + L_i``; its norm ``||E||^2 + ||L||^2 + 2<E, L>`` takes each
+rule's own norm plus the cross term, with no ``[B, V, d]`` tensor:
+
+    <E_i, L_i> = sum_{t,s} l_s[x_t] * <e_t, a_s>      cost T T' d  (+ a gather of T T' logits)
+
+(padding positions have ``e_t = 0``). The clipped gradient is the sum of both rules' clipped
+gradients.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from . import TIE_HANDLERS, accumulation_dtype
+from .linear import positions
+
+
+class EmbeddingLinearTie:
+    label = "tie cross term"
+
+    @staticmethod
+    def _split(items, site_of=lambda s: s):
+        emb = [i for i in items if site_of(i).rule.name == "embedding"]
+        lin = [i for i in items if site_of(i).rule.name == "linear"]
+        return emb, lin
+
+    def matches(self, sites) -> bool:
+        emb, lin = self._split(sites)
+        if len(emb) != 1 or not lin or len(emb) + len(lin) != len(sites):
+            return False
+        weight = emb[0].params.get("weight")
+        return all(s.params.get("weight") == weight for s in lin) and lin[0].rule.can_merge(lin)
+
+    def plan(self, sites) -> None:
+        emb, lin = self._split(sites)
+        emb[0].rule.plan(emb)
+        lin[0].rule.plan(lin)
+        t_emb = 1
+        for n in emb[0].shapes["indices"][1:]:
+            t_emb *= n
+        t_lin = sum(positions(s.shapes["input"]) for s in lin)
+        cross = t_emb * t_lin * emb[0].shapes["out"][-1]
+        for s in sites:  # the rules read s.strategy: the tie is noted beside it
+            s.group_note = self.label
+            s.cost += cross
+
+    def norm_sq(self, values):
+        (emb,), lin = self._split(values, lambda v: v.site)
+        n_emb, st_emb = emb.site.rule.norm_sq([emb])
+        n_lin, st_lin = lin[0].site.rule.norm_sq(lin)
+        x, e = st_emb  # [B, T], [B, T, d] (padding rows zeroed)
+        a, logits_grad = st_lin["a"], st_lin["g"]  # [B, T', d], [B, T', V]
+        acc = accumulation_dtype(e)
+        inner = torch.bmm(e, a.transpose(1, 2)).to(acc)  # [B, T, T']: <e_t, a_s>
+        rows = x.unsqueeze(-1).expand(-1, -1, a.shape[1])  # [B, T, T']
+        picked = torch.gather(logits_grad.transpose(1, 2), 1, rows).to(acc)  # l_s[x_t]
+        cross = (inner * picked).sum((1, 2))
+        return n_emb + n_lin + 2 * cross, (st_emb, st_lin)
+
+    def clipped_grads(self, values, state, c):
+        (emb,), lin = self._split(values, lambda v: v.site)
+        grads = emb.site.rule.clipped_grads([emb], state[0], c)
+        for name, g in lin[0].site.rule.clipped_grads(lin, state[1], c).items():
+            grads[name] = grads[name] + g if name in grads else g
+        return grads
+
+
+TIE_HANDLERS.append(EmbeddingLinearTie())
