@@ -116,40 +116,59 @@ def _batch_layout_problem(site: Site) -> str | None:
 
 
 _VIEWS = {aten.view.default, aten.reshape.default, aten._unsafe_view.default,
-          aten.flatten.using_ints}
+          aten.flatten.using_ints, aten.contiguous.default, aten.clone.default}
 
 
 def _unfold_batch(site: Site, node: torch.fx.Node, batch_symbol) -> None:
-    """``[B*k, d]`` -> logical ``("B", k, d)`` when the input is a row-major reshape of a tensor
-    whose dim 0 is the batch (so sample i owns rows ``i*k .. i*k+k-1``), for rules that accept
-    it; the op's output rows follow its input rows."""
-    if "input" not in site.tensor_args:
+    """For rules that accept it, read an input whose batch is not (only) dim 0 as batch-first.
+
+    * batch at dim k (``[T, B, d]``, e.g. ``nn.MultiheadAttention``): move it to dim 0;
+    * batch folded into dim 0 by a row-major reshape (``[B*T, d]`` from ``[B, T, d]``, HF
+      ``Conv1D``; ``[T*B, d]`` from ``[T, B, d]``): view dim 0 as the source's leading dims,
+      then move the batch to dim 0.
+    Sets ``site.batch_layout = (prefix, k, n_lead)``: a tensor ``t`` of the site is read as
+    ``t.reshape(*prefix, *t.shape[n_lead:]).movedim(k, 0)`` (``"B"`` in ``prefix`` = batch).
+    The op's output rows follow its input rows (row-wise ops only).
+    """
+    shape = site.shapes.get("input", ())
+    if "input" not in site.tensor_args or not shape:
         return
-    src = next(a for a in node.all_input_nodes if a.name == site.tensor_args["input"])
-    rows = src.meta["val"].shape[0] if src.meta["val"].dim() else None
-    if not isinstance(rows, torch.SymInt) or rows.node.expr == batch_symbol:
+    if shape[0] == "B" and "B" not in shape[1:]:
+        return  # already batch-first
+    if isinstance(shape[0], str) and shape[0] != "B":  # folded into dim 0
+        if any(isinstance(d, str) for d in shape[1:]):
+            return
+        src = next(a for a in node.all_input_nodes if a.name == site.tensor_args["input"])
+        prefix, n_lead = _fold_source(src, batch_symbol), 1
+    else:  # the batch at some dim k
+        if "B" not in shape or any(isinstance(d, str) and d != "B" for d in shape):
+            return
+        prefix, n_lead = shape[: shape.index("B") + 1], shape.index("B") + 1
+    if prefix is None or prefix.count("B") != 1:
         return
-    k = sympy.simplify(rows.node.expr / batch_symbol)
-    if not k.is_Integer or not _reshaped_from_batch(src, int(k), batch_symbol):
-        return
-    folded = site.shapes["input"][0]
+    site.batch_layout = (prefix, prefix.index("B"), n_lead)
+    positions = 1
+    for d in prefix:
+        positions *= 1 if d == "B" else d
     for role in ("input", "out"):
-        if site.shapes[role][0] == folded:
-            site.shapes[role] = ("B", int(k), *site.shapes[role][1:])
+        site.shapes[role] = ("B", positions, *site.shapes[role][n_lead:])
 
 
-def _reshaped_from_batch(node: torch.fx.Node, k: int, batch_symbol) -> bool:
+def _fold_source(node: torch.fx.Node, batch_symbol):
+    """Leading dims of the tensor a row-major reshape chain folded into ``folded``."""
+    target = node.meta["val"].shape[0].node.expr
     while node.op == "call_function" and node.target in _VIEWS:
         node = node.args[0]
         shape = _shape(node.meta.get("val"), batch_symbol)
-        if shape and shape[0] == "B":
-            prefix = 1
-            for d in shape[1:]:
-                if prefix == k or not isinstance(d, int):
-                    break
-                prefix *= d
-            return prefix == k
-    return False
+        if "B" in shape and not any(isinstance(d, str) and d != "B" for d in shape):
+            prod = 1
+            for m, d in enumerate(shape):
+                prod = prod * (batch_symbol if d == "B" else d)
+                if sympy.simplify(prod - target) == 0:
+                    prefix = shape[: m + 1]
+                    return prefix if "B" in prefix else None
+            return None
+    return None
 
 
 def _make_site(node, rule, trainable, batch_symbol) -> Site | None:

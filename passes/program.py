@@ -58,6 +58,7 @@ class Site:
     strategy: str = ""  # chosen by the rule's plan(), e.g. "ghost" / "instantiate"
     cost: int = 0  # multiply-adds per sample of the chosen strategy
     group_note: str = ""  # how a parameter shared with other sites is handled, if it is
+    batch_layout: tuple | None = None  # see find_sites._unfold_batch; None: batch-first
     aux: dict[str, int] = field(default_factory=dict)  # role/"out" -> index among aux outputs
 
 

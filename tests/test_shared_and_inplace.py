@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -111,3 +112,34 @@ def test_sites_broadcast_over_the_batch_get_per_sample_gradients():
         assert max_rel_err(got, vmap_clipped_sum(model, x, y, 0.1)) <= 1e-10
     indices = [s.shapes["indices"] for s in bk.programs[0].prog.sites if s.rule.name == "embedding"]
     assert indices == [("B", 8), ("B", 8)]
+
+
+class MHA(nn.Module):
+    """``nn.MultiheadAttention``: packed in_proj on ``[T, B, d]``, out_proj on ``[T*B, d]``."""
+
+    def __init__(self, batch_first: bool):
+        super().__init__()
+        self.batch_first = batch_first
+        self.mha = nn.MultiheadAttention(8, 2, batch_first=batch_first)
+        self.head = nn.Linear(8, 3)
+
+    def forward(self, x):  # [B, T, 8]
+        h = x if self.batch_first else x.transpose(0, 1)
+        o, _ = self.mha(h, h, h, need_weights=False)
+        o = o if self.batch_first else o.transpose(0, 1)
+        return self.head(o.mean(1))
+
+
+@pytest.mark.parametrize("batch_first", [True, False])
+@pytest.mark.parametrize("compiled", [False, True], ids=["eager", "compiled"])
+def test_multihead_attention(batch_first, compiled):
+    model = MHA(batch_first) if compiled else MHA(batch_first).double()
+    dtype = next(model.parameters()).dtype
+    bk = fx_bk.transform(model, max_grad_norm=0.1)
+    if compiled:
+        bk = torch.compile(bk, fullgraph=True)
+    for b in (1, 5):
+        x, y = torch.randn(b, 6, 8, dtype=dtype), torch.randint(0, 3, (b,))
+        got = fx_bk_grads(bk, model, x, y, "mean")
+        err = max_rel_err(got, vmap_clipped_sum(model, x, y, 0.1))
+        assert err <= (1e-5 if compiled else 1e-10), err

@@ -22,6 +22,16 @@ from . import Rule, SiteValues, accumulation_dtype, register_rule, squared_norm,
 aten = torch.ops.aten
 
 
+def batch_first(t: torch.Tensor, value: SiteValues) -> torch.Tensor:
+    """A site tensor as ``[B, T, last]`` (see ``site.batch_layout`` for other layouts)."""
+    layout = value.site.batch_layout
+    if layout is not None:
+        prefix, k, n_lead = layout
+        sizes = [value.batch if d == "B" else d for d in prefix]
+        t = t.reshape(*sizes, *t.shape[n_lead:]).movedim(k, 0)
+    return t.reshape(value.batch, -1, t.shape[-1])
+
+
 def positions(shape) -> int:
     """T: the positions of a ``[B, *, d]`` shape."""
     t = 1
@@ -60,8 +70,8 @@ class LinearRule(Rule):
     @staticmethod
     def _flat(values: list[SiteValues]):
         """Concatenate every site's positions: a [B, T, d], g [B, T, p] (also from [B*T, d])."""
-        a = [v.tensors["input"].reshape(v.batch, -1, v.tensors["input"].shape[-1]) for v in values]
-        g = [v.grad.reshape(v.batch, -1, v.grad.shape[-1]) for v in values]
+        a = [batch_first(v.tensors["input"], v) for v in values]
+        g = [batch_first(v.grad, v) for v in values]
         if len(values) == 1:
             return a[0], g[0]
         return torch.cat(a, 1), torch.cat(g, 1)
@@ -93,7 +103,7 @@ class LinearRule(Rule):
             name = v.site.params.get("bias")
             if name is None:
                 continue
-            b = v.grad.reshape(v.batch, -1, v.grad.shape[-1]).sum(1)  # [B, p]
+            b = batch_first(v.grad, v).sum(1)  # [B, p]
             out[name] = out[name] + b if name in out else b
         return out
 
