@@ -11,6 +11,7 @@ from .api import transform
 from .config import BKConfig
 from .errors import ConfigError, FxBkError, Problem, UnsupportedModelError
 from .explain import explain
+from .losses import sequence_cross_entropy
 
 __all__ = [
     "BKConfig",
@@ -19,6 +20,7 @@ __all__ = [
     "Problem",
     "UnsupportedModelError",
     "explain",
+    "sequence_cross_entropy",
     "transform",
 ]
 __version__ = "0.1.0"

@@ -235,8 +235,16 @@ def input_metas(inputs: list[torch.Tensor]):
 
 
 def _same_size(a, b) -> bool:
+    """Eager: equal ints. Under torch.compile Dynamo gives each input its own batch symbol
+    (``input_ids: [s0, T]``, ``labels: [s1]``): equal hints mean the same batch, and
+    ``torch._check`` makes that a guard (a call where they differ recompiles)."""
     if isinstance(a, torch.SymInt) or isinstance(b, torch.SymInt):
-        return statically_known_true(a == b)
+        if statically_known_true(a == b):
+            return True
+        if _hint(a) != _hint(b):
+            return False
+        torch._check(a == b)
+        return True
     return a == b
 
 

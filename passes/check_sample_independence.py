@@ -5,6 +5,14 @@ sample i alone. A forward that mixes samples (batch statistics, a reduction or s
 ``x - x.mean(0)``) breaks that silently, so at trace time the forward graph is run twice on a
 small real batch, the second time with sample 0 perturbed (same RNG state, so dropout masks
 agree); the first op at which another sample's value moves is reported.
+
+A loss computed inside the model (Hugging Face ``labels=``) is a reduction over the batch by
+design. Ops that reduce over the batch are accepted after the last site (in the "loss tail":
+no site reads them) when they produce a model output that is one number. That number must then
+be the ``loss_reduction`` of per-sample losses: on the example batch, the output must equal the
+mean (or sum) of the same output computed on each sample alone, dropout off. This catches a
+``sum``/``mean`` mismatch, a softmax over the batch, and a token mean over ``B*T`` whose padding
+differs between samples (its divisor, the batch's count of labelled tokens, couples samples).
 """
 
 from __future__ import annotations
@@ -17,6 +25,9 @@ from .find_sites import op_name, where
 from .program import BKProgram
 
 CHECK_BATCH = 3
+aten = torch.ops.aten
+_DROPOUTS = {aten.dropout.default, aten.feature_dropout.default, aten.alpha_dropout.default,
+             aten.feature_alpha_dropout.default}
 
 
 def _example_batch(prog: BKProgram) -> list[torch.Tensor]:
@@ -55,9 +66,15 @@ def _perturb_first_sample(x: torch.Tensor) -> torch.Tensor:
 
 
 class _Recorder(torch.fx.Interpreter):
-    def __init__(self, gm):
+    def __init__(self, gm, dropout: bool = True):
         super().__init__(gm)
         self.values: dict[torch.fx.Node, torch.Tensor] = {}
+        self.dropout = dropout
+
+    def call_function(self, target, args, kwargs):
+        if not self.dropout and target in _DROPOUTS:
+            return args[0].clone()
+        return super().call_function(target, args, kwargs)
 
     def run_node(self, n):
         out = super().run_node(n)
@@ -81,13 +98,26 @@ def _batch_dim(node: torch.fx.Node, symbol) -> int | None:
     return None if folded else -1
 
 
-def _run(prog, flat):
-    rec = _Recorder(prog.forward_graph)
+def _run(prog, flat, dropout: bool = True):
+    rec = _Recorder(prog.forward_graph, dropout)
     devices = [t.device for t in flat if t.device.type == "cuda"][:1]
     with torch.random.fork_rng(devices=devices), torch.no_grad():
         torch.manual_seed(0)
-        rec.run(*flat)
-    return rec.values
+        outs = rec.run(*flat)
+    return rec.values, outs
+
+
+def _site_ancestors(prog: BKProgram) -> set[torch.fx.Node]:
+    """Every node whose value reaches a site (the sites included)."""
+    by_name = {n.name: n for n in prog.forward_graph.graph.nodes}
+    todo = [by_name[s.node] for s in prog.sites]
+    seen = set(todo)
+    while todo:
+        for parent in todo.pop().all_input_nodes:
+            if parent not in seen:
+                seen.add(parent)
+                todo.append(parent)
+    return seen
 
 
 def _moved(a: torch.Tensor, b: torch.Tensor, dim: int) -> bool:
@@ -113,26 +143,99 @@ def check_sample_independence(prog: BKProgram) -> None:
     moved_inputs = [_perturb_first_sample(x) if m.batched else x
                     for x, m in zip(batch, prog.inputs)]
     try:
-        base = _run(prog, state + batch)
-        other = _run(prog, state + moved_inputs)
+        base, base_out = _run(prog, state + batch)
+        other, _ = _run(prog, state + moved_inputs)
     except Exception as e:  # noqa: BLE001 - report, never let a check crash silently
-        prog.problems.append(Problem(
-            "check-failed",
-            f"running the forward on a small example batch to check that samples do not mix "
-            f"failed ({type(e).__name__}: {e}); call the model once on real data first",
-        ))
+        prog.problems.append(_check_failed(e))
         return
     symbol = prog.mode.batch_symbol
+    feeds_sites = _site_ancestors(prog)
+    reduced: set[torch.fx.Node] = set()  # loss-tail values that no longer have a batch dim
     for node, value in base.items():
         if node.op == "placeholder" or node not in other:
             continue
         dim = _batch_dim(node, symbol)
-        if dim is not None and _moved(value, other[node], dim):
-            prog.problems.append(Problem(
-                "mixes-samples",
-                f"op {op_name(node)}{where(node)} mixes samples across the batch dimension: "
-                f"changing sample 0 changed the other samples' values. Per-sample clipping "
-                f"needs each sample's output to depend on that sample only: no batch statistics "
-                f"(BatchNorm -> GroupNorm/LayerNorm), no reductions or softmax over dim 0",
-            ))
-            return
+        if dim is None or not _moved(value, other[node], dim):
+            continue
+        if dim == -1 and node not in feeds_sites:
+            reduced.add(node)
+            continue
+        node = _first_reduction(node, reduced)
+        prog.problems.append(Problem(
+            "mixes-samples",
+            f"op {op_name(node)}{where(node)} mixes samples across the batch dimension: "
+            f"changing sample 0 changed the other samples' values. Per-sample clipping "
+            f"needs each sample's output to depend on that sample only: no batch statistics "
+            f"(BatchNorm -> GroupNorm/LayerNorm), no reductions or softmax over dim 0",
+        ))
+        return
+    outputs = list(prog.forward_graph.graph.output_node().args[0])[: prog.num_outputs]
+    for k, node in enumerate(outputs):
+        if node in reduced:
+            _check_batch_loss(prog, k, node, state, batch, base_out[k])
+
+
+def _first_reduction(node: torch.fx.Node, reduced: set) -> torch.fx.Node:
+    """The op to blame for ``node`` mixing samples: its earliest ancestor that reduced over the
+    batch (``h - h.mean(0)`` blames the mean), else ``node`` itself."""
+    seen, todo, found = {node}, [node], []
+    while todo:
+        for parent in todo.pop().all_input_nodes:
+            if parent not in seen:
+                seen.add(parent)
+                todo.append(parent)
+                if parent in reduced:
+                    found.append(parent)
+    order = {n: i for i, n in enumerate(node.graph.nodes)}
+    return min(found, key=order.__getitem__) if found else node
+
+
+def _check_failed(e: Exception) -> Problem:
+    return Problem(
+        "check-failed",
+        f"running the forward on a small example batch to check that samples do not mix "
+        f"failed ({type(e).__name__}: {e}); call the model once on real data first",
+    )
+
+
+def _check_batch_loss(prog, k, node, state, batch, value) -> None:
+    """Output ``k`` is reduced over the batch: accept it only as the ``loss_reduction`` of
+    per-sample losses (see the module docstring)."""
+    what = f"output {k} (op {op_name(node)}{where(node)})"
+    if value.numel() != 1 or not value.dtype.is_floating_point:
+        prog.problems.append(Problem(
+            "mixes-samples",
+            f"{what} is reduced over the batch but is not a scalar loss: return per-sample "
+            f"values (batch dim first) and reduce them in the loss",
+        ))
+        return
+    n = batch[next(i for i, m in enumerate(prog.inputs) if m.batched)].shape[0]
+    try:
+        whole = _run(prog, state + batch, dropout=False)[1][k].double()
+        alone = torch.stack([
+            _run(prog, state + [x[i : i + 1] if m.batched else x
+                                for x, m in zip(batch, prog.inputs)], dropout=False)[1][k]
+            for i in range(n)
+        ]).double().flatten()
+    except Exception as e:  # noqa: BLE001
+        prog.problems.append(_check_failed(e))
+        return
+    reduction = prog.config.loss_reduction
+    expected = alone.mean() if reduction == "mean" else alone.sum()
+    tol = 1e-4 * max(alone.abs().max().item(), whole.abs().item()) + 1e-12
+    if abs(whole.item() - expected.item()) <= tol:
+        return
+    other = "sum" if reduction == "mean" else "mean"
+    hint = (f"it is the {other} of them: pass loss_reduction={other!r} to fx_bk.transform"
+            if abs(whole.item() - (alone.sum() if other == "sum" else alone.mean()).item()) <= tol
+            else "a token-level mean over B*T whose samples have different numbers of labelled "
+                 "tokens (padding) couples samples through its divisor, and so does any "
+                 "normalization over the batch; return logits and compute a per-sample loss "
+                 "outside the model with fx_bk.sequence_cross_entropy(logits, labels), then "
+                 ".mean()")
+    prog.problems.append(Problem(
+        "loss-not-per-sample",
+        f"{what} is a loss reduced over the batch, but on the example batch it is "
+        f"{whole.item():.6g}, not the {reduction} of the per-sample losses "
+        f"({expected.item():.6g}): {hint}",
+    ))

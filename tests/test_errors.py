@@ -232,3 +232,73 @@ def test_site_without_leading_batch_dim_rejected(model, match):
     for b in (5, t):  # B == T: a size coincidence must not hide the problem
         with pytest.raises(UnsupportedModelError, match=match):
             fx_bk.transform(model, max_grad_norm=1.0)(torch.randn(b, t, 4))
+
+
+class ReturnsBatchMean(nn.Module):
+    """A per-feature mean over the batch as an output: not a per-sample quantity."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(4, 3)
+
+    def forward(self, x):
+        return self.fc(x).mean(0)
+
+
+class LogSumExpLoss(nn.Module):
+    """Computes its own scalar loss, but not as a mean or sum of per-sample losses."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(4, 3)
+
+    def forward(self, x):
+        per_sample = self.fc(x).pow(2).sum(1)
+        return torch.logsumexp(per_sample, 0)
+
+
+class MeanLoss(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(4, 3)
+
+    def forward(self, x):
+        return self.fc(x).pow(2).sum(1).mean()
+
+
+@pytest.mark.parametrize(
+    "model, reduction, match",
+    [
+        (ReturnsBatchMean(), "mean", r"output 0 \(op aten.mean.*not a scalar loss"),
+        (LogSumExpLoss(), "mean", r"loss-not-per-sample.*not the mean of the per-sample"),
+        (MeanLoss(), "sum", r"it is the mean of them: pass loss_reduction='mean'"),
+    ],
+    ids=["vector-output", "logsumexp-loss", "reduction-mismatch"],
+)
+def test_batch_reduced_outputs_must_be_per_sample_losses(model, reduction, match):
+    bk = fx_bk.transform(model, max_grad_norm=1.0, loss_reduction=reduction)
+    with pytest.raises(UnsupportedModelError, match=match):
+        bk(torch.randn(5, 4))
+
+
+@pytest.mark.parametrize("reduction", ["mean", "sum"])
+def test_model_returning_its_loss_matches_the_oracle(reduction):
+    """A scalar loss computed inside the model is accepted as the loss_reduction of
+    per-sample losses: the clipped sum equals the vmap oracle's."""
+    from torch.func import functional_call, grad, vmap
+
+    torch.manual_seed(0)
+    model = MeanLoss().double()
+    if reduction == "sum":
+        model.forward = lambda x: model.fc(x).pow(2).sum(1).sum()
+    x = torch.randn(6, 4, dtype=torch.float64)
+    model.zero_grad()
+    fx_bk.transform(model, max_grad_norm=0.3, loss_reduction=reduction)(x).backward()
+    params = {n: p.detach() for n, p in model.named_parameters()}
+    g = vmap(grad(lambda p, xi: functional_call(model, p, (xi[None],))), in_dims=(None, 0))(
+        params, x)
+    norms = torch.sqrt(sum(v.flatten(1).pow(2).sum(1) for v in g.values()))
+    c = (0.3 / (norms + 1e-6)).clamp(max=1.0)
+    for n, p in model.named_parameters():
+        torch.testing.assert_close(p.grad, torch.einsum("b,b...->...", c, g[n]),
+                                   rtol=1e-10, atol=1e-12)

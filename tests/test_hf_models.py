@@ -55,13 +55,14 @@ def vit():
             lambda out, x: F.cross_entropy(out.logits, label(x), reduction="none"))
 
 
-def loop_clipped_sum(model, x, per_sample_loss, norm):
-    """Explicit per-sample oracle: one forward/backward per sample."""
+def loop_clipped_sum(model, x, per_sample_loss, norm, loss_of=None):
+    """Explicit per-sample oracle: one forward/backward per sample. The loss of sample ``xi`` is
+    ``loss_of(model, xi)``, by default ``per_sample_loss(model(xi), xi)``."""
+    loss_of = loss_of or (lambda m, xi: per_sample_loss(m(xi), xi).sum())
     params = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
     total = {n: torch.zeros_like(p) for n, p in params}
     for i in range(x.shape[0]):
-        grads = torch.autograd.grad(per_sample_loss(model(x[i : i + 1]), x[i : i + 1]).sum(),
-                                    [p for _, p in params])
+        grads = torch.autograd.grad(loss_of(model, x[i : i + 1]), [p for _, p in params])
         c = min(1.0, norm / (torch.sqrt(sum(g.pow(2).sum() for g in grads)).item() + 1e-6))
         for (n, _), g in zip(params, grads):
             total[n] += c * g
@@ -90,3 +91,75 @@ def test_hf_model_matches_per_sample_loop(build, compiled):
         ref = loop_clipped_sum(model, x, per_sample_loss, norm)
         err = max_rel_err(got, ref)
         assert err <= tol, f"{build.__name__} B={b}: rel err {err:.2e}"
+
+
+def _grads(model):
+    return {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
+
+
+@pytest.mark.parametrize("build", [gpt2, bert], ids=["gpt2", "bert"])
+@pytest.mark.parametrize("compiled", [False, True], ids=["eager", "compiled"])
+def test_model_computing_its_own_loss_from_labels(build, compiled):
+    """``model(x, labels=y).loss`` is a mean over the batch (GPT-2: over B*T tokens, which with
+    no padding is the mean over samples of each sample's token mean): loss_reduction="mean"."""
+    torch.manual_seed(0)
+    model, make_input, _ = build()
+    model.eval()
+    model = model.double() if not compiled else model
+    labels = (lambda x: x) if build is gpt2 else (lambda x: x[:, 0] % 3)
+    bk = fx_bk.transform(model, max_grad_norm=0.05)
+    if compiled:
+        bk = torch.compile(bk, fullgraph=True)
+    for b in (1, 5):
+        x = make_input(torch.Generator().manual_seed(b), b)
+        model.zero_grad(set_to_none=True)
+        bk(input_ids=x, labels=labels(x)).loss.backward()
+        ref = loop_clipped_sum(model, x, None, 0.05,
+                               loss_of=lambda m, xi: m(input_ids=xi, labels=labels(xi)).loss)
+        err = max_rel_err(_grads(model), ref)
+        # GPT-2's own loss casts the logits to float32 (transformers' ForCausalLMLoss), so in
+        # a float64 model it is float32-accurate only
+        tol = 1e-5 if compiled else 1e-10 if build is bert else 1e-6
+        assert err <= tol, f"B={b}: rel err {err:.2e}"
+
+
+def test_labels_loss_with_wrong_reduction_is_rejected():
+    model, make_input, _ = gpt2()
+    bk = fx_bk.transform(model.eval(), max_grad_norm=1.0, loss_reduction="sum")
+    x = make_input(torch.Generator().manual_seed(0), 4)
+    with pytest.raises(fx_bk.UnsupportedModelError, match="loss_reduction='mean'"):
+        bk(input_ids=x, labels=x)
+
+
+def test_token_mean_with_uneven_padding_is_rejected_and_the_per_sample_loss_is_exact():
+    """HF's token mean divides by the batch's labelled-token count: with padding that differs
+    between samples it couples them. fx_bk refuses it and points to sequence_cross_entropy,
+    which is exact against the per-sample loop."""
+    torch.manual_seed(0)
+    model, make_input, _ = gpt2()
+    model = model.eval().double()
+    x = make_input(torch.Generator().manual_seed(0), 4)
+    labels = x.clone()
+    labels[0, 5:] = -100
+    labels[2, 3:] = -100
+    with pytest.raises(fx_bk.UnsupportedModelError, match="sequence_cross_entropy"):
+        fx_bk.transform(model, max_grad_norm=0.05)(input_ids=x, labels=labels)
+
+    # the helper, per sample, is what Hugging Face computes for that sample alone
+    for i in range(4):
+        hf = model(input_ids=x[i : i + 1], labels=labels[i : i + 1]).loss
+        ours = fx_bk.sequence_cross_entropy(model(input_ids=x[i : i + 1]).logits,
+                                            labels[i : i + 1], shift=True)
+        assert torch.allclose(ours, hf.to(ours.dtype), rtol=1e-6)  # HF's loss is float32
+
+    bk = fx_bk.transform(model, max_grad_norm=0.05)
+    model.zero_grad(set_to_none=True)
+    fx_bk.sequence_cross_entropy(bk(input_ids=x).logits, labels, shift=True).mean().backward()
+    row = {tuple(r.tolist()): i for i, r in enumerate(x)}
+
+    def loss_of(m, xi):
+        i = row[tuple(xi[0].tolist())]
+        return fx_bk.sequence_cross_entropy(m(input_ids=xi).logits, labels[i : i + 1],
+                                            shift=True).sum()
+
+    assert max_rel_err(_grads(model), loop_clipped_sum(model, x, None, 0.05, loss_of)) <= 1e-10
