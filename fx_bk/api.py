@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import torch
 
 from .config import BKConfig
@@ -10,7 +12,12 @@ from .runtime import BKModule
 
 
 def transform(
-    model: torch.nn.Module, *, max_grad_norm: float, loss_reduction: str = "mean"
+    model: torch.nn.Module,
+    *,
+    max_grad_norm: float | Sequence[float],
+    loss_reduction: str = "mean",
+    clipping: str = "abadi",
+    clipping_style: str | Sequence[Sequence[str]] = "all-layer",
 ) -> BKModule:
     """Return a module whose backward leaves per-sample clipped gradient sums in ``p.grad``.
 
@@ -22,10 +29,22 @@ def transform(
     input signature serves every batch size). Problems that make per-sample clipping impossible
     (unsupported ops on trainable parameters, BatchNorm, ops mixing samples) are raised together,
     at ``transform`` or at the first call, before any gradient is produced.
+
+    ``clipping``: "abadi" (above), "automatic" (``C_i = R / (||grad l_i|| + 0.01)``) or "global"
+    (``C_i = 1`` if ``||grad l_i|| <= R`` else 0). ``clipping_style``: "all-layer" (one norm),
+    "per-layer" (one norm and bound per module that owns parameters) or a list of groups of
+    parameter names (``model.named_parameters()`` names), each with its own norm; then
+    ``max_grad_norm`` may be one bound per group.
     """
     if not isinstance(model, torch.nn.Module):
         raise ConfigError(f"model must be a torch.nn.Module, got {type(model).__name__}")
-    config = BKConfig(max_grad_norm=max_grad_norm, loss_reduction=loss_reduction)
+    config = BKConfig(
+        max_grad_norm=tuple(max_grad_norm) if isinstance(max_grad_norm, (list, tuple))
+        else max_grad_norm,
+        loss_reduction=loss_reduction,
+        clipping=clipping,
+        clip_groups=clip_groups(model, clipping_style),
+    )
     raise_if_any(check_module_tree(model))
     return BKModule(model, config)
 
@@ -48,3 +67,47 @@ def check_module_tree(model: torch.nn.Module) -> list[Problem]:
             f"nothing to train privately",
         ))
     return problems
+
+
+def clip_groups(model: torch.nn.Module, style) -> tuple[tuple[str, ...], ...] | None:
+    """Resolve ``clipping_style`` to a partition of the trainable parameter names."""
+    trainable = [n for n, p in model.named_parameters() if p.requires_grad]
+    if isinstance(style, str):
+        if style == "all-layer":
+            return None
+        if style == "per-layer":
+            by_module: dict[str, list[str]] = {}
+            for n in trainable:
+                by_module.setdefault(n.rpartition(".")[0], []).append(n)
+            return tuple(tuple(g) for g in by_module.values())
+        raise ConfigError(
+            f"clipping_style must be 'all-layer', 'per-layer' or a list of groups of parameter "
+            f"names, got {style!r}"
+        )
+    groups = tuple(tuple(g) for g in style)
+    seen: dict[str, int] = {}
+    for k, group in enumerate(groups):
+        if isinstance(group, str) or not group:
+            raise ConfigError(
+                f"clipping_style group {k} must be a non-empty list of parameter names, "
+                f"got {group!r}"
+            )
+        for n in group:
+            if n not in trainable:
+                raise ConfigError(
+                    f"clipping_style group {k} names {n!r}, which is not a trainable parameter "
+                    f"of {type(model).__name__} (names as in model.named_parameters())"
+                )
+            if n in seen:
+                raise ConfigError(
+                    f"parameter {n!r} is in clipping groups {seen[n]} and {k}; each trainable "
+                    f"parameter must be in exactly one group"
+                )
+            seen[n] = k
+    missing = [n for n in trainable if n not in seen]
+    if missing:
+        raise ConfigError(
+            f"trainable parameters {missing} are in no clipping group; add them to a group "
+            f"(or freeze them with requires_grad_(False))"
+        )
+    return groups

@@ -4,36 +4,51 @@ from __future__ import annotations
 
 import torch
 
-from .config import CLIP_EPS, BKConfig
+from .config import AUTOMATIC_GAMMA, CLIP_EPS, BKConfig
 from .rules import SiteValues
 
 
-def clip_factors(norm: torch.Tensor, max_grad_norm: float) -> torch.Tensor:
-    """Abadi et al. / Opacus: ``C_i = min(1, R / (||grad_i|| + 1e-6))``."""
-    return (max_grad_norm / (norm + CLIP_EPS)).clamp(max=1.0)
+def clip_factors(norm: torch.Tensor, max_grad_norm: float, clipping: str = "abadi"):
+    """``C_i`` from the per-sample norms ``[B]`` (see ``BKConfig.clipping``)."""
+    if clipping == "abadi":  # Abadi et al. / Opacus
+        return (max_grad_norm / (norm + CLIP_EPS)).clamp(max=1.0)
+    if clipping == "automatic":  # Bu et al., automatic clipping
+        return max_grad_norm / (norm + AUTOMATIC_GAMMA)
+    if clipping == "global":
+        return (norm <= max_grad_norm).to(norm.dtype)
+    raise ValueError(f"unknown clipping {clipping!r}")
 
 
 def clipped_gradients(
     groups: list[tuple[list[SiteValues], object]],
+    group_clip: list[int],
     config: BKConfig,
     batch,
 ) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
-    """Return ``{param: sum_i C_i grad_i}`` and the per-sample norms ``[B]``.
+    """Return ``{param: sum_i C_i grad_i}`` and the per-sample norms ``[B, K]`` (K clipping
+    groups; K = 1 for all-layer clipping).
 
-    ``groups``: (site values, handler) per parameter group (see ``rules.group_handler``).
-    The ``g`` in the site values is ``dL/ds``; with ``loss_reduction="mean"`` it carries
-    ``1/B``, so per-sample gradients are ``B *`` the ones computed from it.
+    ``groups``: (site values, handler) per parameter group (see ``rules.group_handler``);
+    ``group_clip``: the clipping group of each. The ``g`` in the site values is ``dL/ds``;
+    with ``loss_reduction="mean"`` it carries ``1/B``, so per-sample gradients are ``B *`` the
+    ones computed from it. Norms and clip factors are float32 at least.
     """
     scale = batch if config.loss_reduction == "mean" else 1
-    total = None
+    bounds = config.group_bounds
+    totals: list = [None] * len(bounds)
     states = []
-    for values, handler in groups:
+    for (values, handler), k in zip(groups, group_clip):
         norm_sq, state = handler.norm_sq(values)
         states.append(state)
-        total = norm_sq if total is None else total + norm_sq
-    norm = total.sqrt() * scale  # [B]
-    c = clip_factors(norm, config.max_grad_norm) * scale
+        totals[k] = norm_sq if totals[k] is None else totals[k] + norm_sq
+    ref = next(t for t in totals if t is not None)
+    norms = torch.stack([
+        (t if t is not None else torch.zeros_like(ref)).sqrt() * scale for t in totals
+    ], dim=1)  # [B, K]
+    c = torch.stack([
+        clip_factors(norms[:, k], r, config.clipping) for k, r in enumerate(bounds)
+    ], dim=1) * scale
     grads: dict[str, torch.Tensor] = {}
-    for (values, handler), state in zip(groups, states):
-        grads.update(handler.clipped_grads(values, state, c))
-    return grads, norm
+    for (values, handler), state, k in zip(groups, states, group_clip):
+        grads.update(handler.clipped_grads(values, state, c[:, k]))
+    return grads, norms

@@ -28,6 +28,7 @@ from ._torch_internals import (
 from .config import BKConfig
 from .errors import FxBkError
 from .layout import flatten, unflatten
+from .norm_record import forget, last_norms, record_norms
 
 
 class BKFunction(torch.autograd.Function):
@@ -104,6 +105,7 @@ class BKModule(torch.nn.Module):
         self._regions: dict = {}  # input signature -> _BatchRegions
         self._output_layouts: dict = {}  # (input layout, training) -> output layout
         self._bk_id = next(_ids)
+        weakref.finalize(self, forget, self._bk_id)
         _MODULES[self._bk_id] = self
 
     def __getattr__(self, name: str):
@@ -119,12 +121,31 @@ class BKModule(torch.nn.Module):
         buffers = [b for _, b in self._module.named_buffers()]
         leaves: list = []
         layout = flatten((args, kwargs), leaves)
+        if _batch_size(leaves) == 0:
+            return self._empty_batch_forward(args, kwargs)
         training = self._module.training
         flat_out = bk_graph_call(
             self._bk_id, layout, training, len(params), len(buffers), *params, *buffers, *leaves
         )
         out, _ = unflatten(self._output_layouts[(layout, training)], flat_out)
         return out
+
+    def _empty_batch_forward(self, args, kwargs):
+        """Poisson sampling yields empty batches: no sample, so the clipped sum is exactly zero
+        (the optimizer then adds only noise). The plain forward gives the output shapes; the
+        backward gives zero gradients whatever the loss (a mean over nothing is NaN)."""
+        trainable = [p for p in self._module.parameters() if p.requires_grad]
+        with torch.no_grad():
+            out = self._module(*args, **kwargs)
+        leaves: list = []
+        layout = flatten(out, leaves)
+        floats = [i for i, t in enumerate(leaves) if t.is_floating_point()]
+        k = 1 if self.bk_config.clip_groups is None else len(self.bk_config.clip_groups)
+        connected = _EmptyBatch.apply(self._bk_id, k, len(trainable), *trainable,
+                                      *[leaves[i] for i in floats])
+        for i, t in zip(floats, connected):
+            leaves[i] = t
+        return unflatten(layout, leaves)[0]
 
     def program_for(self, layout, training, params, buffers, inputs) -> CompiledProgram:
         """Look up or build the BK program for these inputs (batch size excluded)."""
@@ -157,6 +178,7 @@ class BKModule(torch.nn.Module):
                 buffer_names=[n for n, _ in module.named_buffers()],
                 input_layout=layout, inputs=metas,
                 example_inputs=[x.detach() for x in inputs] if real else None,
+                record_key=self._bk_id,
             )
             run_passes(prog)
             prog.example_inputs = None
@@ -172,6 +194,17 @@ class BKModule(torch.nn.Module):
                 f"{[str(g.expr) for g in prog.batch_guards]}); avoid code that branches on it"
             )
         return found
+
+    @property
+    def last_per_sample_norms(self) -> torch.Tensor | None:
+        """The per-sample gradient norms of the last backward, before clipping: ``[B]`` for
+        all-layer clipping, ``[B, K]`` with clipping groups (``bk_config.clip_groups`` order).
+        ``None`` before the first backward. For monitoring and adaptive clipping; note that
+        releasing statistics of unclipped norms is not covered by the DP guarantee."""
+        norms = last_norms(self._bk_id)
+        if norms is None or self.bk_config.clip_groups is not None:
+            return norms
+        return norms[:, 0]
 
     @property
     def programs(self) -> list[CompiledProgram]:
@@ -201,6 +234,29 @@ class _BatchRegions:
         self.guards.extend(compiled.prog.batch_guards)
         hint = compiled.prog.trace_batch
         self.programs[self._outcomes(hint)] = compiled
+
+
+def _batch_size(leaves: list):
+    return next((x.shape[0] for x in leaves if isinstance(x, torch.Tensor) and x.dim() > 0), None)
+
+
+class _EmptyBatch(torch.autograd.Function):
+    """Outputs of an empty batch, wired so that every trainable parameter gets a zero grad."""
+
+    @staticmethod
+    def forward(ctx, key, num_groups, n_params, *tensors):
+        ctx.save_for_backward(*tensors[:n_params])
+        ctx.key, ctx.num_groups = key, num_groups
+        return tuple(t.clone() for t in tensors[n_params:])
+
+    @staticmethod
+    def backward(ctx, *grads):
+        params = ctx.saved_tensors
+        zeros = [torch.zeros_like(p) for p in params]
+        if zeros:
+            empty = params[0].new_zeros((0, ctx.num_groups), dtype=torch.float32)
+            zeros[0] = zeros[0] + record_norms(empty, ctx.key).to(zeros[0].dtype)
+        return (None, None, None, *zeros, *[None] * len(grads))
 
 
 def _is_fake(t: torch.Tensor) -> bool:

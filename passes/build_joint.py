@@ -15,6 +15,7 @@ import torch
 from fx_bk._torch_internals import functionalize, make_fx
 from fx_bk.clipping import clipped_gradients
 from fx_bk.errors import FxBkError
+from fx_bk.norm_record import record_norms
 from fx_bk.rules import SiteValues
 
 from .program import BKProgram
@@ -90,9 +91,11 @@ def make_joint_function(prog: BKProgram):
         ]
         groups = [([values[i] for i in grp], handler)
                   for grp, handler in zip(prog.groups, prog.group_handlers)]
-        grads, _ = clipped_gradients(groups, prog.config, batch)
+        grads, norms = clipped_gradients(groups, prog.group_clip, prog.config, batch)
         param_of = dict(zip(prog.param_names, primals[:n_p]))
         grads = [grads[n].to(param_of[n].dtype) for n in graded]
+        if grads:  # the recorder's zero keeps it live (see fx_bk/norm_record.py)
+            grads[0] = grads[0] + record_norms(norms, prog.record_key).to(grads[0].dtype)
         return [o.detach() if isinstance(o, torch.Tensor) else o for o in outs] + grads
 
     prog.graded_params = graded

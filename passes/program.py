@@ -72,6 +72,7 @@ class BKProgram:
     input_layout: tuple
     inputs: list[InputMeta]
     example_inputs: list[torch.Tensor] | None = None  # real tensors of the first call, if real
+    record_key: int = 0  # where fx_bk.norm_record stores the last per-sample norms
     mode: Any = None  # _torch_internals.SymbolicBatchMode
     forward_graph: torch.fx.GraphModule | None = None  # params, buffers, inputs -> outputs
     output_layout: tuple | None = None
@@ -82,6 +83,7 @@ class BKProgram:
     sites: list[Site] = field(default_factory=list)
     groups: list[list[int]] = field(default_factory=list)  # site indices sharing parameters
     group_handlers: list = field(default_factory=list)  # per group: computes norm and grads
+    group_clip: list[int] = field(default_factory=list)  # per group: its clipping group
     problems: list[Problem] = field(default_factory=list)
     num_aux_outputs: int = 0
     joint_graph: torch.fx.GraphModule | None = None
