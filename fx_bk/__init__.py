@@ -12,11 +12,13 @@ from .config import BKConfig
 from .errors import ConfigError, FxBkError, Problem, UnsupportedModelError
 from .explain import explain
 from .losses import sequence_cross_entropy
+from .privacy_engine import PrivacyEngine
 
 __all__ = [
     "BKConfig",
     "ConfigError",
     "FxBkError",
+    "PrivacyEngine",
     "Problem",
     "UnsupportedModelError",
     "explain",
