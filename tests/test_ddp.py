@@ -1,0 +1,105 @@
+"""DistributedDataParallel over an fx_bk module: 2 processes, gloo, on this machine.
+
+DDP averages the ranks' clipped sums; with the engine's optimizer the update equals one process's
+on the concatenated batch, noise off; with noise on, every rank adds the same noise (one shared
+seed) scaled so that it is added once overall: the ranks stay identical and the noise in the
+update has the single-process standard deviation ``sigma R / E``.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+import torch.nn as nn
+from torch.utils.data import DataLoader, TensorDataset
+
+import fx_bk
+
+WORLD, N, R, SIGMA = 2, 64, 0.3, 0.8
+
+
+def _model():
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(30, 64), nn.Tanh(), nn.Linear(64, 5))
+
+
+def _data():
+    g = torch.Generator().manual_seed(1)
+    return torch.randn(N, 30, generator=g), torch.randint(0, 5, (N,), generator=g)
+
+
+def _private(model, sigma):
+    x, y = _data()
+    return fx_bk.PrivacyEngine().make_private(
+        module=model, optimizer=torch.optim.SGD(model.parameters(), lr=1.0),
+        data_loader=DataLoader(TensorDataset(x, y), batch_size=16), noise_multiplier=sigma,
+        max_grad_norm=R,
+    )
+
+
+def _worker(rank, init_file, out_dir):
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank,
+                            world_size=WORLD)
+    torch.set_num_threads(1)
+    x, y = _data()
+    mine = slice(rank * N // WORLD, (rank + 1) * N // WORLD)
+    results = {}
+    for sigma in (0.0, SIGMA):
+        model = _model()
+        module, opt, _ = _private(model, sigma)
+        ddp = nn.parallel.DistributedDataParallel(module)
+        opt.zero_grad()
+        nn.functional.cross_entropy(ddp(x[mine]), y[mine]).backward()
+        averaged = [p.grad.clone() for p in model.parameters()]
+        expected = opt.expected_batch_size
+        opt.step()
+        results[sigma] = {
+            "params": [p.detach().clone() for p in model.parameters()],
+            "grad_avg": averaged, "expected": expected,
+        }
+    torch.save(results, os.path.join(out_dir, f"rank{rank}.pt"))
+    dist.destroy_process_group()
+
+
+@pytest.fixture(scope="module")
+def ranks():
+    with tempfile.TemporaryDirectory() as tmp:
+        mp.start_processes(_worker, args=(os.path.join(tmp, "init"), tmp), nprocs=WORLD,
+                           start_method="spawn")
+        return [torch.load(os.path.join(tmp, f"rank{r}.pt")) for r in range(WORLD)]
+
+
+def _single_process(sigma):
+    model = _model()
+    module, opt, _ = _private(model, sigma)
+    x, y = _data()
+    opt.zero_grad()
+    nn.functional.cross_entropy(module(x), y).backward()
+    clipped = [p.grad.clone() for p in model.parameters()]
+    opt.step()
+    return model, clipped, opt.expected_batch_size
+
+
+def test_ddp_update_equals_one_process_on_the_whole_batch(ranks):
+    model, clipped, expected = _single_process(0.0)
+    for r in ranks:
+        assert r[0.0]["expected"] * WORLD == expected
+        for avg, full in zip(r[0.0]["grad_avg"], clipped):  # DDP averages the clipped sums
+            torch.testing.assert_close(avg * WORLD, full, rtol=1e-5, atol=1e-6)
+        for got, want in zip(r[0.0]["params"], model.parameters()):
+            torch.testing.assert_close(got, want.detach(), rtol=1e-5, atol=1e-6)
+
+
+def test_ddp_noise_added_once_overall(ranks):
+    noise_free = ranks[0][0.0]["params"]
+    for got, other in zip(ranks[0][SIGMA]["params"], ranks[1][SIGMA]["params"]):
+        assert torch.equal(got, other)  # the same noise on every rank
+    _, _, expected = _single_process(0.0)
+    noise = torch.cat([(a - b).flatten() for a, b in zip(noise_free, ranks[0][SIGMA]["params"])])
+    # update noise = N(0, (sigma R)^2) / E_total: once, not W times (W times: std * sqrt(W))
+    assert noise.std().item() == pytest.approx(SIGMA * R / expected, rel=0.05)
