@@ -72,8 +72,16 @@ class _Recorder(torch.fx.Interpreter):
         self.dropout = dropout
 
     def call_function(self, target, args, kwargs):
-        if not self.dropout and target in _DROPOUTS:
-            return args[0].clone()
+        if not self.dropout:
+            if target in _DROPOUTS:
+                return args[0].clone()
+            if target is aten.native_dropout.default:
+                return args[0].clone(), torch.ones_like(args[0], dtype=torch.bool)
+            if target is aten.scaled_dot_product_attention.default:  # attention dropout
+                if len(args) > 4:
+                    args = (*args[:4], 0.0, *args[5:])
+                else:
+                    kwargs = {**kwargs, "dropout_p": 0.0}
         return super().call_function(target, args, kwargs)
 
     def run_node(self, n):
