@@ -14,7 +14,7 @@ import torch
 
 from fx_bk._torch_internals import functionalize, make_fx
 from fx_bk.clipping import clipped_gradients
-from fx_bk.errors import FxBkError
+from fx_bk.errors import FxBkError, Problem, UnsupportedModelError
 from fx_bk.norm_record import record_norms
 from fx_bk.rules import SiteValues
 
@@ -42,6 +42,15 @@ def build_joint(prog: BKProgram) -> None:
     _name_placeholders(gm, len(prog.fake_inputs))
     sym = prog.mode.batch_symbol
     if prog.mode.shape_env.replace(sym) != sym:
+        fallback = [s for s in prog.sites if getattr(s.rule, "generic", False)]
+        if fallback:
+            raise UnsupportedModelError([Problem(
+                "unsupported-op",
+                f"op {s.op} (site {s.node}, parameters {sorted(s.params.values())}) has no "
+                f"dedicated per-sample rule, and the vmap(vjp) fallback tried for it (or for "
+                f"another fallback site) specializes the batch size; freeze its parameters or "
+                f"express the layer with a supported op",
+            ) for s in fallback])
         raise FxBkError(
             "fx_bk internal error: a per-sample rule specialized the batch size while tracing "
             "the joint graph; please report this with the model"

@@ -13,6 +13,7 @@ from torch.fx.operator_schemas import normalize_function
 
 from fx_bk.errors import Problem
 from fx_bk.rules import RULES, rule_for
+from fx_bk.rules.generic import GENERIC
 
 from .program import BKProgram, Site
 
@@ -20,7 +21,9 @@ aten = torch.ops.aten
 
 
 def supported_ops() -> str:
-    return ", ".join(sorted({r.name for r in RULES.values()}))
+    return (", ".join(sorted({r.name for r in RULES.values()}))
+            + "; other ops with one tensor output by the vmap(vjp) fallback, when the "
+              "per-sample gradient is small")
 
 
 def where(node: torch.fx.Node) -> str:
@@ -61,15 +64,17 @@ def find_sites(prog: BKProgram) -> None:
         if not uses:
             continue
         rule = rule_for(node.target)
+        if rule is None and GENERIC.accepts(node.target):
+            rule = GENERIC
         if rule is None:
             continue
         site = _make_site(node, rule, trainable, prog.mode.batch_symbol)
-        if site is None:
+        if site is None or (rule is GENERIC and not GENERIC.applies(site)):
             continue
         if rule.folds_batch:
             _unfold_batch(site, node, prog.mode.batch_symbol)
         claimed.update((p, node) for p in uses if trainable[p] in site.params.values())
-        reason = _batch_layout_problem(site) or rule.validate(site)
+        reason = (None if rule is GENERIC else _batch_layout_problem(site)) or rule.validate(site)
         if reason:
             prog.problems.append(Problem("unsupported-op", _describe(site, node, reason)))
         else:
@@ -179,13 +184,14 @@ def _make_site(node, rule, trainable, batch_symbol) -> Site | None:
     params, tensor_args, const_args = {}, {}, {}
     shapes = {"out": _shape(node.meta.get("val"), batch_symbol)}
     roles = rule.roles(node.target)
+    generic = rule is GENERIC  # every tensor argument may be a parameter, and is needed
     for name, value in kwargs.items():
         key = roles.get(name, name)
         if isinstance(value, torch.fx.Node):
             shapes[key] = _shape(value.meta.get("val"), batch_symbol)
-            if key in rule.param_args and value in trainable:
+            if (generic or key in rule.param_args) and value in trainable:
                 params[key] = trainable[value]
-            elif key in rule.tensor_args:
+            if generic or (key in rule.tensor_args and key not in params):
                 tensor_args[key] = value.name
         else:
             const_args[key] = value

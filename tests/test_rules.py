@@ -151,6 +151,10 @@ RULE_CASES = [
     RuleCase("bare-cls-token", lambda: Bare((1, 1, 5), _cls_token), 5, floats(3, 5), "expand",
              "instantiate"),
     RuleCase("rms_norm", lambda: nn.RMSNorm(5), 5, floats(3, 5), "rms_norm", "instantiate"),
+    RuleCase("fallback-prelu-channels", lambda: nn.PReLU(3), 5, floats(3, 5),
+             "any other op (fallback)", "vmap(vjp)"),
+    RuleCase("fallback-prelu-shared-slope", lambda: nn.PReLU(), 5, floats(4, 5),
+             "any other op (fallback)", "vmap(vjp)"),
     RuleCase("rms_norm-eps-2d-shape", lambda: nn.RMSNorm([2, 5], eps=1e-3), 5,
              floats(2, 5), "rms_norm", "instantiate"),
 ]

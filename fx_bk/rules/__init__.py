@@ -167,6 +167,10 @@ def supported_ops_table() -> str:
         ops = ", ".join(f"`{op}`" for op in rule.ops)
         params = ", ".join(rule.param_args)
         rows.append(f"| {rule.name} | {ops} | {params} | {rule.strategies} |")
+    from .generic import GENERIC
+
+    rows.append(f"| {GENERIC.name} | any functional aten op with one tensor output, batch at "
+                f"dim 0 | any tensor argument | {GENERIC.strategies} |")
     return "\n".join(rows)
 
 
