@@ -3,7 +3,9 @@
 All leading non-batch dims fold into T positions: ``a: [B, T, d]``, ``g: [B, T, p]``.
 
 * T = 1:        ``||G_i||^2 = ||a_i||^2 ||g_i||^2``   (G_i = g_i^T a_i is rank one)
-* ghost:        ``||G_i||^2 = sum(a_i a_i^T * g_i g_i^T)``   cost T^2 (d + p), memory B T^2
+* ghost:        ``||G_i||^2 = sum(a_i a_i^T * g_i g_i^T)``, by ``fx_bk::ghost_norm`` over block
+                pairs k <= l of the symmetric Gram matrices: cost ~T^2 (d + p) / 2,
+                memory B T block (``fx_bk/kernels/ghost_norm.py``; Triton on CUDA)
 * instantiate:  ``G_i = g_i^T a_i``, ``||G_i||^2 = sum G_i^2``  cost T p d,   memory B p d
 * clipped:      ``sum_i c_i G_i = (c g)^T a`` (one GEMM; ``einsum(c, G)`` when instantiated)
 * bias:         ``b_i = sum_t g_it``,  clipped ``c @ b``.
@@ -16,6 +18,8 @@ positions are concatenated along T, which gives the exact norm including the cro
 from __future__ import annotations
 
 import torch
+
+from fx_bk.kernels.ghost_norm import ghost_cost, ghost_norm
 
 from . import Rule, SiteValues, accumulation_dtype, register_rule, squared_norm, weighted_sum
 
@@ -60,8 +64,8 @@ class LinearRule(Rule):
             strategy, cost = "bias-only", t * p
         elif t == 1:
             strategy, cost = "rank-one", d + p
-        elif t * (d + p) < p * d:
-            strategy, cost = "ghost", t * t * (d + p)
+        elif ghost_cost(t, d, p) < t * p * d:
+            strategy, cost = "ghost", ghost_cost(t, d, p)
         else:
             strategy, cost = "instantiate", t * p * d
         for s in sites:
@@ -85,9 +89,7 @@ class LinearRule(Rule):
         if strategy == "rank-one":
             norm = a.to(acc).pow(2).sum((1, 2)) * g.to(acc).pow(2).sum((1, 2))
         elif strategy == "ghost":
-            aa = torch.bmm(a, a.transpose(1, 2)).to(acc)  # [B, T, T]
-            gg = torch.bmm(g, g.transpose(1, 2)).to(acc)  # [B, T, T]
-            norm = (aa * gg).sum((1, 2))
+            norm = ghost_norm(a.detach(), g.detach()).to(acc)
         elif strategy == "instantiate":
             state["G"] = self._per_sample_weight(a, g)  # [B, p, d]
             norm = squared_norm(state["G"])

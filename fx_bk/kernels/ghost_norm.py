@@ -1,0 +1,80 @@
+"""``fx_bk::ghost_norm``: per-sample ``||g_i^T a_i||_F^2`` without the ``[p, d]`` gradient.
+
+``a: [B, T, d]``, ``g: [B, T, p]`` -> ``[B]`` float32 (float64 for float64 inputs):
+
+    ||G_i||^2 = sum_{s,t} (a_is . a_it) (g_is . g_it) = sum(A_i * Q_i),  A = a a^T, Q = g g^T
+
+Both Gram matrices are symmetric, so with T cut into chunks of ``block`` positions only block
+pairs ``k <= l`` are computed, off-diagonal ones counted twice: about half the ghost FLOPs, and
+memory ``B * block * T`` instead of ``B * T^2``. Per block row ``k``:
+``2 * sum(A[k, k:] * Q[k, k:]) - sum(A[k, k] * Q[k, k])``.
+
+* CPU (and any device without Triton): that block-row loop in plain PyTorch.
+* CUDA with Triton: ``triton_ghost_norm.py``, one program per (sample, block pair k <= l) that
+  builds the two ``block x block`` Gram tiles in registers (looping over d and p) and adds its
+  weighted sum to the sample's norm: no Gram matrix ever reaches memory.
+
+A custom op with a fake implementation, so the joint graph and Inductor see one opaque call.
+"""
+
+from __future__ import annotations
+
+import torch
+
+DEFAULT_BLOCK = 64
+
+
+def _out_dtype(t: torch.Tensor) -> torch.dtype:
+    return torch.float64 if t.dtype == torch.float64 else torch.float32
+
+
+def ghost_norm_reference(a: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
+    """The unblocked formula (for tests): ``sum(a a^T * g g^T)`` per sample."""
+    acc = _out_dtype(a)
+    aa = torch.bmm(a.to(acc), a.to(acc).transpose(1, 2))
+    gg = torch.bmm(g.to(acc), g.to(acc).transpose(1, 2))
+    return (aa * gg).sum((1, 2))
+
+
+def ghost_norm_blocked(a: torch.Tensor, g: torch.Tensor, block: int = DEFAULT_BLOCK):
+    """Symmetric block rows in PyTorch ops (the CPU implementation)."""
+    acc = _out_dtype(a)
+    a, g = a.to(acc), g.to(acc)
+    t = a.shape[1]
+    total = a.new_zeros(a.shape[0])
+    for k in range(0, t, block):
+        ak, gk = a[:, k : k + block], g[:, k : k + block]
+        rows_a = torch.bmm(ak, a[:, k:].transpose(1, 2))  # [B, block, T - k]
+        rows_g = torch.bmm(gk, g[:, k:].transpose(1, 2))
+        prod = rows_a * rows_g
+        diag = prod[:, :, : ak.shape[1]].sum((1, 2))
+        total = total + 2 * prod.sum((1, 2)) - diag
+    return total
+
+
+@torch.library.custom_op("fx_bk::ghost_norm", mutates_args=())
+def ghost_norm(a: torch.Tensor, g: torch.Tensor, block: int = DEFAULT_BLOCK) -> torch.Tensor:
+    if a.is_cuda and _triton_available():
+        from .triton_ghost_norm import triton_ghost_norm
+
+        return triton_ghost_norm(a, g)
+    return ghost_norm_blocked(a, g, block)
+
+
+@ghost_norm.register_fake
+def _ghost_norm_fake(a, g, block=DEFAULT_BLOCK):
+    torch._check(a.shape[0] == g.shape[0] and a.shape[1] == g.shape[1])
+    return a.new_empty(a.shape[0], dtype=_out_dtype(a))
+
+
+def _triton_available() -> bool:
+    try:
+        import triton  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def ghost_cost(t: int, d: int, p: int, block: int = DEFAULT_BLOCK) -> int:
+    """Multiply-adds per sample of the blocked ghost norm: block rows k cover T - k columns."""
+    return sum(min(block, t - k) * (t - k) for k in range(0, t, block)) * (d + p)
