@@ -1,0 +1,75 @@
+"""fx_bk::ghost_norm: the blocked symmetric formula, the custom op's fake implementation, and
+the Triton kernel (run by Triton's interpreter on CPU, in a subprocess: TRITON_INTERPRET must be
+set before triton is imported)."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+
+from fx_bk.kernels.ghost_norm import (
+    ghost_cost,
+    ghost_norm,
+    ghost_norm_blocked,
+    ghost_norm_reference,
+)
+
+SHAPES = [(2, 1, 5, 3), (3, 7, 4, 6), (2, 64, 8, 8), (2, 65, 9, 5), (1, 130, 16, 3)]
+
+
+@pytest.mark.parametrize("shape", SHAPES, ids=[str(s) for s in SHAPES])
+@pytest.mark.parametrize("block", [1, 16, 64])
+def test_blocked_matches_full_gram(shape, block):
+    b, t, d, p = shape
+    g = torch.Generator().manual_seed(t)
+    a = torch.randn(b, t, d, generator=g, dtype=torch.float64)
+    q = torch.randn(b, t, p, generator=g, dtype=torch.float64)
+    want = ghost_norm_reference(a, q)
+    torch.testing.assert_close(ghost_norm_blocked(a, q, block), want, rtol=1e-12, atol=0)
+    # and it is the squared Frobenius norm of the per-sample gradient g_i^T a_i
+    torch.testing.assert_close(want, torch.bmm(q.transpose(1, 2), a).pow(2).sum((1, 2)))
+
+
+def test_custom_op_registration():
+    a, q = torch.randn(3, 10, 4), torch.randn(3, 10, 5)
+    torch.library.opcheck(torch.ops.fx_bk.ghost_norm.default, (a, q, 4))
+    assert ghost_norm(a, q).dtype == torch.float32
+    compiled = torch.compile(lambda a, q: ghost_norm(a, q) * 2, fullgraph=True, dynamic=True)
+    torch.testing.assert_close(compiled(a, q), 2 * ghost_norm_reference(a, q))
+
+
+def test_cost_is_about_half_the_full_gram_for_long_sequences():
+    full = 1024 * 1024 * (256 + 256)
+    assert ghost_cost(1024, 256, 256) / full == pytest.approx(0.5 + 64 / 2048, rel=1e-9)
+    assert ghost_cost(10, 3, 4) == 10 * 10 * 7  # one block: the whole Gram
+
+
+TRITON_CHECK = textwrap.dedent("""
+    import torch
+    from fx_bk.kernels.ghost_norm import ghost_norm_reference
+    from fx_bk.kernels.triton_ghost_norm import triton_ghost_norm
+    worst = 0.0
+    for b, t, d, p in [(2, 5, 7, 3), (3, 40, 33, 20), (1, 64, 16, 48), (2, 1, 8, 8)]:
+        g = torch.Generator().manual_seed(t)
+        a, q = torch.randn(b, t, d, generator=g), torch.randn(b, t, p, generator=g)
+        want = ghost_norm_reference(a.double(), q.double())
+        got = triton_ghost_norm(a, q).double()
+        worst = max(worst, ((got - want).abs().max() / want.abs().max()).item())
+    print(worst)
+""")
+
+
+def test_triton_kernel_under_interpreter():
+    import triton  # noqa: F401  (a test dependency: pyproject's [test] extra)
+
+    env = {**os.environ, "TRITON_INTERPRET": "1"}
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    out = subprocess.run([sys.executable, "-c", TRITON_CHECK], env=env, cwd=root,
+                         capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert float(out.stdout.strip().splitlines()[-1]) < 1e-6
