@@ -8,6 +8,14 @@ tracing. ``BKModule.forward`` therefore calls ``bk_graph_call``, which Dynamo ke
 looked up by signature or built outside any enclosing tracing (``escape_outer_tracing``); then
 ``BKFunction.apply`` runs them, and AOTAutograd traces through it, so Inductor sees plain aten
 ops of the forward and BK backward.
+
+NOTE [autocast]: a program is traced for one autocast state (enabled and dtype per device type
+of the params and inputs; ``fx_bk/autocast.py``), which is part of its cache key: the same module
+called with and without autocast builds two programs. Under torch.compile the key is read while
+AOTAutograd traces, and Dynamo's global-state guard (it includes the autocast state) makes a call
+under another state recompile, which reaches ``program_for`` again. The fw/bw graphs hold their
+casts explicitly, so ``BKFunction`` runs them with autocast off (a backward called inside
+autocast does not recast the float32 clipping).
 """
 
 from __future__ import annotations
@@ -20,6 +28,7 @@ import torch
 
 from passes import BKProgram, InputMeta, run_passes
 
+from . import autocast as amp
 from ._torch_internals import (
     disable_proxy_modes_tracing,
     escape_outer_tracing,
@@ -37,7 +46,8 @@ class BKFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, compiled, *primals):
         prog = compiled.prog
-        results = prog.fw_graph(*primals)
+        with amp.disabled(prog.autocast):
+            results = prog.fw_graph(*primals)
         n_out = prog.num_outputs
         outs, saved = results[:n_out], results[n_out:]
         tensors = [s for s in saved if isinstance(s, torch.Tensor)]
@@ -81,9 +91,10 @@ class CompiledProgram:
         self.num_primals = len(prog.param_names) + len(prog.buffer_names) + len(prog.inputs)
 
     def run_backward(self, saved, tangents):
-        return self.prog.bw_graph(
-            *[saved[i] for i in self.saved_order], *[tangents[k] for k in self.tangent_order]
-        )
+        with amp.disabled(self.prog.autocast):
+            return self.prog.bw_graph(
+                *[saved[i] for i in self.saved_order], *[tangents[k] for k in self.tangent_order]
+            )
 
     def primal_grads(self, grads):
         out = [None] * self.num_primals
@@ -159,8 +170,9 @@ class BKModule(torch.nn.Module):
         with disable_proxy_modes_tracing():
             batch, metas = input_metas(inputs)
             trainable = tuple(p.requires_grad for p in params)
+            autocast = amp.current_state(amp.device_types([*params, *inputs]))
             key = (
-                layout, training, trainable,
+                layout, training, trainable, autocast,
                 tuple((m.shape[1:] if m.batched else m.shape, m.dtype, m.device, m.batched)
                       for m in metas),
             )
@@ -178,7 +190,7 @@ class BKModule(torch.nn.Module):
                 buffer_names=[n for n, _ in module.named_buffers()],
                 input_layout=layout, inputs=metas,
                 example_inputs=[x.detach() for x in inputs] if real else None,
-                record_key=self._bk_id,
+                record_key=self._bk_id, autocast=autocast,
             )
             run_passes(prog)
             prog.example_inputs = None

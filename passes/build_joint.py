@@ -6,6 +6,11 @@ outputs. Inside, the parameters are fresh leaves that require grad and ``torch.a
 taken w.r.t. the site outputs only: autograd never builds an unclipped weight-gradient matmul.
 The whole function is functionalized and traced by ``make_fx`` with the symbolic batch, so the
 result is one aten graph for every batch size.
+
+Mixed precision: the forward runs under the program's autocast state (``prog.autocast``), so
+this trace records its casts; everything after it runs with autocast off on float32 copies of
+the site tensors (:func:`site_values`): the norms, clip factors and clipped sums are float32
+(float64 stays float64) and the clipped sums are returned in each parameter's dtype.
 """
 
 from __future__ import annotations
@@ -13,10 +18,11 @@ from __future__ import annotations
 import torch
 
 from fx_bk._torch_internals import functionalize, make_fx
+from fx_bk.autocast import disabled, entered
 from fx_bk.clipping import clipped_gradients
 from fx_bk.errors import FxBkError, Problem, UnsupportedModelError
 from fx_bk.norm_record import record_norms
-from fx_bk.rules import SiteValues
+from fx_bk.rules import SiteValues, accumulation_dtype
 
 from .program import BKProgram
 
@@ -79,11 +85,15 @@ def make_joint_function(prog: BKProgram):
     graded = [n for n in prog.trainable_names if any(n in s.params.values() for s in prog.sites)]
 
     def joint(primals, tangents):
+        with disabled(prog.autocast):
+            return bk_step(primals, tangents)
+
+    def bk_step(primals, tangents):
         primals = list(primals)
         for i in range(n_p):
             if trainable[i]:
                 primals[i] = primals[i].detach().requires_grad_()
-        with torch.enable_grad():
+        with torch.enable_grad(), entered(prog.autocast):
             flat = gm(*primals)
         outs, aux = flat[:n_out], flat[n_out:]
         pairs = [(o, t) for o, t in zip([o for o, d in zip(outs, diff) if d], tangents)
@@ -94,10 +104,8 @@ def make_joint_function(prog: BKProgram):
             allow_unused=True, materialize_grads=True,
         ) if pairs else [torch.zeros_like(s) for s in site_outs]
         batch = primals[batched_input].shape[0]
-        values = [
-            SiteValues(s, {r: aux[i] for r, i in s.aux.items() if r != "out"}, g.detach(), batch)
-            for s, g in zip(prog.sites, grads_out)
-        ]
+        values = [site_values(s, aux, o, g, batch)
+                  for s, o, g in zip(prog.sites, site_outs, grads_out)]
         groups = [([values[i] for i in grp], handler)
                   for grp, handler in zip(prog.groups, prog.group_handlers)]
         grads, norms = clipped_gradients(groups, prog.group_clip, prog.config, batch)
@@ -109,3 +117,25 @@ def make_joint_function(prog: BKProgram):
 
     prog.graded_params = graded
     return joint
+
+
+def site_values(site, aux: list, out: torch.Tensor, grad: torch.Tensor, batch) -> SiteValues:
+    """The site's activations and output gradient in float32 at least (float16/bfloat16 under
+    autocast: the norms, clip factors and clipped sums are computed in float32).
+
+    A floating activation is first rounded to the dtype the op computed in (its output's: a
+    Linear under bf16 autocast multiplies ``a.bfloat16()``), so the per-sample gradients are
+    those of the computation that ran; integer activations (embedding indices) are untouched.
+    """
+    def wide(t: torch.Tensor) -> torch.Tensor:
+        return t.to(accumulation_dtype(t))
+
+    tensors = {}
+    for role, i in site.aux.items():
+        t = aux[i]
+        if role == "out":
+            continue
+        if t.is_floating_point() and out.is_floating_point():
+            t = wide(t.to(out.dtype) if out.dtype.itemsize < t.dtype.itemsize else t)
+        tensors[role] = t
+    return SiteValues(site, tensors, wide(grad.detach()), batch)

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import torch
 
+from fx_bk.autocast import disabled, entered
 from fx_bk.errors import Problem
 
 from .find_sites import op_name, where
@@ -106,10 +107,13 @@ def _batch_dim(node: torch.fx.Node, symbol) -> int | None:
     return None if folded else -1
 
 
-def _run(prog, flat, dropout: bool = True):
+def _run(prog, flat, dropout: bool = True, amp: bool = True):
+    """Run the forward graph on real tensors, under the program's autocast state (``amp``) or
+    with autocast off."""
     rec = _Recorder(prog.forward_graph, dropout)
     devices = [t.device for t in flat if t.device.type == "cuda"][:1]
-    with torch.random.fork_rng(devices=devices), torch.no_grad():
+    amp_state = entered(prog.autocast) if amp else disabled(prog.autocast)
+    with torch.random.fork_rng(devices=devices), torch.no_grad(), amp_state:
         torch.manual_seed(0)
         outs = rec.run(*flat)
     return rec.values, outs
@@ -218,11 +222,12 @@ def _check_batch_loss(prog, k, node, state, batch, value) -> None:
         ))
         return
     n = batch[next(i for i, m in enumerate(prog.inputs) if m.batched)].shape[0]
-    try:
-        whole = _run(prog, state + batch, dropout=False)[1][k].double()
+    try:  # autocast off: bf16 rounding differs between batch shapes by more than the tolerance
+        whole = _run(prog, state + batch, dropout=False, amp=False)[1][k].double()
         alone = torch.stack([
             _run(prog, state + [x[i : i + 1] if m.batched else x
-                                for x, m in zip(batch, prog.inputs)], dropout=False)[1][k]
+                                for x, m in zip(batch, prog.inputs)],
+                 dropout=False, amp=False)[1][k]
             for i in range(n)
         ]).double().flatten()
     except Exception as e:  # noqa: BLE001

@@ -73,6 +73,7 @@ class BKProgram:
     inputs: list[InputMeta]
     example_inputs: list[torch.Tensor] | None = None  # real tensors of the first call, if real
     record_key: int = 0  # where fx_bk.norm_record stores the last per-sample norms
+    autocast: tuple = ()  # fx_bk.autocast.AutocastState the forward is traced and run under
     mode: Any = None  # _torch_internals.SymbolicBatchMode
     forward_graph: torch.fx.GraphModule | None = None  # params, buffers, inputs -> outputs
     output_layout: tuple | None = None

@@ -3,6 +3,9 @@
 Pre-dispatch tracing keeps the ops at the level users write them (``aten.linear``,
 ``aten.embedding``, ``aten.layer_norm``, ``aten.scaled_dot_product_attention``), which is where
 the per-sample rules are defined. Placeholders: parameters, buffers, tensor inputs, in that order.
+
+Under autocast the trace holds no casts (they happen below pre-dispatch); the node values carry
+the autocast dtypes. The trace runs under ``prog.autocast`` exactly (see ``fx_bk/autocast.py``).
 """
 
 from __future__ import annotations
@@ -11,6 +14,7 @@ import torch
 from torch.func import functional_call
 
 from fx_bk._torch_internals import SymbolicBatchMode, make_fx
+from fx_bk.autocast import entered
 from fx_bk.errors import Problem
 from fx_bk.layout import flatten, unflatten
 
@@ -45,7 +49,7 @@ def trace_model(prog: BKProgram) -> None:
         out_layout.append(flatten(out, leaves))
         return leaves
 
-    with mode.fake_mode:
+    with mode.fake_mode, entered(prog.autocast):
         gm = make_fx(forward, pre_dispatch=True, record_stack_traces=True)(flat)
     gm.graph._codegen = torch.fx.graph.CodeGen()  # flat placeholders, no pytree wrapping
     gm.recompile()

@@ -1,0 +1,168 @@
+"""bfloat16 autocast (CPU): forward under ``torch.autocast``, backward outside it, as in AMP.
+
+The reference is the float32 vmap oracle without autocast, so the gradients differ by bf16
+rounding of the forward/backward (about 3 significant digits; measured max relative error
+5e-3 .. 1.4e-2, the same as plain non-private AMP vs float32 on these models): tolerance 3e-2.
+The per-sample norms are checked apart, at float32 precision, against norms computed in float64
+from the same bf16 activations and output gradients, and in the backward graph's dtypes.
+"""
+
+from __future__ import annotations
+
+import importlib
+
+import pytest
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+import fx_bk
+from tests.models import MODELS, batch_for
+from tests.oracles import fx_bk_grads, max_rel_err, vmap_clipped_sum
+
+BF16_TOL = 3e-2  # bf16 keeps 8 significant bits
+F32_TOL = 1e-5
+
+
+def _amp_grads(bk, model, x, y, reduction="mean") -> dict:
+    """One step with the forward under bf16 autocast; ``p.grad`` by name."""
+    model.zero_grad(set_to_none=True)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = bk(x)
+    assert out.dtype == torch.bfloat16
+    F.cross_entropy(out.float(), y, reduction=reduction).backward()
+    grads = {n: p.grad.detach().clone() for n, p in model.named_parameters()}
+    assert all(g.dtype == torch.float32 for g in grads.values())
+    return grads
+
+
+def _setup(name, b, seed, r, compiled, reduction="mean"):
+    torch.manual_seed(seed)
+    model = MODELS[name]()
+    x, y = batch_for(name, model, b, seed=seed)
+    bk = fx_bk.transform(model, max_grad_norm=r, loss_reduction=reduction)
+    run = torch.compile(bk, fullgraph=True) if compiled else bk
+    return model, bk, run, x, y
+
+
+@pytest.mark.parametrize("name", ["mlp", "transformer"])
+@pytest.mark.parametrize("r", [1e-3, 0.5])
+def test_bf16_autocast_eager_matches_f32_oracle(name, r):
+    model, _, bk, x, y = _setup(name, 8, seed=1, r=r, compiled=False)
+    got = _amp_grads(bk, model, x, y)
+    assert max_rel_err(got, vmap_clipped_sum(model, x, y, r)) <= BF16_TOL
+
+
+@pytest.mark.parametrize("name", ["mlp", "transformer"])
+def test_bf16_autocast_compiled_matches_f32_oracle(name):
+    model, _, compiled, x, y = _setup(name, 8, seed=2, r=0.5, compiled=True, reduction="sum")
+    got = _amp_grads(compiled, model, x, y, "sum")
+    assert max_rel_err(got, vmap_clipped_sum(model, x, y, 0.5)) <= BF16_TOL
+
+
+@pytest.mark.parametrize("compiled", [False, True], ids=["eager", "compiled"])
+def test_same_module_with_and_without_autocast(compiled):
+    """Separate programs per autocast state: never a bf16 program for a float32 call (and the
+    compiled module recompiles on the autocast state instead of reusing the first graph)."""
+    model, bk, run, x, y = _setup("transformer", 6, seed=3, r=0.5, compiled=compiled)
+    ref = vmap_clipped_sum(model, x, y, 0.5)
+    for _ in range(2):
+        assert max_rel_err(_amp_grads(run, model, x, y), ref) <= BF16_TOL
+        assert max_rel_err(fx_bk_grads(run, model, x, y, "mean"), ref) <= F32_TOL
+    assert len(bk.programs) == 2
+    assert {p.prog.autocast for p in bk.programs} == {
+        (("cpu", True, torch.bfloat16),), (("cpu", False, None),)
+    }
+
+
+def test_autocast_inside_compiled_step():
+    model, bk, _, x, y = _setup("mlp", 8, seed=4, r=0.5, compiled=False)
+
+    @torch.compile(fullgraph=True, backend="aot_eager")
+    def forward(x):
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            return bk(x)
+
+    got = _amp_grads(forward, model, x, y)
+    assert max_rel_err(got, vmap_clipped_sum(model, x, y, 0.5)) <= BF16_TOL
+
+
+class SeqMLP(nn.Module):
+    """A Linear on ``[B, T, d]`` (ghost norm: T(d+p) < pd) and a T = 1 head (rank-one)."""
+
+    def __init__(self, d=32, classes=5):
+        super().__init__()
+        self.fc = nn.Linear(d, d)
+        self.head = nn.Linear(d, classes)
+
+    def forward(self, x):  # [B, 4, d]
+        return self.head(torch.tanh(self.fc(x)).mean(1))
+
+
+def _bf16_site_norms(model: nn.Module, x, y) -> torch.Tensor:
+    """Per-sample gradient norms (loss_reduction="sum") of a Linear-only model under bf16
+    autocast, computed in float64 from the activations and output gradients the autocast
+    forward/backward produced (bf16): what fx_bk's norms are, up to float32 accumulation."""
+    records = []
+
+    def hook(mod, inputs, out):
+        out.retain_grad()
+        records.append((inputs[0].detach(), out))
+
+    handles = [m.register_forward_hook(hook) for m in model.modules() if isinstance(m, nn.Linear)]
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = model(x)
+    F.cross_entropy(out.float(), y, reduction="sum").backward()
+    for h in handles:
+        h.remove()
+    sq = torch.zeros(len(x), dtype=torch.float64)
+    for a, s in records:
+        a = a.to(s.dtype).double().reshape(len(x), -1, a.shape[-1])  # what the bf16 GEMM read
+        g = s.grad.double().reshape(len(x), -1, s.shape[-1])
+        sq += torch.einsum("btp,btd->bpd", g, a).pow(2).sum((1, 2)) + g.sum(1).pow(2).sum(1)
+    return sq.sqrt()
+
+
+@pytest.mark.parametrize("name", ["mlp", "seq"])
+def test_norms_accumulate_in_float32(name):
+    """fx_bk's norms equal float64 norms of the same bf16 per-sample gradients to float32
+    precision (bf16 accumulation would be off by ~1e-3), while the clipped grads are only
+    bf16-close to the float32 oracle."""
+    torch.manual_seed(5)
+    model = MODELS["mlp"]() if name == "mlp" else SeqMLP()
+    x = torch.randn(8, 12) if name == "mlp" else torch.randn(8, 4, 32)
+    y = torch.randint(0, 5, (8,))
+    bk = fx_bk.transform(model, max_grad_norm=1e3, loss_reduction="sum")
+    _amp_grads(bk, model, x, y, "sum")
+    norms = bk.last_per_sample_norms
+    assert norms.dtype == torch.float32
+    ref = _bf16_site_norms(model, x, y)
+    assert ((norms.double() - ref).abs() / ref).max().item() <= F32_TOL
+
+
+def test_clipping_runs_on_float32_site_tensors(monkeypatch):
+    """Under bf16 autocast the site outputs are bf16, but the norms, clip factors and clipped
+    sums (``fx_bk.clipping.clipped_gradients``, traced into the backward) receive float32
+    activations and output gradients, and return float32 norms and grads."""
+    module = importlib.import_module("passes.build_joint")  # the package exports the function
+    original = module.clipped_gradients
+    seen: dict = {"in": set(), "out": set()}
+
+    def spy(groups, *args):
+        for values, _ in groups:
+            for v in values:
+                seen["in"].update(t.dtype for t in [v.grad, *v.tensors.values()]
+                                  if t.is_floating_point())
+        grads, norms = original(groups, *args)
+        seen["out"].update(t.dtype for t in [norms, *grads.values()])
+        return grads, norms
+
+    monkeypatch.setattr(module, "clipped_gradients", spy)
+    model, bk, _, x, y = _setup("transformer", 4, seed=6, r=0.5, compiled=False)
+    _amp_grads(bk, model, x, y)
+    prog = bk.programs[0].prog
+    by_name = {n.name: n for n in prog.forward_graph.graph.nodes}
+    site_out = {by_name[s.node].meta["val"].dtype for s in prog.sites}
+    assert torch.bfloat16 in site_out  # the Linear sites ran in bf16
+    assert seen["in"] == {torch.float32}
+    assert seen["out"] == {torch.float32}
