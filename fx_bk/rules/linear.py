@@ -10,7 +10,9 @@ All leading non-batch dims fold into T positions: ``a: [B, T, d]``, ``g: [B, T, 
 * clipped:      ``sum_i c_i G_i = (c g)^T a`` (one GEMM; ``einsum(c, G)`` when instantiated)
 * bias:         ``b_i = sum_t g_it``,  clipped ``c @ b``.
 
-The strategy with fewer multiply-adds per sample is chosen per site from its static shapes. The
+The strategy is chosen per site from its static shapes by a time model: multiply-adds, plus a
+calibrated charge per instantiated gradient element (``rules.instantiated_cost``); ``site.cost``
+reports the chosen strategy's multiply-adds. The
 same weight used at several sites (a module called twice) is one per-sample gradient: the sites'
 positions are concatenated along T, which gives the exact norm including the cross terms.
 """
@@ -21,7 +23,15 @@ import torch
 
 from fx_bk.kernels.ghost_norm import ghost_cost, ghost_norm
 
-from . import Rule, SiteValues, accumulation_dtype, register_rule, squared_norm, weighted_sum
+from . import (
+    Rule,
+    SiteValues,
+    accumulation_dtype,
+    instantiated_cost,
+    register_rule,
+    squared_norm,
+    weighted_sum,
+)
 
 aten = torch.ops.aten
 
@@ -64,7 +74,7 @@ class LinearRule(Rule):
             strategy, cost = "bias-only", t * p
         elif t == 1:
             strategy, cost = "rank-one", d + p
-        elif ghost_cost(t, d, p) < t * p * d:
+        elif ghost_cost(t, d, p) < instantiated_cost(t, p, d):
             strategy, cost = "ghost", ghost_cost(t, d, p)
         else:
             strategy, cost = "instantiate", t * p * d
