@@ -316,3 +316,22 @@ def test_fallback_rule_refuses_large_per_sample_gradients(monkeypatch):
     with pytest.raises(UnsupportedModelError, match=r"op aten.prelu on parameter '1.weight'.*"
                        r"fallback would instantiate 3 gradient elements per sample"):
         fx_bk.transform(model, max_grad_norm=1.0)(torch.randn(2, 4))
+
+
+def test_conv_transpose_on_folded_batch_is_named():
+    """A transposed convolution applied to ``[B*T, C, L]`` (frames folded into the batch) has
+    no per-sample rule: the error names the op, the parameter and the module."""
+
+    class Frames(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.up = nn.ConvTranspose1d(2, 3, 3, stride=2)
+
+        def forward(self, x):  # x: [B, T, 2, L]
+            b, t = x.shape[:2]
+            return self.up(x.reshape(b * t, *x.shape[2:])).reshape(b, -1).sum(1)
+
+    with pytest.raises(UnsupportedModelError, match=r"op aten.conv_transpose1d on parameter "
+                       r"'up.(weight|bias)' of module 'up'.*batch must be dim 0") as info:
+        fx_bk.transform(Frames(), max_grad_norm=1.0)(torch.randn(4, 3, 2, 5))
+    assert len(info.value.problems) == 1, str(info.value)

@@ -133,6 +133,46 @@ RULE_CASES = [
              floats(2, 4, 4), "conv", "bias-only"),
     RuleCase("conv3d", lambda: nn.Conv3d(2, 3, 2, stride=(1, 2, 1)), 3, floats(2, 3, 4, 4),
              "conv", "instantiate"),
+    RuleCase("conv_transpose1d", lambda: nn.ConvTranspose1d(2, 3, 3), 10, floats(2, 8),
+             "conv_transpose", "instantiate"),
+    RuleCase("conv_transpose1d-stride2-output-padding", lambda: nn.ConvTranspose1d(
+             2, 3, 3, stride=2, padding=1, output_padding=1), 10, floats(2, 5),
+             "conv_transpose", "instantiate"),
+    # output_padding >= stride (allowed since dilation > stride): unfold has extra windows
+    RuleCase("conv_transpose1d-dilation-output-padding", lambda: nn.ConvTranspose1d(
+             2, 3, 3, dilation=2, padding=2, output_padding=1), 7, floats(2, 6),
+             "conv_transpose", "instantiate"),
+    RuleCase("conv_transpose2d-ghost", lambda: nn.ConvTranspose2d(16, 16, 3, padding=1), 3,
+             floats(16, 3, 3), "conv_transpose", "ghost"),
+    RuleCase("conv_transpose2d-ghost-groups", lambda: nn.ConvTranspose2d(
+             16, 16, 3, padding=1, groups=2, bias=False), 3, floats(16, 2, 3),
+             "conv_transpose", "ghost"),
+    RuleCase("conv_transpose2d-stride2-output-padding-groups", lambda: nn.ConvTranspose2d(
+             4, 6, 3, stride=2, padding=1, output_padding=1, groups=2), 8, floats(4, 3, 4),
+             "conv_transpose", "instantiate"),
+    RuleCase("conv_transpose2d-depthwise", lambda: nn.ConvTranspose2d(
+             3, 3, 3, groups=3, stride=(2, 1), output_padding=(1, 0)), 6, floats(3, 4, 4),
+             "conv_transpose", "instantiate"),
+    RuleCase("conv_transpose2d-dilation-no-bias", lambda: nn.ConvTranspose2d(
+             2, 3, (2, 3), dilation=(2, 1), padding=(1, 0), bias=False), 7, floats(2, 4, 5),
+             "conv_transpose", "instantiate"),
+    RuleCase("conv_transpose2d-frozen-weight", lambda: _frozen(nn.ConvTranspose2d(2, 3, 3),
+             "weight"), 6, floats(2, 4, 4), "conv_transpose", "bias-only"),
+    RuleCase("conv_transpose1d-twice", lambda: Twice(nn.ConvTranspose1d(3, 3, 3, padding=1)),
+             5, floats(3, 5), "conv_transpose", "instantiate (shared parameter)"),
+    RuleCase("conv_transpose3d", lambda: nn.ConvTranspose3d(
+             2, 3, 2, stride=(1, 2, 1), output_padding=(0, 1, 0)), 4, floats(2, 2, 3, 3),
+             "conv_transpose", "instantiate"),
+    RuleCase("conv_transpose3d-groups-dilation-stride", lambda: nn.ConvTranspose3d(
+             4, 4, 3, groups=2, dilation=2, stride=2, padding=2, output_padding=1, bias=False),
+             6, floats(4, 2, 2, 3), "conv_transpose", "instantiate"),
+    # torch.convolution called directly: by its `transposed` argument
+    RuleCase("convolution-transposed", lambda: Bare((4, 3, 3), lambda x, p: torch.convolution(
+             x, p, None, [2], [1], [1], True, [1], 2)), 16, floats(4, 8), "convolution",
+             "instantiate"),
+    RuleCase("convolution-not-transposed", lambda: Bare((4, 3, 3), lambda x, p: torch.convolution(
+             x, p, None, [2], [1], [1], False, [0], 2)), 9, floats(6, 18), "convolution",
+             "instantiate"),
     RuleCase("group_norm", lambda: nn.GroupNorm(2, 4), 5, floats(4, 3, 5), "group_norm",
              "instantiate"),
     RuleCase("group_norm-1d", lambda: nn.GroupNorm(3, 6), 4, floats(6, 4), "group_norm",

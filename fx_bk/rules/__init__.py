@@ -189,4 +189,13 @@ def supported_ops_table() -> str:
 
 
 # Import the rule families so they register themselves.
-from . import broadcast, conv, embedding, layer_norm, linear, norms, tied  # noqa: E402,F401
+from . import (  # noqa: E402,F401
+    broadcast,
+    conv,
+    conv_transpose,
+    embedding,
+    layer_norm,
+    linear,
+    norms,
+    tied,
+)

@@ -57,17 +57,28 @@ def _zero_pad(x: torch.Tensor, pads) -> torch.Tensor:
     return x
 
 
-def im2col(x: torch.Tensor, site) -> torch.Tensor:
-    """``[B, C, *S] -> [B, L, C * K]`` (channel-major, then kernel positions)."""
+def im2col(x: torch.Tensor, site, grid=None) -> torch.Tensor:
+    """``[B, C, *S] -> [B, L, C * K]`` (channel-major, then kernel positions), with the kernel,
+    stride, padding and dilation of ``site``; ``grid`` keeps only the first ``grid[i]`` window
+    positions of each spatial dim (``L = prod(grid)``)."""
     kernel, stride, dilation, pads, _ = _geometry(site)
     n = len(kernel)
     x = _zero_pad(x, pads)
     for i in range(n):
         x = x.unfold(2 + i, dilation[i] * (kernel[i] - 1) + 1, stride[i])
     x = x[(Ellipsis, *[slice(None, None, d) for d in dilation])]  # [B, C, *O, *K]
+    if grid is not None:
+        x = x[(slice(None), slice(None), *[slice(None, o) for o in grid])]
     b, c = x.shape[0], x.shape[1]
     x = x.permute(0, *range(2, 2 + n), 1, *range(2 + n, 2 + 2 * n))  # [B, *O, C, *K]
     return x.reshape(b, -1, c * math.prod(kernel))
+
+
+def positions_by_group(t: torch.Tensor, groups: int) -> torch.Tensor:
+    """``[B, C, *S] -> [B, groups, L, C/groups]`` (L = prod(S))."""
+    b, c = t.shape[0], t.shape[1]
+    t = t.reshape(b, c, -1).transpose(1, 2)  # [B, L, C]
+    return t.reshape(b, t.shape[1], groups, -1).transpose(1, 2)
 
 
 @register_rule(aten.conv1d.default, aten.conv2d.default, aten.conv3d.default,
@@ -78,14 +89,19 @@ class ConvRule(Rule):
     strategies = "ghost or instantiated per group (im2col), by FLOPs per site; bias instantiated"
     tensor_args = ("input",)
 
+    @staticmethod
+    def sizes(site):
+        """groups, L positions, k and p: per group ``G_i = g_i^T a_i`` is ``[p, k]`` from
+        ``a_i: [L, k]``, ``g_i: [L, p]``."""
+        groups = _geometry(site)[4]
+        cout, cin_g, *kernel = site.shapes["weight"]
+        return groups, math.prod(site.shapes["out"][2:]), cin_g * math.prod(kernel), cout // groups
+
     def plan(self, sites):
         (s,) = sites
-        _, _, _, _, groups = _geometry(s)
-        cout, cin_g, *kernel = s.shapes["weight"]
-        positions = math.prod(s.shapes["out"][2:])
-        k, p = cin_g * math.prod(kernel), cout // groups
+        groups, positions, k, p = self.sizes(s)
         if "weight" not in s.params:
-            s.strategy, s.cost = "bias-only", positions * cout
+            s.strategy, s.cost = "bias-only", math.prod(s.shapes["out"][1:])
         elif positions * (k + p) < p * k:
             s.strategy, s.cost = "ghost", groups * positions**2 * (k + p)
         else:
@@ -93,16 +109,11 @@ class ConvRule(Rule):
 
     @staticmethod
     def _grouped(value):
-        """a: [B, g, L, Cin/g K], g: [B, g, L, Cout/g]."""
-        site = value.site
-        groups = _geometry(site)[4]
-        a = im2col(value.tensors["input"], site)
-        g = value.grad
-        b, cout = g.shape[0], g.shape[1]
-        g = g.reshape(b, cout, -1).transpose(1, 2)  # [B, L, Cout]
-        a = a.reshape(b, a.shape[1], groups, -1).transpose(1, 2)
-        g = g.reshape(b, g.shape[1], groups, -1).transpose(1, 2)
-        return a, g
+        """a: [B, g, L, Cin/g K] (im2col of the input), g: [B, g, L, Cout/g] (output grad)."""
+        groups = _geometry(value.site)[4]
+        a = im2col(value.tensors["input"], value.site)
+        a = a.reshape(a.shape[0], a.shape[1], groups, -1).transpose(1, 2)
+        return a, positions_by_group(value.grad, groups)
 
     def norm_sq(self, values):
         (value,) = values
