@@ -116,32 +116,32 @@ RULE_CASES = [
              floats(3, 5), "layer_norm", "instantiate"),
     RuleCase("layer_norm-2d-input", lambda: nn.LayerNorm(5), 5, floats(5), "layer_norm",
              "instantiate"),
-    RuleCase("conv1d", lambda: nn.Conv1d(2, 3, 3), 6, floats(2, 8), "conv", "instantiate"),
+    RuleCase("conv1d", lambda: nn.Conv1d(2, 3, 3), 6, floats(2, 8), "conv", "ghost"),
     RuleCase("conv1d-stride-dilation-pad", lambda: nn.Conv1d(2, 4, 3, stride=2, dilation=2,
-             padding=3), 6, floats(2, 9), "conv", "instantiate"),
+             padding=3), 6, floats(2, 9), "conv", "ghost"),
     RuleCase("conv2d-ghost", lambda: nn.Conv2d(8, 16, 3, padding=1), 3, floats(8, 3, 3),
              "conv", "ghost"),
     RuleCase("conv2d-same-even-kernel", lambda: nn.Conv2d(2, 3, (2, 4), padding="same"), 5,
              floats(2, 4, 5), "conv", "instantiate"),
     RuleCase("conv2d-valid-no-bias", lambda: nn.Conv2d(2, 3, 3, padding="valid", bias=False), 3,
-             floats(2, 5, 5), "conv", "instantiate"),
+             floats(2, 5, 5), "conv", "ghost"),
     RuleCase("conv2d-groups", lambda: nn.Conv2d(4, 6, 3, groups=2, stride=(1, 2)), 2,
-             floats(4, 5, 5), "conv", "instantiate"),
+             floats(4, 5, 5), "conv", "ghost"),
     RuleCase("conv2d-depthwise", lambda: nn.Conv2d(3, 3, 3, groups=3, padding=1), 4,
              floats(3, 4, 4), "conv", "instantiate"),
     RuleCase("conv2d-frozen-weight", lambda: _frozen(nn.Conv2d(2, 3, 3), "weight"), 2,
              floats(2, 4, 4), "conv", "bias-only"),
     RuleCase("conv3d", lambda: nn.Conv3d(2, 3, 2, stride=(1, 2, 1)), 3, floats(2, 3, 4, 4),
-             "conv", "instantiate"),
+             "conv", "ghost"),
     RuleCase("conv_transpose1d", lambda: nn.ConvTranspose1d(2, 3, 3), 10, floats(2, 8),
-             "conv_transpose", "instantiate"),
+             "conv_transpose", "ghost"),
     RuleCase("conv_transpose1d-stride2-output-padding", lambda: nn.ConvTranspose1d(
              2, 3, 3, stride=2, padding=1, output_padding=1), 10, floats(2, 5),
-             "conv_transpose", "instantiate"),
+             "conv_transpose", "ghost"),
     # output_padding >= stride (allowed since dilation > stride): unfold has extra windows
     RuleCase("conv_transpose1d-dilation-output-padding", lambda: nn.ConvTranspose1d(
              2, 3, 3, dilation=2, padding=2, output_padding=1), 7, floats(2, 6),
-             "conv_transpose", "instantiate"),
+             "conv_transpose", "ghost"),
     RuleCase("conv_transpose2d-ghost", lambda: nn.ConvTranspose2d(16, 16, 3, padding=1), 3,
              floats(16, 3, 3), "conv_transpose", "ghost"),
     RuleCase("conv_transpose2d-ghost-groups", lambda: nn.ConvTranspose2d(
@@ -149,7 +149,7 @@ RULE_CASES = [
              "conv_transpose", "ghost"),
     RuleCase("conv_transpose2d-stride2-output-padding-groups", lambda: nn.ConvTranspose2d(
              4, 6, 3, stride=2, padding=1, output_padding=1, groups=2), 8, floats(4, 3, 4),
-             "conv_transpose", "instantiate"),
+             "conv_transpose", "ghost"),
     RuleCase("conv_transpose2d-depthwise", lambda: nn.ConvTranspose2d(
              3, 3, 3, groups=3, stride=(2, 1), output_padding=(1, 0)), 6, floats(3, 4, 4),
              "conv_transpose", "instantiate"),
@@ -165,14 +165,14 @@ RULE_CASES = [
              "conv_transpose", "instantiate"),
     RuleCase("conv_transpose3d-groups-dilation-stride", lambda: nn.ConvTranspose3d(
              4, 4, 3, groups=2, dilation=2, stride=2, padding=2, output_padding=1, bias=False),
-             6, floats(4, 2, 2, 3), "conv_transpose", "instantiate"),
+             6, floats(4, 2, 2, 3), "conv_transpose", "ghost"),
     # torch.convolution called directly: by its `transposed` argument
     RuleCase("convolution-transposed", lambda: Bare((4, 3, 3), lambda x, p: torch.convolution(
              x, p, None, [2], [1], [1], True, [1], 2)), 16, floats(4, 8), "convolution",
-             "instantiate"),
+             "ghost"),
     RuleCase("convolution-not-transposed", lambda: Bare((4, 3, 3), lambda x, p: torch.convolution(
              x, p, None, [2], [1], [1], False, [0], 2)), 9, floats(6, 18), "convolution",
-             "instantiate"),
+             "ghost"),
     RuleCase("group_norm", lambda: nn.GroupNorm(2, 4), 5, floats(4, 3, 5), "group_norm",
              "instantiate"),
     RuleCase("group_norm-1d", lambda: nn.GroupNorm(3, 6), 4, floats(6, 4), "group_norm",

@@ -4,7 +4,8 @@ im2col turns the conv into a Linear per group: ``a: [B, L, Cin/g * K]`` (L outpu
 K kernel elements), ``g: [B, L, Cout/g]``, weight per group ``[Cout/g, Cin/g * K]``; then the
 Linear formulas apply group by group:
 
-* ghost:        ``||G_i||^2 = sum_groups sum(a_i a_i^T * g_i g_i^T)``  cost g L^2 (Cin/g K + Cout/g)
+* ghost:        ``||G_i||^2 = sum_groups sum(a_i a_i^T * g_i g_i^T)``, cost about
+                g L^2 (Cin/g K + Cout/g) / 2 (``fx_bk::ghost_norm``: symmetric blocks)
 * instantiate:  ``G_i = g_i^T a_i`` per group                        cost g L (Cout/g)(Cin/g K)
 * clipped:      ``sum_i c_i G_i`` (one batched GEMM over groups, or ``einsum(c, G)``)
 * bias:         ``b_i = sum_l g_il``.
@@ -16,7 +17,9 @@ import math
 
 import torch
 
-from . import Rule, register_rule, squared_norm, weighted_sum
+from fx_bk.kernels.ghost_norm import ghost_cost, ghost_norm
+
+from . import Rule, instantiated_cost, register_rule, squared_norm, weighted_sum
 
 aten = torch.ops.aten
 
@@ -86,7 +89,8 @@ def positions_by_group(t: torch.Tensor, groups: int) -> torch.Tensor:
 class ConvRule(Rule):
     name = "conv"
     param_args = ("weight", "bias")
-    strategies = "ghost or instantiated per group (im2col), by FLOPs per site; bias instantiated"
+    strategies = ("ghost or instantiated per group (im2col), by the cost model per site; bias "
+                  "instantiated")
     tensor_args = ("input",)
 
     @staticmethod
@@ -102,8 +106,8 @@ class ConvRule(Rule):
         groups, positions, k, p = self.sizes(s)
         if "weight" not in s.params:
             s.strategy, s.cost = "bias-only", math.prod(s.shapes["out"][1:])
-        elif positions * (k + p) < p * k:
-            s.strategy, s.cost = "ghost", groups * positions**2 * (k + p)
+        elif ghost_cost(positions, k, p) < instantiated_cost(positions, p, k):
+            s.strategy, s.cost = "ghost", groups * ghost_cost(positions, k, p)
         else:
             s.strategy, s.cost = "instantiate", groups * positions * p * k
 
@@ -124,10 +128,11 @@ class ConvRule(Rule):
             norm = norm + squared_norm(state["bias"])
         if "weight" in site.params:
             a, g = self._grouped(value)
-            if site.strategy == "ghost":
-                aa = a @ a.transpose(-1, -2)  # [B, g, L, L]
-                gg = g @ g.transpose(-1, -2)  # [B, g, L, L]
-                norm = norm + (aa * gg).sum((1, 2, 3))
+            if site.strategy == "ghost":  # per (sample, group), blocked symmetric Gram
+                b, groups = a.shape[0], a.shape[1]
+                per_group = ghost_norm(a.detach().reshape(b * groups, *a.shape[2:]),
+                                       g.detach().reshape(b * groups, *g.shape[2:]))
+                norm = norm + per_group.reshape(b, groups).sum(1).to(norm.dtype)
                 state["a"], state["g"] = a, g
             else:
                 state["G"] = g.transpose(-1, -2) @ a  # [B, g, Cout/g, Cin/g K]
