@@ -1,0 +1,68 @@
+"""The README's main job, ``python -m fx_bk.demo``, at tiny sizes: it trains with
+``fx_bk.PrivacyEngine``, reports a finite epsilon, writes the plot, and ``--compare`` prints the
+step-time ratios against non-private training and Opacus ghost clipping."""
+
+from __future__ import annotations
+
+import math
+import re
+from pathlib import Path
+
+import pytest
+
+from fx_bk import demo
+
+ROOT = Path(__file__).resolve().parents[1]
+TINY = ["--steps", "6", "--warmup", "2", "--batch-size", "16", "--n-train", "128",
+        "--n-test", "32", "--seq-len", "8", "--d-model", "16", "--n-layers", "1",
+        "--log-every", "3", "--no-progress"]
+
+
+def _epsilon_line(out: str) -> float:
+    m = re.search(r"held-out accuracy [0-9.]+ .*\| epsilon ([0-9.]+) at delta 1e-05", out)
+    assert m, out
+    return float(m.group(1))
+
+
+def test_demo_eager_compare(tmp_path, capsys):
+    png = tmp_path / "demo.png"
+    res = demo.main([*TINY, "--no-compile", "--compare", "--plot", str(png)])
+    out = capsys.readouterr().out
+    eps = _epsilon_line(out)
+    assert math.isfinite(eps) and eps > 0
+    assert res["epsilon"] == pytest.approx(eps, abs=1e-3)
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    for name in ("non-private eager", "Opacus ghost eager"):
+        m = re.search(rf"^fx_bk eager / {name}: ([0-9.]+)x step time", out, re.M)
+        assert m, out
+        assert float(m.group(1)) > 0
+    assert re.search(r"^\| Opacus ghost eager \| [0-9.]+ \| [0-9.]+ \| [0-9.]+ \| [0-9.]+ \|$",
+                     out, re.M), out
+    # Same batches, same noise seed, same accountant: Opacus ends where fx_bk does.
+    assert res["variants"]["Opacus ghost eager"]["epsilon"] == pytest.approx(eps, abs=1e-3)
+    m = re.search(r"max \|parameter difference\| after 6 steps ([0-9.e+-]+)", out)
+    assert m and float(m.group(1)) < 1e-4, out
+
+
+def test_demo_compiled_target_epsilon(tmp_path, capsys):
+    png = tmp_path / "demo.png"
+    res = demo.main([*TINY, "--target-epsilon", "4", "--plot", str(png)])
+    out = capsys.readouterr().out
+    eps = _epsilon_line(out)
+    assert "compile=True" in out and "fx_bk compiled" in out
+    assert 0 < eps <= 4 + 1e-2 and math.isfinite(res["epsilon"])
+    assert res["sigma"] > 0
+    assert png.stat().st_size > 1000
+
+
+def test_readme_demo_command_matches_pyproject():
+    """The README's main job installs the ``demo`` extra; CI's ``test`` extra includes it."""
+    tomllib = pytest.importorskip("tomllib")  # Python >= 3.11
+    readme = (ROOT / "README.md").read_text()
+    extras = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"][
+        "optional-dependencies"]
+    cmd = next(b for b in re.findall(r"```bash\n(.*?)\n```", readme, re.S)
+               if "python -m fx_bk.demo" in b)
+    assert 'pip install -e ".[demo]"' in cmd
+    assert {"tqdm", "matplotlib"} <= {re.split(r"[=<>\[ ]", r)[0] for r in extras["demo"]}
+    assert "fx_bk[demo]" in extras["test"]
