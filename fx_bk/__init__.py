@@ -12,7 +12,6 @@ from .config import BKConfig
 from .errors import ConfigError, FxBkError, Problem, UnsupportedModelError
 from .explain import explain
 from .losses import sequence_cross_entropy
-from .privacy_engine import PrivacyEngine
 
 __all__ = [
     "BKConfig",
@@ -26,3 +25,16 @@ __all__ = [
     "transform",
 ]
 __version__ = "0.1.0"
+
+
+def __getattr__(name: str):
+    """``fx_bk.PrivacyEngine`` imports Opacus (the ``privacy`` extra) only when asked for."""
+    if name == "PrivacyEngine":
+        try:
+            from .privacy_engine import PrivacyEngine
+        except ImportError as e:
+            raise ImportError(
+                f"fx_bk.PrivacyEngine needs Opacus: pip install 'fx_bk[privacy]' ({e})"
+            ) from e
+        return PrivacyEngine
+    raise AttributeError(f"module 'fx_bk' has no attribute {name!r}")

@@ -142,3 +142,15 @@ def test_explain_lists_every_site_with_rule_strategy_and_cost():
         "fc2": ("aten.linear.default", "linear", "ghost", 7 * 7 * 48),
         "head": ("aten.linear.default", "linear", "rank-one", 16 + 5),
     }
+
+
+def test_fx_bk_imports_without_opacus_and_the_engine_says_what_to_install():
+    import subprocess
+    import sys
+
+    code = ("import sys; sys.modules['opacus'] = None\n"
+            "import fx_bk\n"
+            "try:\n    fx_bk.PrivacyEngine\nexcept ImportError as e:\n    print(e)\n")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert "pip install 'fx_bk[privacy]'" in out.stdout
