@@ -60,7 +60,8 @@ class LinearRule(Rule):
     transposed_weight = False  # W: [p, d]; the matmul rule's W is [d, p]
     folds_batch = True
     param_args = ("weight", "bias")
-    strategies = "rank-one (T=1), ghost or instantiated, by FLOPs per site; bias instantiated"
+    strategies = ("rank-one (T=1), ghost or instantiated, by the cost model per site; bias "
+                  "instantiated")
     tensor_args = ("input",)
 
     def can_merge(self, sites) -> bool:
