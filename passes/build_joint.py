@@ -111,8 +111,10 @@ def make_joint_function(prog: BKProgram):
         grads, norms = clipped_gradients(groups, prog.group_clip, prog.config, batch)
         param_of = dict(zip(prog.param_names, primals[:n_p]))
         grads = [grads[n].to(param_of[n].dtype) for n in graded]
-        if grads:  # the recorder's zero keeps it live (see fx_bk/norm_record.py)
-            grads[0] = grads[0] + record_norms(norms, prog.record_key).to(grads[0].dtype)
+        if grads:  # the recorder's zero keeps it live (see fx_bk/norm_record.py); added to the
+            # smallest gradient: on a weight, Inductor turns it into an addmm bias + a copy
+            k = min(range(len(grads)), key=lambda i: grads[i].numel())
+            grads[k] = grads[k] + record_norms(norms, prog.record_key).to(grads[k].dtype)
         return [o.detach() if isinstance(o, torch.Tensor) else o for o in outs] + grads
 
     prog.graded_params = graded
