@@ -38,8 +38,8 @@ aten = torch.ops.aten
                aten.conv_transpose3d.input)
 class ConvTransposeRule(ConvRule):
     name = "conv_transpose"
-    strategies = ("ghost or instantiated per group (im2col of the output gradient), by FLOPs "
-                  "per site; bias instantiated")
+    strategies = ("ghost or instantiated per group (im2col of the output gradient), by the "
+                  "cost model per site; bias instantiated")
 
     @staticmethod
     def sizes(site):
