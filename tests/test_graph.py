@@ -55,6 +55,29 @@ def test_every_weight_gradient_matmul_is_clipped(name):
         assert clamps[0] in _ancestors(mm), f"{mm} computes a weight gradient without C"
 
 
+def test_conv_weight_gradients_come_from_the_convolution_kernel():
+    """Conv sites compute their weight gradients with ``convolution_backward`` (the per-sample
+    ones as one convolution with the batch folded into the groups, the clipped sum of a ghost
+    site from ``C * g``): im2col is only materialised for a ghost norm."""
+    model = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.ReLU(),  # L = 64: instantiate
+                          nn.Conv2d(4, 32, 3, stride=4, padding=1), nn.ReLU(),  # L = 4: ghost
+                          nn.Flatten(), nn.Linear(128, 5))
+    bk = fx_bk.transform(model, max_grad_norm=1.0)
+    bk(torch.randn(3, 3, 8, 8))
+    (compiled,) = bk.programs
+    prog, bw = compiled.prog, compiled.prog.bw_graph.graph
+    assert [s.strategy for s in prog.sites if s.rule.name == "conv"] == ["instantiate", "ghost"]
+    weight_grads = [n for n in bw.nodes if n.target == aten.convolution_backward.default
+                    and n.args[-1][1]]  # output_mask: the weight gradient
+    groups = sorted(str(n.args[-2]) for n in weight_grads)
+    assert len(weight_grads) == 2 and groups[0] == "1" and groups[1] != "1", groups
+    clamps = [n for n in bw.nodes if n.target in (aten.clamp.default, aten.clamp_max.default)]
+    clipped = [n for n in weight_grads if n.args[-2] == 1]
+    assert clamps[0] in _ancestors(clipped[0]), "the ghost site's weight gradient is C * g's"
+    unfolds = [n for n in bw.nodes if n.target == aten.unfold.default]
+    assert 0 < len(unfolds) <= 2, "im2col only for the ghost site (one unfold per spatial dim)"
+
+
 def test_one_backward_per_loss_backward(monkeypatch):
     model = MODELS["transformer"]()
     bk = fx_bk.transform(model, max_grad_norm=1.0)

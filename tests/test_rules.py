@@ -123,6 +123,8 @@ RULE_CASES = [
              "conv", "ghost"),
     RuleCase("conv2d-same-even-kernel", lambda: nn.Conv2d(2, 3, (2, 4), padding="same"), 5,
              floats(2, 4, 5), "conv", "instantiate"),
+    RuleCase("conv2d-same-even-kernel-ghost", lambda: nn.Conv2d(16, 16, 2, padding="same"), 3,
+             floats(16, 3, 3), "conv", "ghost"),
     RuleCase("conv2d-valid-no-bias", lambda: nn.Conv2d(2, 3, 3, padding="valid", bias=False), 3,
              floats(2, 5, 5), "conv", "ghost"),
     RuleCase("conv2d-groups", lambda: nn.Conv2d(4, 6, 3, groups=2, stride=(1, 2)), 2,

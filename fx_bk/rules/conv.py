@@ -7,8 +7,16 @@ Linear formulas apply group by group:
 * ghost:        ``||G_i||^2 = sum_groups sum(a_i a_i^T * g_i g_i^T)``, cost about
                 g L^2 (Cin/g K + Cout/g) / 2 (``fx_bk::ghost_norm``: symmetric blocks)
 * instantiate:  ``G_i = g_i^T a_i`` per group                        cost g L (Cout/g)(Cin/g K)
-* clipped:      ``sum_i c_i G_i`` (one batched GEMM over groups, or ``einsum(c, G)``)
+* clipped:      ``sum_i c_i G_i`` (``einsum(c, G)`` when instantiated)
 * bias:         ``b_i = sum_l g_il``.
+
+Only the ghost norm needs im2col's ``a``. The weight gradients themselves are computed by the
+convolution's own weight-gradient kernel (``aten.convolution_backward``, as autograd does for the
+non-private step), which never materialises ``a``: the clipped sum is the weight gradient of
+``c * g``, and the per-sample gradients ``G`` of B samples are the weight gradient of one
+convolution with ``B * groups`` groups over the batch folded into the channels (``x: [1, B Cin,
+*S]``, ``g: [1, B Cout, *S']``). im2col + batched GEMM remain the path for asymmetric padding
+(``padding="same"`` with an even kernel), which ``convolution_backward`` cannot express.
 """
 
 from __future__ import annotations
@@ -77,6 +85,28 @@ def im2col(x: torch.Tensor, site, grid=None) -> torch.Tensor:
     return x.reshape(b, -1, c * math.prod(kernel))
 
 
+def conv_weight_grad(x: torch.Tensor, g: torch.Tensor, site, per_sample: bool,
+                     transposed: bool = False) -> torch.Tensor | None:
+    """The weight gradient of the site's (transposed) convolution for input ``x`` and output
+    gradient ``g``: summed over the batch (``[*W]``), or per sample (``[B, *W]``) when
+    ``per_sample``. ``None`` when the geometry has asymmetric padding."""
+    kernel, stride, dilation, pads, groups = _geometry(site)
+    if any(left != right for left, right in pads):
+        return None
+    out_pad = _tuple(site.const_args.get("output_padding", 0), len(kernel)) if transposed else (
+        (0,) * len(kernel))
+    shape = list(site.shapes["weight"])
+    b = x.shape[0]
+    if per_sample:  # the batch folded into the channels: B * groups independent groups
+        x, g = x.reshape(1, -1, *x.shape[2:]), g.reshape(1, -1, *g.shape[2:])
+        shape[0], groups = shape[0] * b, groups * b
+    weight = g.new_empty(1).expand(shape)  # only its shape is read
+    w = aten.convolution_backward(
+        g, x, weight, None, list(stride), [left for left, _ in pads], list(dilation),
+        transposed, list(out_pad), groups, [False, True, False])[1]
+    return w.reshape(b, *site.shapes["weight"]) if per_sample else w
+
+
 def positions_by_group(t: torch.Tensor, groups: int) -> torch.Tensor:
     """``[B, C, *S] -> [B, groups, L, C/groups]`` (L = prod(S))."""
     b, c = t.shape[0], t.shape[1]
@@ -92,6 +122,9 @@ class ConvRule(Rule):
     strategies = ("ghost or instantiated per group (im2col), by the cost model per site; bias "
                   "instantiated")
     tensor_args = ("input",)
+
+    def is_transposed(self, site) -> bool:
+        return False
 
     @staticmethod
     def sizes(site):
@@ -127,20 +160,21 @@ class ConvRule(Rule):
             state["bias"] = value.grad.reshape(*value.grad.shape[:2], -1).sum(2)  # [B, Cout]
             norm = norm + squared_norm(state["bias"])
         if "weight" in site.params:
-            a, g = self._grouped(value)
             if site.strategy == "ghost":  # per (sample, group), blocked symmetric Gram
+                a, g = self._grouped(value)
                 b, groups = a.shape[0], a.shape[1]
                 per_group = ghost_norm(a.detach().reshape(b * groups, *a.shape[2:]),
                                        g.detach().reshape(b * groups, *g.shape[2:]))
                 norm = norm + per_group.reshape(b, groups).sum(1).to(norm.dtype)
                 state["a"], state["g"] = a, g
             else:
-                state["G"] = g.transpose(-1, -2) @ a  # [B, g, Cout/g, Cin/g K]
+                state["G"] = self._per_sample_weight(value)
                 norm = norm + squared_norm(state["G"])
         return norm, state
 
     def clipped_grads(self, values, state, c):
-        site = values[0].site
+        (value,) = values
+        site = value.site
         out = {}
         if "bias" in state:
             out[site.params["bias"]] = weighted_sum(c, state["bias"])
@@ -149,21 +183,33 @@ class ConvRule(Rule):
             if "G" in state:
                 w = weighted_sum(c, state["G"])
             else:
-                a, g = state["a"], state["g"]
-                cg = g * c.to(g.dtype)[:, None, None, None]
-                groups = a.shape[1]
-                lhs = cg.permute(1, 3, 0, 2).reshape(groups, g.shape[-1], -1)  # [g, p, B L]
-                rhs = a.permute(1, 0, 2, 3).reshape(groups, -1, a.shape[-1])  # [g, B L, k]
-                w = lhs @ rhs
+                cg = value.grad * c.to(value.grad.dtype).reshape(-1, *[1] * (value.grad.dim() - 1))
+                w = conv_weight_grad(value.tensors["input"], cg, site, per_sample=False,
+                                     transposed=self.is_transposed(site))
+                if w is None:  # im2col path: one batched GEMM over the groups
+                    a, g = state["a"], state["g"]
+                    cg = g * c.to(g.dtype)[:, None, None, None]
+                    groups = a.shape[1]
+                    lhs = cg.permute(1, 3, 0, 2).reshape(groups, g.shape[-1], -1)  # [g, p, B L]
+                    rhs = a.permute(1, 0, 2, 3).reshape(groups, -1, a.shape[-1])  # [g, B L, k]
+                    w = lhs @ rhs
             out[site.params["weight"]] = w.reshape(shape)
         return out
+
+    def _per_sample_weight(self, value) -> torch.Tensor:
+        """``[B, *W]``: by the convolution's weight-gradient kernel, else im2col + GEMM."""
+        w = conv_weight_grad(value.tensors["input"], value.grad, value.site, per_sample=True,
+                             transposed=self.is_transposed(value.site))
+        if w is not None:
+            return w
+        a, g = self._grouped(value)
+        G = g.transpose(-1, -2) @ a  # [B, g, Cout/g, Cin/g K] in W's layout
+        return G.reshape(G.shape[0], *value.site.shapes["weight"])
 
     def per_sample_grads(self, value):
         site, out = value.site, {}
         if "bias" in site.params:
             out[site.params["bias"]] = value.grad.reshape(*value.grad.shape[:2], -1).sum(2)
         if "weight" in site.params:
-            a, g = self._grouped(value)
-            G = g.transpose(-1, -2) @ a
-            out[site.params["weight"]] = G.reshape(G.shape[0], *site.shapes["weight"])
+            out[site.params["weight"]] = self._per_sample_weight(value)
         return out

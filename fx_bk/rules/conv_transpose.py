@@ -41,6 +41,9 @@ class ConvTransposeRule(ConvRule):
     strategies = ("ghost or instantiated per group (im2col of the output gradient), by the "
                   "cost model per site; bias instantiated")
 
+    def is_transposed(self, site) -> bool:
+        return True
+
     @staticmethod
     def sizes(site):
         groups = _geometry(site)[4]
@@ -66,6 +69,9 @@ class ConvolutionRule(ConvTransposeRule):
 
     name = "convolution"
     strategies = "as conv, or as conv_transpose when `transposed=True`"
+
+    def is_transposed(self, site) -> bool:
+        return bool(site.const_args.get("transposed"))
 
     def sizes(self, site):
         cls = ConvTransposeRule if site.const_args.get("transposed") else ConvRule
