@@ -119,8 +119,8 @@ def positions_by_group(t: torch.Tensor, groups: int) -> torch.Tensor:
 class ConvRule(Rule):
     name = "conv"
     param_args = ("weight", "bias")
-    strategies = ("ghost or instantiated per group (im2col), by the cost model per site; bias "
-                  "instantiated")
+    strategies = ("ghost (im2col) or instantiated (one grouped weight-gradient convolution), by "
+                  "the cost model per site; bias instantiated")
     tensor_args = ("input",)
 
     def is_transposed(self, site) -> bool:

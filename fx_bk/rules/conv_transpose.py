@@ -38,8 +38,8 @@ aten = torch.ops.aten
                aten.conv_transpose3d.input)
 class ConvTransposeRule(ConvRule):
     name = "conv_transpose"
-    strategies = ("ghost or instantiated per group (im2col of the output gradient), by the "
-                  "cost model per site; bias instantiated")
+    strategies = ("ghost (im2col of the output gradient) or instantiated (one grouped "
+                  "weight-gradient convolution), by the cost model per site; bias instantiated")
 
     def is_transposed(self, site) -> bool:
         return True
