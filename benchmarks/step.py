@@ -45,9 +45,10 @@ is built, and the peak RSS of the steady steps after the first (reset through
 Arithmetic floor per model: FLOPs of one fx_bk step over those of one non-private step, both
 counted by ``FlopCounterMode`` (forward + loss + backward, eager, on copies of the same model;
 the fx_bk module is called once to trace it, then counted), ``floor = bk / base``, printed next
-to the measured fx_bk compiled ratio. The counter sees matmul-like ops, convolutions, attention
-(CPU's flash SDPA through formulas added here) and ``fx_bk::ghost_norm`` (through the formula
-registered next to it), not elementwise ops or reductions. Counted, not
+to the measured fx_bk compiled ratio. The counter sees matmul-like ops, convolutions (grouped
+weight gradients corrected here), attention (CPU's flash SDPA through formulas added here) and
+``fx_bk::ghost_norm`` (through the formula registered next to it), not elementwise ops or
+reductions. Counted, not
 estimated from the rules' costs: the GEMMs that take the place of the non-private
 weight-gradient GEMM (instantiate's per-sample GEMMs, ghost / rank-one's clipped ``(C g)^T a``)
 are not counted on top of it.
@@ -325,31 +326,47 @@ def _rel_diff(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> float:
 # --------------------------------------------------------------------------- floor
 
 
-def _cpu_attention_formulas() -> dict:
-    """FLOP formulas ``FlopCounterMode`` lacks (torch 2.13): CPU's flash SDPA and its backward,
-    counted as the CUDA kernels are (every T x T score, causal or not). Without them attention
-    counts 0 on CPU, in both steps, which raises the floor."""
+def flop_counter():
+    """``FlopCounterMode`` with two gaps of torch 2.13's formulas filled: CPU's flash SDPA and its
+    backward count as the CUDA kernels do (every T x T score, causal or not; without them
+    attention counts 0 on CPU, in both steps, which raises the floor), and
+    ``convolution_backward``'s weight gradient is divided by ``groups`` (upstream counts a
+    grouped one as if every input channel met every output channel: ``groups`` times too
+    much, as in a per-sample conv gradient with the batch folded into groups)."""
     from torch.utils import flop_counter as fc
 
     aten = torch.ops.aten
 
-    def fwd(q, k, v, *args, out_shape=None, **kwargs):
+    def sdpa(q, k, v, *args, out_shape=None, **kwargs):
         return fc.sdpa_flop_count(q, k, v)
 
-    def bwd(grad_out, q, k, v, *args, out_shape=None, **kwargs):
+    def sdpa_backward(grad_out, q, k, v, *args, out_shape=None, **kwargs):
         return fc.sdpa_backward_flop_count(grad_out, q, k, v)
 
-    formulas = {aten._scaled_dot_product_flash_attention_for_cpu: fwd,
-                aten._scaled_dot_product_flash_attention_for_cpu_backward: bwd}
-    return {op: f for op, f in formulas.items() if op not in fc.flop_registry}
+    def conv_backward(grad_out, x, w, bias, stride, padding, dilation, transposed,
+                      output_padding, groups, output_mask, out_shape=None, **kwargs):
+        def t(shape):  # swap the batch and channel dims
+            return [shape[1], shape[0], *shape[2:]]
+
+        flops = 0
+        if output_mask[0]:  # grad_input: conv_transpose(grad_out, w), per group already
+            flops += fc.conv_flop_count(grad_out, w, out_shape[0], not transposed)
+        if output_mask[1]:  # grad_weight: conv(x^T, grad_out^T) (transposed: swapped)
+            inp, wt = (grad_out, x) if transposed else (x, grad_out)
+            flops += fc.conv_flop_count(t(inp), t(wt), t(out_shape[1])) // groups
+        return flops
+
+    mapping = {op: f for op, f in {aten._scaled_dot_product_flash_attention_for_cpu: sdpa,
+                                   aten._scaled_dot_product_flash_attention_for_cpu_backward:
+                                   sdpa_backward}.items() if op not in fc.flop_registry}
+    mapping[aten.convolution_backward] = conv_backward
+    return fc.FlopCounterMode(display=False, custom_mapping=mapping)
 
 
 def step_flops(bm: BenchModel, model: nn.Module, x, y) -> int:
-    """FLOPs of ``model``'s forward + loss + backward, eager (``FlopCounterMode``: matmul-like
-    ops, SDPA, convolutions and ``fx_bk::ghost_norm``; elementwise ops and reductions are free)."""
-    from torch.utils.flop_counter import FlopCounterMode
-
-    with FlopCounterMode(display=False, custom_mapping=_cpu_attention_formulas()) as counter:
+    """FLOPs of ``model``'s forward + loss + backward, eager (``flop_counter``: matmul-like ops,
+    SDPA, convolutions and ``fx_bk::ghost_norm``; elementwise ops and reductions are free)."""
+    with flop_counter() as counter:
         bm.per_sample_loss(model(x), y).mean().backward()
     return int(counter.get_total_flops())
 
@@ -879,9 +896,9 @@ def table(results: dict) -> str:
     lines += summary
     lines += ["", "Ratios are step time / non-private compiled. Floor: counted FLOPs of one fx_bk "
               "step over those of the non-private step (FlopCounterMode, eager forward + loss + "
-              "backward; matmul-like ops, attention, fx_bk::ghost_norm). grad rel diff: max over "
-              "parameters of ||g - g_ref|| / ||g_ref|| of the first step's clipped sum (ref: "
-              "fx_bk eager; non-private eager for non-private compiled)."]
+              "backward; matmul-like ops, convolutions, attention, fx_bk::ghost_norm). "
+              "grad rel diff: max over parameters of ||g - g_ref|| / ||g_ref|| of the first "
+              "step's clipped sum (ref: fx_bk eager; non-private eager for non-private compiled)."]
     return "\n".join(lines)
 
 

@@ -137,3 +137,15 @@ def test_long_rows_only_outside_quick():
     assert step.selected_models(full)["gpt2_V50257"].size["vocab"] == 50257
     with pytest.raises(SystemExit):
         step.parse_args(["--models", "nope"])
+
+
+@pytest.mark.parametrize("conv", [torch.nn.Conv2d, torch.nn.ConvTranspose2d])
+def test_flop_counter_counts_a_grouped_conv_as_its_groups(conv):
+    groups, x = 4, torch.randn(3, 8, 10, 10, requires_grad=True)
+    grouped = conv(8, 12, 3, groups=groups, padding=1)
+    split = [conv(2, 3, 3, padding=1) for _ in range(groups)]
+    with step.flop_counter() as one:
+        grouped(x).sum().backward()
+    with step.flop_counter() as per_group:
+        sum(c(xg).sum() for c, xg in zip(split, x.split(2, 1))).backward()
+    assert one.get_total_flops() == per_group.get_total_flops() > 0
