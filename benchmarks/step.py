@@ -33,15 +33,25 @@ same round), then the median (p25, p75) over rounds. The clipped gradients of th
 every private variant are compared with those of ``fx_bk eager`` (same weights, same batch).
 
 Memory (``--no-memory`` skips it): one fresh subprocess per (model, variant) runs only that
-variant for a few steps. On CPU it reports the peak RSS (``ru_maxrss``, compilation included),
-the RSS before the model is built, and the peak RSS of the steady steps after the first (reset
-through ``/proc/self/clear_refs`` where the kernel allows); on CUDA
-``torch.cuda.max_memory_allocated``.
+variant for a few steps, then one more step under ``torch.profiler`` (``profile_memory=True``;
+never while timing). Peak memory, the headline: on CPU the tensor peak, the analogue of
+``torch.cuda.max_memory_allocated``: the peak of the running sum of that step's allocator events
+plus the bytes alive before it that training holds (parameters, their grads, optimizer state,
+the batch); on CUDA ``torch.cuda.max_memory_allocated``. Also reported: the peak RSS
+(VmHWM, compilation and the tracer's Python heap included) minus the RSS before the model
+is built, and the peak RSS of the steady steps after the first (reset through
+``/proc/self/clear_refs`` where the kernel allows). Ratios are to non-private compiled.
 
-Arithmetic floor per model: FLOPs of the per-sample norm rules fx_bk chose (sum over sites of
-``site.cost`` x B x 2) over the non-private step's FLOPs (``FlopCounterMode`` on the plain
-model's forward + loss + backward): ``floor = 1 + extra / base``, printed next to the measured
-fx_bk compiled ratio.
+Arithmetic floor per model: FLOPs of one fx_bk step over those of one non-private step, both
+counted by ``FlopCounterMode`` (forward + loss + backward, eager, on copies of the same model;
+the fx_bk module is called once to trace it, then counted), ``floor = bk / base``, printed next
+to the measured fx_bk compiled ratio. The counter sees matmul-like ops, convolutions (grouped
+weight gradients corrected here), attention (CPU's flash SDPA through formulas added here) and
+``fx_bk::ghost_norm`` (through the formula registered next to it), not elementwise ops or
+reductions. Counted, not
+estimated from the rules' costs: the GEMMs that take the place of the non-private
+weight-gradient GEMM (instantiate's per-sample GEMMs, ghost / rank-one's clipped ``(C g)^T a``)
+are not counted on top of it.
 """
 
 from __future__ import annotations
@@ -66,6 +76,7 @@ import torch
 from torch import nn
 
 import fx_bk
+import fx_bk.kernels.ghost_norm  # noqa: F401 - registers the FlopCounterMode formula of the op
 from benchmarks.bench_models import LONG_NAMES, MODEL_NAMES, BenchModel, bench_models
 
 BASELINE = "non-private compiled"
@@ -172,10 +183,13 @@ def selected_variants(args) -> list[str]:
 class Variant:
     """One way of running a training step on its own copy of the model."""
 
-    def __init__(self, name: str, step_fn=None, bk=None, error: str | None = None):
+    def __init__(self, name: str, step_fn=None, bk=None, error: str | None = None,
+                 model: nn.Module | None = None, opt=None):
         self.name = name
         self.step_fn = step_fn  # (x, y, keep_grads=False) -> first-step clipped grads or None
         self.bk = bk  # the fx_bk module, for its traced program
+        self.model = model  # the module whose parameters are trained (not the wrapper)
+        self.opt = opt  # its optimizer (Opacus: the DPOptimizer)
         self.times: list[float] = []
         self.steps = 0  # timed steps per round
         self.round_ms: list[float] = []  # median step of each round
@@ -200,7 +214,7 @@ def _plain(bm: BenchModel, model: nn.Module, compiled: bool, args) -> Variant:
         opt.zero_grad(set_to_none=True)
         return grads
 
-    return Variant("", step)
+    return Variant("", step, model=model, opt=opt)
 
 
 def _fx_bk(bm: BenchModel, model: nn.Module, compiled: bool, args) -> Variant:
@@ -219,7 +233,7 @@ def _fx_bk(bm: BenchModel, model: nn.Module, compiled: bool, args) -> Variant:
         opt.zero_grad(set_to_none=True)
         return grads
 
-    return Variant("", step, bk=bk)
+    return Variant("", step, bk=bk, model=model, opt=opt)
 
 
 def _opacus_hooks(bm: BenchModel, model: nn.Module, args) -> Variant:
@@ -243,7 +257,7 @@ def _opacus_hooks(bm: BenchModel, model: nn.Module, args) -> Variant:
         opt.zero_grad(set_to_none=True)
         return grads
 
-    return Variant("", step)
+    return Variant("", step, model=model, opt=opt)
 
 
 def _opacus_ghost(bm: BenchModel, model: nn.Module, args) -> Variant:
@@ -269,7 +283,7 @@ def _opacus_ghost(bm: BenchModel, model: nn.Module, args) -> Variant:
         opt.zero_grad(set_to_none=True)
         return grads
 
-    return Variant("", step)
+    return Variant("", step, model=model, opt=opt)
 
 
 def build_variant(name: str, bm: BenchModel, base: nn.Module, args) -> Variant:
@@ -312,28 +326,75 @@ def _rel_diff(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> float:
 # --------------------------------------------------------------------------- floor
 
 
-def base_flops(bm: BenchModel, base: nn.Module, x, y) -> int:
-    """FLOPs of the plain model's forward + loss + backward (FlopCounterMode: matmul-like ops)."""
-    from torch.utils.flop_counter import FlopCounterMode
+def flop_counter():
+    """``FlopCounterMode`` with two gaps of torch 2.13's formulas filled: CPU's flash SDPA and its
+    backward count as the CUDA kernels do (every T x T score, causal or not; without them
+    attention counts 0 on CPU, in both steps, which raises the floor), and
+    ``convolution_backward``'s weight gradient is divided by ``groups`` (upstream counts a
+    grouped one as if every input channel met every output channel: ``groups`` times too
+    much, as in a per-sample conv gradient with the batch folded into groups)."""
+    from torch.utils import flop_counter as fc
 
-    model = copy.deepcopy(base)
-    with FlopCounterMode(display=False) as counter:
+    aten = torch.ops.aten
+
+    def sdpa(q, k, v, *args, out_shape=None, **kwargs):
+        return fc.sdpa_flop_count(q, k, v)
+
+    def sdpa_backward(grad_out, q, k, v, *args, out_shape=None, **kwargs):
+        return fc.sdpa_backward_flop_count(grad_out, q, k, v)
+
+    def conv_backward(grad_out, x, w, bias, stride, padding, dilation, transposed,
+                      output_padding, groups, output_mask, out_shape=None, **kwargs):
+        def t(shape):  # swap the batch and channel dims
+            return [shape[1], shape[0], *shape[2:]]
+
+        flops = 0
+        if output_mask[0]:  # grad_input: conv_transpose(grad_out, w), per group already
+            flops += fc.conv_flop_count(grad_out, w, out_shape[0], not transposed)
+        if output_mask[1]:  # grad_weight: conv(x^T, grad_out^T) (transposed: swapped)
+            inp, wt = (grad_out, x) if transposed else (x, grad_out)
+            flops += fc.conv_flop_count(t(inp), t(wt), t(out_shape[1])) // groups
+        return flops
+
+    mapping = {op: f for op, f in {aten._scaled_dot_product_flash_attention_for_cpu: sdpa,
+                                   aten._scaled_dot_product_flash_attention_for_cpu_backward:
+                                   sdpa_backward}.items() if op not in fc.flop_registry}
+    mapping[aten.convolution_backward] = conv_backward
+    return fc.FlopCounterMode(display=False, custom_mapping=mapping)
+
+
+def step_flops(bm: BenchModel, model: nn.Module, x, y) -> int:
+    """FLOPs of ``model``'s forward + loss + backward, eager (``flop_counter``: matmul-like ops,
+    SDPA, convolutions and ``fx_bk::ghost_norm``; elementwise ops and reductions are free)."""
+    with flop_counter() as counter:
         bm.per_sample_loss(model(x), y).mean().backward()
     return int(counter.get_total_flops())
 
 
-def rule_flops(bk, batch: int) -> tuple[int, list[dict]] | None:
-    """FLOPs of the chosen per-sample rules: sum over sites of ``cost`` (MACs/sample) x B x 2."""
+def measure_floor(bm: BenchModel, base: nn.Module, x, y, max_grad_norm: float) -> dict:
+    """Counted FLOPs of one fx_bk step over those of the non-private step, both eager on copies
+    of ``base``: ``floor = bk_flops / base_flops``. The BK graphs are traced by a first call, the
+    second is counted. ``rules``: the per-sample rules fx_bk chose (information only)."""
+    base_f = step_flops(bm, copy.deepcopy(base), x, y)
+    bk = fx_bk.transform(copy.deepcopy(base), max_grad_norm=max_grad_norm)
+    bm.per_sample_loss(bk(x), y).mean().backward()  # builds the programs
+    bk.zero_grad(set_to_none=True)
+    bk_f = step_flops(bm, bk, x, y)
+    return {"base_flops": base_f, "bk_flops": bk_f, "extra_flops": bk_f - base_f,
+            "floor": bk_f / base_f, "rules": rule_detail(bk)}
+
+
+def rule_detail(bk) -> list[dict]:
+    """Sites per chosen rule/strategy and their summed ``site.cost`` (MACs per sample of the
+    rule's estimate: the norm, and for instantiate the per-sample gradients)."""
     if bk is None or not bk.programs:
-        return None
-    sites = bk.programs[-1].prog.sites
+        return []
     detail: dict[str, dict] = {}
-    for s in sites:
+    for s in bk.programs[-1].prog.sites:
         d = detail.setdefault(f"{s.rule.name}/{s.strategy}", {"sites": 0, "macs_per_sample": 0})
         d["sites"] += 1
         d["macs_per_sample"] += int(s.cost)
-    total = sum(int(s.cost) for s in sites) * batch * 2
-    return total, [{"rule": k, **v} for k, v in sorted(detail.items())]
+    return [{"rule": k, **v} for k, v in sorted(detail.items())]
 
 
 # --------------------------------------------------------------------------- stats
@@ -450,16 +511,9 @@ def run_model(bm: BenchModel, args, variant_names: list[str]) -> dict:
             v.round_ms.append(1e3 * statistics.median(ts))
         print(f"  round {r + 1}/{args.rounds} done", flush=True)
 
-    bk = next((v.bk for v in variants if v.name == "fx_bk eager" and not v.error), None)
-    bk = bk or next((v.bk for v in variants if v.bk is not None and not v.error), None)
-    floor = None
-    try:
-        base_f = base_flops(bm, base, x, y)
-        extra = rule_flops(bk, bm.batch_size)
-        if extra is not None and base_f > 0:
-            floor = {"base_flops": base_f, "extra_flops": extra[0], "rules": extra[1],
-                     "floor": 1 + extra[0] / base_f}
-    except Exception as e:  # noqa: BLE001
+    try:  # after the timing rounds: FlopCounterMode is never active while timing
+        floor = measure_floor(bm, base, x, y, args.max_grad_norm)
+    except Exception as e:  # noqa: BLE001 - e.g. a model fx_bk rejects
         floor = {"error": _reason(e)}
 
     baseline = next(v for v in variants if v.name == BASELINE)
@@ -518,12 +572,54 @@ def _hwm_mb() -> float | None:
     return None
 
 
+def training_bytes(v: Variant, x, y) -> int:
+    """Bytes of the tensors a training step keeps between steps: the trained module's parameters
+    and their ``.grad``, the optimizer's state tensors and the batch (one count per storage)."""
+    opt = getattr(v.opt, "original_optimizer", v.opt)  # Opacus: the wrapped optimizer's state
+    tensors = [t for p in v.model.parameters() for t in (p, p.grad)]
+    tensors += [t for st in (opt.state.values() if opt is not None else ()) for t in st.values()]
+    seen, total = set(), 0
+    for t in [*tensors, x, y]:
+        if isinstance(t, torch.Tensor) and t.untyped_storage().data_ptr() not in seen:
+            seen.add(t.untyped_storage().data_ptr())
+            total += t.untyped_storage().nbytes()
+    return total
+
+
+def tensor_peak(v: Variant, x, y, device: str) -> dict:
+    """Peak tensor memory of one step, the CPU analogue of ``torch.cuda.max_memory_allocated``:
+    the step runs under ``torch.profiler`` with ``profile_memory=True``; the running sum of its
+    allocator events (``[memory]``, signed bytes, on ``device``) in time order peaks at
+    ``transient`` bytes above the start; ``live``: ``training_bytes`` before the step.
+    ``tensor_peak_mb = (live + transient) / 2**20``."""
+    from torch.autograd import DeviceType
+    from torch.profiler import ProfilerActivity, profile
+
+    live = training_bytes(v, x, y)
+    kind = DeviceType.CUDA if device.startswith("cuda") else DeviceType.CPU
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        v.step_fn(x, y)
+        _sync(device)
+    events = sorted((e for e in prof.profiler.kineto_results.events()
+                     if e.name() == "[memory]" and e.device_type() == kind),
+                    key=lambda e: e.start_ns())
+    cur = peak = 0
+    for e in events:
+        cur += e.nbytes()  # > 0 allocation, < 0 free
+        peak = max(peak, cur)
+    return {"tensor_peak_mb": (live + peak) / 2**20, "tensor_live_mb": live / 2**20,
+            "tensor_transient_mb": peak / 2**20, "tensor_step_net_mb": cur / 2**20,
+            "memory_events": len(events)}
+
+
 def memory_child(args) -> dict:
     """Runs in a fresh process: builds one model and one variant, a few steps, peak memory.
 
-    CPU: ``peak_rss_mb`` is the process's peak RSS (VmHWM; ``ru_maxrss`` where /proc is
-    missing), ``rss_before_mb`` its RSS before the model was built, ``steady_peak_rss_mb`` the
-    peak over the steps after the first two (VmHWM reset in between, where allowed)."""
+    ``peak_rss_mb`` is the process's peak RSS (VmHWM; ``ru_maxrss`` where /proc is missing),
+    ``rss_before_mb`` its RSS before the model was built, ``steady_peak_rss_mb`` the peak over
+    the steps after the first two (VmHWM reset in between, where allowed); on CUDA also
+    ``torch.cuda.max_memory_allocated``. Then one more step under the profiler:
+    ``tensor_peak_mb`` (``tensor_peak``), after the RSS figures were read."""
     model_name, variant = args.memory_child
     bm = selected_models(argparse.Namespace(**{**vars(args), "models": [model_name]}))[model_name]
     _preload(model_name.startswith("gpt2"))  # imports count as "before", as in every child
@@ -563,6 +659,10 @@ def memory_child(args) -> dict:
     out["steady_peak_rss_mb"] = hwm if reset else None
     if cuda:
         out["cuda_steady_max_allocated_mb"] = torch.cuda.max_memory_allocated() / 2**20
+    try:
+        out.update(tensor_peak(v, x, y, args.device))
+    except Exception as e:  # noqa: BLE001 - the RSS / CUDA figures stand without it
+        out["tensor_peak_error"] = _reason(e)
     return out
 
 
@@ -680,8 +780,11 @@ def _run_children(args, jobs: list[tuple[str, str]], timeout: float, on_done=Non
 
 
 def add_memory(results: dict, args) -> None:
-    """One fresh process per (model, variant), ``--memory-jobs`` at a time."""
-    key = "cuda_max_allocated_mb" if args.device.startswith("cuda") else "peak_rss_mb"
+    """One fresh process per (model, variant), ``--memory-jobs`` at a time. Per variant:
+    ``peak_mb`` (CPU: ``tensor_peak_mb``; CUDA: ``cuda_max_allocated_mb``), ``rss_delta_mb``
+    (peak RSS minus the RSS before the model), and their ratios to the baseline's:
+    ``memory_ratio``, ``rss_ratio``."""
+    cuda = args.device.startswith("cuda")
     rows = {(model, variant): row for model, res in results["models"].items()
             for variant, row in res["variants"].items()}
     for row in rows.values():
@@ -692,15 +795,13 @@ def add_memory(results: dict, args) -> None:
     def done(job, mem):
         model, variant = job
         if "error" not in mem:
-            if key == "peak_rss_mb":
-                mem["peak_delta_mb"] = mem[key] - mem["rss_before_mb"]
-                steady = mem.get("steady_peak_rss_mb")
-                mem["steady_delta_mb"] = None if steady is None else steady - mem["rss_before_mb"]
-            else:
-                mem["peak_delta_mb"] = mem[key]
-                mem["steady_delta_mb"] = mem.get("cuda_steady_max_allocated_mb")
-            print(f"  memory {model:12s} {variant:22s} {mem['peak_delta_mb']:9.1f} MB "
-                  f"({mem['child_s']:.0f} s)", flush=True)
+            mem["rss_delta_mb"] = mem["peak_rss_mb"] - mem["rss_before_mb"]
+            steady = mem.get("steady_peak_rss_mb")
+            mem["rss_steady_delta_mb"] = None if steady is None else steady - mem["rss_before_mb"]
+            mem["peak_mb"] = mem.get("cuda_max_allocated_mb" if cuda else "tensor_peak_mb")
+            mem["steady_mb"] = mem.get("cuda_steady_max_allocated_mb")
+            print(f"  memory {model:12s} {variant:22s} {_fmt(mem['peak_mb'], '9.1f')} MB, "
+                  f"peak RSS +{mem['rss_delta_mb']:.0f} MB ({mem['child_s']:.0f} s)", flush=True)
         else:
             print(f"  memory {model:12s} {variant:22s} n/a ({mem['error']})", flush=True)
         rows[job]["memory"] = mem
@@ -708,10 +809,12 @@ def add_memory(results: dict, args) -> None:
     if jobs:
         _run_children(args, jobs, timeout=900 * len(jobs), on_done=done)
     for res in results["models"].values():
-        base = res["variants"].get(BASELINE, {}).get("memory", {}).get("peak_delta_mb")
+        base = res["variants"].get(BASELINE, {}).get("memory", {})
         for row in res["variants"].values():
-            d = row.get("memory", {}).get("peak_delta_mb")
-            row["memory_ratio"] = d / base if d is not None and base else None
+            mem = row.get("memory", {})
+            for key, out in (("peak_mb", "memory_ratio"), ("rss_delta_mb", "rss_ratio")):
+                d, b = mem.get(key), base.get(key)
+                row[out] = d / b if d is not None and b else None
 
 
 # --------------------------------------------------------------------------- output
@@ -723,7 +826,7 @@ def _fmt(v, spec: str = ".1f", suffix: str = "") -> str:
 
 def table(results: dict) -> str:
     m = results["machine"]
-    mem_key = "CUDA max allocated" if m["device"].startswith("cuda") else "peak RSS"
+    cuda = m["device"].startswith("cuda")
     lines = [
         f"Machine: {m['cpu']} (platform.processor: {m['processor'] or '?'}) | "
         f"{m['cpu_count']} CPUs | {m['threads']} threads | device {m['device']}"
@@ -733,15 +836,17 @@ def table(results: dict) -> str:
         f"{results['config']['rounds']} rounds x >= {results['config']['steps_per_round']} steps "
         f"per variant (more for steps shorter than {results['config']['min_round_ms']:.0f} ms "
         f"per round), interleaved; ratio = median over rounds of (variant / {BASELINE}) per round; "
-        f"memory: {mem_key} of a fresh process per model and variant"
-        + (", minus its RSS before the model was built; whole run (compilation included) "
-           "[steps after the first two]" if mem_key == "peak RSS" else
-           " (whole run [steps after the first two])"),
+        "memory: a fresh process per model and variant; peak memory: "
+        + ("torch.cuda.max_memory_allocated, whole run [steps after the first two]" if cuda else
+           "tensor peak of one steady step (allocator events under torch.profiler) plus the "
+           "parameters, grads, optimizer state and batch alive before it")
+        + "; peak RSS: minus the RSS before the model was built, whole run (compilation "
+        "included) [steps after the first two]",
         "",
         "| model | variant | median ms | p25 ms | p75 ms | vs non-private compiled [p25, p75] "
-        "| first step s | peak memory MB [steady] | memory vs non-private compiled "
-        "| grad rel diff |",
-        "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|",
+        "| first step s | peak memory MB | memory vs non-private compiled | peak RSS MB [steady] "
+        "| RSS vs non-private compiled | grad rel diff |",
+        "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     summary = ["", "| model | arithmetic floor | fx_bk compiled | fx_bk eager | Opacus ghost "
                "| Opacus hooks | Opacus ghost / fx_bk compiled |",
@@ -751,11 +856,16 @@ def table(results: dict) -> str:
         for name, r in rows.items():
             if r["error"]:
                 lines.append(f"| {model} | {name} | n/a ({r['error'].replace('|', '/')}) "
-                             "| | | | | | | |")
+                             "| | | | | | | | | |")
                 continue
             mem = r.get("memory") or {}
-            mem_s = ("-" if not mem else f"n/a ({mem['error']})" if "error" in mem
-                     else f"{mem['peak_delta_mb']:.0f} [{_fmt(mem.get('steady_delta_mb'), '.0f')}]")
+            if not mem or "error" in mem:
+                mem_s = rss_s = "-" if not mem else f"n/a ({mem['error']})"
+            else:
+                mem_s = _fmt(mem["peak_mb"]) + (
+                    f" [{_fmt(mem['steady_mb'])}]" if mem.get("steady_mb") is not None else "")
+                rss_s = (f"{mem['rss_delta_mb']:.0f} "
+                         f"[{_fmt(mem.get('rss_steady_delta_mb'), '.0f')}]")
             gc_ = r["grad_check_rel_diff"]
             bold = "**" if name == "fx_bk compiled" else ""
             lines.append(
@@ -763,11 +873,12 @@ def table(results: dict) -> str:
                 f"| {_fmt(r['p75_ms'])} | {bold}{_fmt(r['ratio'], '.2f', 'x')}{bold} "
                 f"[{_fmt(r['ratio_p25'], '.2f')}, {_fmt(r['ratio_p75'], '.2f')}] "
                 f"| {_fmt(r['first_step_s'], '.2f')} | {mem_s} "
-                f"| {_fmt(r.get('memory_ratio'), '.2f', 'x') if mem else '-'} "
+                f"| {_fmt(r.get('memory_ratio'), '.2f', 'x') if mem else '-'} | {rss_s} "
+                f"| {_fmt(r.get('rss_ratio'), '.2f', 'x') if mem else '-'} "
                 f"| {'-' if gc_ is None else format(gc_, '.1e')} |")
         fl = res["floor"] or {}
         floor_s = (f"n/a ({fl['error']})" if "error" in fl else "n/a" if not fl else
-                   f"1 + {fl['extra_flops'] / 1e9:.3g}/{fl['base_flops'] / 1e9:.3g} GFLOP "
+                   f"{fl['bk_flops'] / 1e9:.4g}/{fl['base_flops'] / 1e9:.4g} GFLOP "
                    f"= {fl['floor']:.3f}")
 
         def ratio(name, rows=rows):
@@ -783,11 +894,11 @@ def table(results: dict) -> str:
                        f"| {ratio('fx_bk eager')} | {ratio('Opacus ghost')} "
                        f"| {ratio('Opacus hooks')} | {_fmt(speed, '.2f', 'x')} |")
     lines += summary
-    lines += ["", "Ratios are step time / non-private compiled. Floor: FLOPs of the per-sample "
-              "norm rules fx_bk chose (sum of site.cost x B x 2) over the non-private step's "
-              "FLOPs (FlopCounterMode, forward + backward). grad rel diff: max over parameters "
-              "of ||g - g_ref|| / ||g_ref|| of the first step's clipped sum (ref: fx_bk eager; "
-              "non-private eager for non-private compiled)."]
+    lines += ["", "Ratios are step time / non-private compiled. Floor: counted FLOPs of one fx_bk "
+              "step over those of the non-private step (FlopCounterMode, eager forward + loss + "
+              "backward; matmul-like ops, convolutions, attention, fx_bk::ghost_norm). "
+              "grad rel diff: max over parameters of ||g - g_ref|| / ||g_ref|| of the first "
+              "step's clipped sum (ref: fx_bk eager; non-private eager for non-private compiled)."]
     return "\n".join(lines)
 
 

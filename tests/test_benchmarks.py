@@ -45,7 +45,8 @@ def test_step_benchmark_tiny_run(tmp_path, capsys):
     for name in ("fx_bk compiled", "Opacus hooks", "Opacus ghost"):  # same clipped sum
         assert m["variants"][name]["grad_check_rel_diff"] < 1e-4, name
     floor = m["floor"]
-    assert floor["base_flops"] > 0 and floor["extra_flops"] > 0
+    assert floor["base_flops"] > 0
+    assert floor["extra_flops"] == floor["bk_flops"] - floor["base_flops"]
     assert math.isfinite(floor["floor"]) and floor["floor"] >= 1.0
 
     for name in step.VARIANTS:
@@ -54,12 +55,78 @@ def test_step_benchmark_tiny_run(tmp_path, capsys):
     if res.get("plot"):  # matplotlib installed
         assert out_png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
+    for i, row in enumerate(m["variants"].values()):  # memory columns, as add_memory fills them
+        row["memory"] = {"peak_mb": 10.0 + i, "rss_delta_mb": 100.0, "rss_steady_delta_mb": 90.0}
+        row["memory_ratio"], row["rss_ratio"] = 1.0 + i, 1.0
+    lines = step.table(data).splitlines()
+    rows = [ln for ln in lines if any(ln.startswith(f"| mlp | {n} |") for n in step.VARIANTS)]
+    header = next(ln for ln in lines if ln.startswith("| model | variant"))
+    assert {ln.count("|") for ln in rows} == {header.count("|")}
+    assert "| 11.0 | 2.00x | 100 [90] | 1.00x |" in rows[1]
 
-def test_memory_subprocess_reports_peak_rss():
-    args = step.parse_args(["--quick", "--models", "mlp", "--batch", "4", "--memory-steps", "1"])
+
+def _quick_mlp(batch: int | None = None):
+    args = step.parse_args(["--quick", "--models", "mlp"]
+                           + ([] if batch is None else ["--batch", str(batch)]))
+    bm = step.selected_models(args)["mlp"]
+    torch.manual_seed(0)
+    return args, bm, bm.build(), *bm.batch(0)
+
+
+def _param_bytes(model) -> int:
+    return sum(p.numel() * p.element_size() for p in model.parameters())
+
+
+def test_memory_subprocess_reports_peak_rss_and_tensor_peak():
+    args, bm, base, x, y = _quick_mlp(batch=4)
+    args.memory_steps = 1
     mem = step.measure_memory(args, "mlp", "non-private eager", timeout=120)
     assert "error" not in mem, mem
     assert mem["peak_rss_mb"] >= mem["rss_before_mb"] > 0
+    assert "tensor_peak_error" not in mem, mem
+    assert mem["tensor_peak_mb"] * 2**20 >= 2 * _param_bytes(base)  # parameters + grads
+
+
+@pytest.mark.parametrize("variant", ["non-private eager", "fx_bk eager"])
+def test_tensor_peak_counts_training_state_and_the_step(variant):
+    args, bm, base, x, y = _quick_mlp(batch=4)
+    v = step.build_variant(variant, bm, base, args)
+    assert v.error is None and v.model is not None and v.opt is not None
+    for _ in range(2):
+        v.step_fn(x, y)
+    params = _param_bytes(base)
+    live = step.training_bytes(v, x, y)  # grads are None between steps (set_to_none)
+    assert live == params + x.numel() * x.element_size() + y.numel() * y.element_size()
+    peak = step.tensor_peak(v, x, y, "cpu")
+    assert peak["memory_events"] > 0 and peak["tensor_transient_mb"] > 0
+    assert peak["tensor_live_mb"] * 2**20 == live
+    assert peak["tensor_peak_mb"] * 2**20 >= 2 * params  # parameters + the grads the step makes
+    assert abs(peak["tensor_step_net_mb"]) * 2**20 < params  # what the step made, it freed
+
+
+def test_floor_is_measured_and_rank_one_mlp_is_close_to_one():
+    args, bm, base, x, y = _quick_mlp()
+    floor = step.measure_floor(bm, base, x, y, max_grad_norm=1.0)
+    assert floor["base_flops"] > 0 and floor["bk_flops"] >= floor["base_flops"]
+    assert floor["extra_flops"] == floor["bk_flops"] - floor["base_flops"]
+    assert floor["floor"] == floor["bk_flops"] / floor["base_flops"]
+    assert [r["rule"] for r in floor["rules"]] == ["linear/rank-one"]
+    assert 1.0 <= floor["floor"] < 1.01  # rank-one: norms are elementwise, the clipped GEMM
+    # takes the non-private weight-gradient GEMM's place
+
+
+@pytest.mark.parametrize("block", [None, 16])
+def test_flop_counter_counts_ghost_norm(block):
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from fx_bk.kernels.ghost_norm import DEFAULT_BLOCK, ghost_cost
+
+    a, g = torch.randn(3, 100, 8), torch.randn(3, 100, 5)  # [N, T, d], [N, T, p]
+    kwargs = {} if block is None else {"block": block}
+    with FlopCounterMode(display=False) as counter:
+        torch.ops.fx_bk.ghost_norm(a, g, **kwargs)
+    expected = 2 * 3 * ghost_cost(100, 8, 5, block or DEFAULT_BLOCK)
+    assert expected > 0 and counter.get_total_flops() == expected
 
 
 def test_long_rows_only_outside_quick():
@@ -70,3 +137,15 @@ def test_long_rows_only_outside_quick():
     assert step.selected_models(full)["gpt2_V50257"].size["vocab"] == 50257
     with pytest.raises(SystemExit):
         step.parse_args(["--models", "nope"])
+
+
+@pytest.mark.parametrize("conv", [torch.nn.Conv2d, torch.nn.ConvTranspose2d])
+def test_flop_counter_counts_a_grouped_conv_as_its_groups(conv):
+    groups, x = 4, torch.randn(3, 8, 10, 10, requires_grad=True)
+    grouped = conv(8, 12, 3, groups=groups, padding=1)
+    split = [conv(2, 3, 3, padding=1) for _ in range(groups)]
+    with step.flop_counter() as one:
+        grouped(x).sum().backward()
+    with step.flop_counter() as per_group:
+        sum(c(xg).sum() for c, xg in zip(split, x.split(2, 1))).backward()
+    assert one.get_total_flops() == per_group.get_total_flops() > 0

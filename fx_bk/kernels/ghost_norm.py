@@ -15,6 +15,8 @@ memory ``B * block * T`` instead of ``B * T^2``. Per block row ``k``:
   weighted sum to the sample's norm: no Gram matrix ever reaches memory.
 
 A custom op with a fake implementation, so the joint graph and Inductor see one opaque call.
+Opaque to ``torch.utils.flop_counter.FlopCounterMode`` too, so a FLOP formula is registered for
+it: ``2 * B * ghost_cost(T, d, p, block)`` (the Gram products, as for ``bmm``).
 """
 
 from __future__ import annotations
@@ -78,3 +80,24 @@ def _triton_available() -> bool:
 def ghost_cost(t: int, d: int, p: int, block: int = DEFAULT_BLOCK) -> int:
     """Multiply-adds per sample of the blocked ghost norm: block rows k cover T - k columns."""
     return sum(min(block, t - k) * (t - k) for k in range(0, t, block)) * (d + p)
+
+
+def _ghost_norm_flops(a_shape, g_shape, block: int = DEFAULT_BLOCK, **kwargs) -> int:
+    """FLOPs of ``ghost_norm(a [B, T, d], g [B, T, p], block)``: 2 per multiply-add (shapes in,
+    as ``FlopCounterMode`` passes them; ``kwargs``: its ``out_shape``)."""
+    b, t, d = a_shape
+    return 2 * b * ghost_cost(t, d, g_shape[-1], block)
+
+
+def _register_flop_formula() -> None:
+    """Lets ``FlopCounterMode`` count ``fx_bk::ghost_norm``; idempotent, and a no-op (fx_bk still
+    imports) where ``torch.utils.flop_counter`` lacks the registry."""
+    try:
+        from torch.utils.flop_counter import flop_registry, register_flop_formula
+    except ImportError:
+        return
+    if torch.ops.fx_bk.ghost_norm not in flop_registry:
+        register_flop_formula(torch.ops.fx_bk.ghost_norm)(_ghost_norm_flops)
+
+
+_register_flop_formula()
