@@ -221,14 +221,13 @@ def _fx_bk(bm: BenchModel, model: nn.Module, compiled: bool, args) -> Variant:
     bk = fx_bk.transform(model, max_grad_norm=args.max_grad_norm)
     fwd = torch.compile(bk, fullgraph=True) if compiled else bk
     params = [p for p in model.parameters() if p.requires_grad]
-    opt = torch.optim.SGD(params, lr=args.lr)
+    # DP-SGD averages the clipped sum over the expected batch size (a constant, as in Opacus's
+    # DPOptimizer); for SGD that is a learning-rate scale, not an extra pass over the gradients
+    opt = torch.optim.SGD(params, lr=args.lr / bm.batch_size)
 
     def step(x, y, keep_grads=False):
         bm.per_sample_loss(fwd(x), y).mean().backward()  # p.grad = sum_i C_i grad_i
         grads = _grads(model) if keep_grads else None
-        with torch.no_grad():
-            for p in params:
-                p.grad.div_(x.shape[0])
         opt.step()
         opt.zero_grad(set_to_none=True)
         return grads
