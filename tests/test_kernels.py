@@ -1,6 +1,7 @@
 """fx_bk::ghost_norm: the blocked symmetric formula, the custom op's fake implementation, and
 the Triton kernel (run by Triton's interpreter on CPU, in a subprocess: TRITON_INTERPRET must be
-set before triton is imported)."""
+set before triton is imported). fx_bk::embedding_weight_grad: rows summed per index, opaque to
+Inductor."""
 
 from __future__ import annotations
 
@@ -12,6 +13,7 @@ import textwrap
 import pytest
 import torch
 
+from fx_bk.kernels.embedding_grad import embedding_weight_grad
 from fx_bk.kernels.ghost_norm import (
     ghost_cost,
     ghost_norm,
@@ -73,3 +75,32 @@ def test_triton_kernel_under_interpreter():
                          capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr[-3000:]
     assert float(out.stdout.strip().splitlines()[-1]) < 1e-6
+
+
+def test_embedding_weight_grad_sums_rows_per_index():
+    g = torch.Generator().manual_seed(0)
+    rows = torch.randn(50, 6, generator=g, dtype=torch.float64)
+    idx = torch.randint(0, 7, (50,), generator=g)  # repeated indices; some rows never hit
+    want = torch.zeros(9, 6, dtype=torch.float64).index_add(0, idx, rows)
+    torch.testing.assert_close(embedding_weight_grad(rows, idx, 9), want, rtol=0, atol=1e-12)
+    torch.library.opcheck(torch.ops.fx_bk.embedding_weight_grad.default, (rows, idx, 9))
+
+
+def test_embedding_clipped_grad_is_one_opaque_call_in_the_compiled_backward():
+    """Inductor would lower an index_add in the graph to its own (slow on CPU) scatter loop."""
+    from torch._inductor.utils import run_and_get_code
+
+    import fx_bk
+
+    model = torch.nn.Sequential(torch.nn.Embedding(11, 4), torch.nn.Flatten(),
+                                torch.nn.Linear(12, 2))
+    bk = torch.compile(fx_bk.transform(model, max_grad_norm=1.0), fullgraph=True)
+    x = torch.randint(0, 11, (5, 3))
+
+    def step():
+        bk(x).sum().backward()
+
+    _, codes = run_and_get_code(step)
+    backward = "\n".join(codes)
+    assert "fx_bk.embedding_weight_grad" in backward
+    assert "atomic_add" not in backward

@@ -2,13 +2,16 @@
 
 * norm (ghost):  ``||G_i||^2 = sum_{t,t'} [x_t = x_t'] <g_t, g_t'>`` over positions that are not
   ``padding_idx`` (their gradient is zero in PyTorch; Opacus counts them)   cost T^2 d, memory B T^2
-* clipped:       ``index_add`` of ``c_i g_it`` into row ``x_it`` (never a B T V one-hot)
+* clipped:       ``c_i g_it`` summed into row ``x_it`` by the embedding's own backward kernel
+                 (``fx_bk::embedding_weight_grad``; never a B T V one-hot)
 * per sample:    ``[B, V, d]`` via one ``index_add`` (only for parameters shared across rules).
 """
 
 from __future__ import annotations
 
 import torch
+
+from fx_bk.kernels.embedding_grad import embedding_weight_grad
 
 from . import Rule, accumulation_dtype, register_rule
 
@@ -63,8 +66,7 @@ class EmbeddingRule(Rule):
         name = values[0].site.params["weight"]
         vocab = values[0].site.shapes["weight"][0]
         cg = (g * c.to(g.dtype)[:, None, None]).reshape(-1, g.shape[-1])  # [B*T, d]
-        out = torch.zeros(vocab, g.shape[-1], dtype=g.dtype, device=g.device)
-        return {name: out.index_add(0, x.reshape(-1), cg)}
+        return {name: embedding_weight_grad(cg, x.reshape(-1), vocab)}
 
     def per_sample_grads(self, value):
         x, g = self._flat(value)
