@@ -13,10 +13,11 @@ Linear formulas apply group by group:
 Only the ghost norm needs im2col's ``a``. The weight gradients themselves are computed by the
 convolution's own weight-gradient kernel (``aten.convolution_backward``, as autograd does for the
 non-private step), which never materialises ``a``: the clipped sum is the weight gradient of
-``c * g``, and the per-sample gradients ``G`` of B samples are the weight gradient of one
-convolution with ``B * groups`` groups over the batch folded into the channels (``x: [1, B Cin,
-*S]``, ``g: [1, B Cout, *S']``). im2col + batched GEMM remain the path for asymmetric padding
-(``padding="same"`` with an even kernel), which ``convolution_backward`` cannot express.
+``c * g`` (or of ``c * x`` against ``g``, whichever is smaller), and the per-sample gradients
+``G`` of B samples are the weight gradient of one convolution with ``B * groups`` groups over the
+batch folded into the channels (``x: [1, B Cin, *S]``, ``g: [1, B Cout, *S']``). im2col +
+batched GEMM remain the path for asymmetric padding (``padding="same"`` with an even kernel),
+which ``convolution_backward`` cannot express.
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ import torch
 from fx_bk.kernels.ghost_norm import ghost_cost, ghost_norm
 
 from . import Rule, instantiated_cost, register_rule, squared_norm, weighted_sum
+from .linear import scale_smaller
 
 aten = torch.ops.aten
 
@@ -183,8 +185,8 @@ class ConvRule(Rule):
             if "G" in state:
                 w = weighted_sum(c, state["G"])
             else:
-                cg = value.grad * c.to(value.grad.dtype).reshape(-1, *[1] * (value.grad.dim() - 1))
-                w = conv_weight_grad(value.tensors["input"], cg, site, per_sample=False,
+                x, cg = scale_smaller(value.tensors["input"], value.grad, c)
+                w = conv_weight_grad(x, cg, site, per_sample=False,
                                      transposed=self.is_transposed(site))
                 if w is None:  # im2col path: one batched GEMM over the groups
                     a, g = state["a"], state["g"]

@@ -7,7 +7,9 @@ All leading non-batch dims fold into T positions: ``a: [B, T, d]``, ``g: [B, T, 
                 pairs k <= l of the symmetric Gram matrices: cost ~T^2 (d + p) / 2,
                 memory B T block (``fx_bk/kernels/ghost_norm.py``; Triton on CUDA)
 * instantiate:  ``G_i = g_i^T a_i``, ``||G_i||^2 = sum G_i^2``  cost T p d,   memory B p d
-* clipped:      ``sum_i c_i G_i = (c g)^T a`` (one GEMM; ``einsum(c, G)`` when instantiated)
+* clipped:      ``sum_i c_i G_i = (c g)^T a = g^T (c a)`` (one GEMM, the smaller of ``a`` and ``g``
+                scaled: for an LM head ``a`` has d columns, ``g`` V; ``einsum(c, G)`` when
+                instantiated)
 * bias:         ``b_i = sum_t g_it``,  clipped ``c @ b``.
 
 The strategy is chosen per site from its static shapes by a time model: multiply-adds, plus a
@@ -44,6 +46,14 @@ def batch_first(t: torch.Tensor, value: SiteValues) -> torch.Tensor:
         sizes = [value.batch if d == "B" else d for d in prefix]
         t = t.reshape(*sizes, *t.shape[n_lead:]).movedim(k, 0)
     return t.reshape(value.batch, -1, t.shape[-1])
+
+
+def scale_smaller(a: torch.Tensor, g: torch.Tensor, c: torch.Tensor):
+    """``(a, c * g)`` or ``(c * a, g)``, whichever scales fewer elements: ``sum_i c_i g_i^T a_i``
+    is bilinear, so the clip factors ``c: [B]`` may go on either factor (both batch-first)."""
+    if g[0].numel() <= a[0].numel():
+        return a, g * c.to(g.dtype).reshape(-1, *[1] * (g.dim() - 1))
+    return a * c.to(a.dtype).reshape(-1, *[1] * (a.dim() - 1)), g
 
 
 def positions(shape) -> int:
@@ -128,10 +138,10 @@ class LinearRule(Rule):
         if "G" in state:
             grads[weight] = weighted_sum(c, state["G"])
         else:
-            a, g = state["a"], state["g"]
-            cg = (g * c.to(g.dtype)[:, None, None]).reshape(-1, g.shape[-1])  # [B T, p]
+            a, g = scale_smaller(state["a"], state["g"], c)  # (c g)^T a = g^T (c a)
+            g = g.reshape(-1, g.shape[-1])  # [B T, p]
             a = a.reshape(-1, a.shape[-1])  # [B T, d]
-            grads[weight] = a.t() @ cg if self.transposed_weight else cg.t() @ a
+            grads[weight] = a.t() @ g if self.transposed_weight else g.t() @ a
         return grads
 
     def _per_sample_weight(self, a, g):
