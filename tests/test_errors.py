@@ -60,6 +60,18 @@ class Centered(nn.Module):
         return h - h.mean(0, keepdim=True)
 
 
+class WeaklyCoupled(nn.Module):
+    """A batch statistic with a small weight: a large batch and a 1% share still move every
+    sample far above the check's rounding tolerance (1e-4 of the largest value in float32)."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(4, 3)
+
+    def forward(self, x):
+        return self.fc(x + 0.01 * x.mean(0, keepdim=True))
+
+
 class MixesBeforeSite(nn.Module):
     def __init__(self):
         super().__init__()
@@ -85,9 +97,10 @@ class MixesTokens(nn.Module):
     [
         (Centered(), torch.randn(5, 4), "aten.mean"),
         (MixesBeforeSite(), torch.randn(5, 4), "aten.softmax"),
+        (WeaklyCoupled(), torch.randn(64, 4), "aten.mean"),
         (MixesTokens(), torch.randint(0, 10, (5, 6)), "aten.sum"),
     ],
-    ids=["sub-batch-mean", "softmax-dim0", "int-inputs"],
+    ids=["sub-batch-mean", "softmax-dim0", "weak-batch-mean-B64", "int-inputs"],
 )
 def test_mixing_samples_is_detected(model, x, op):
     bk = fx_bk.transform(model, max_grad_norm=1.0)
