@@ -21,6 +21,8 @@ positions are concatenated along T, which gives the exact norm including the cro
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 from fx_bk.kernels.ghost_norm import ghost_cost, ghost_norm
@@ -51,7 +53,7 @@ def batch_first(t: torch.Tensor, value: SiteValues) -> torch.Tensor:
 def scale_smaller(a: torch.Tensor, g: torch.Tensor, c: torch.Tensor):
     """``(a, c * g)`` or ``(c * a, g)``, whichever scales fewer elements: ``sum_i c_i g_i^T a_i``
     is bilinear, so the clip factors ``c: [B]`` may go on either factor (both batch-first)."""
-    if g[0].numel() <= a[0].numel():
+    if math.prod(g.shape[1:]) <= math.prod(a.shape[1:]):  # per-sample sizes: static
         return a, g * c.to(g.dtype).reshape(-1, *[1] * (g.dim() - 1))
     return a * c.to(a.dtype).reshape(-1, *[1] * (a.dim() - 1)), g
 
