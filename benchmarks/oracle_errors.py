@@ -10,8 +10,8 @@ from __future__ import annotations
 import torch
 
 import fx_bk
-from tests.models import MODELS, OPACUS_MODELS, batch_for
-from tests.oracles import fx_bk_grads, max_rel_err, opacus_clipped_sum, vmap_clipped_sum
+from fx_bk.testing import fx_bk_grads, max_rel_err, opacus_clipped_sum, vmap_clipped_sum
+from fx_bk.testing.models import MODELS, OPACUS_MODELS, batch_for
 
 
 def worst(name: str, dtype, compiled: bool, oracle: str) -> float:

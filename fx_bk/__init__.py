@@ -3,15 +3,21 @@
     model = fx_bk.transform(model, max_grad_norm=1.0)   # loss_reduction="mean" by default
     model = torch.compile(model, fullgraph=True)        # optional
     loss = criterion(model(x), y); loss.backward()      # p.grad == sum_i C_i grad l_i
+
+``transform``, ``explain`` and ``PrivacyEngine`` are imported on first use: the graph passes
+(``passes/``) sit between the rules and the runtime and import ``fx_bk``'s lower layers, so the
+package's own ``__init__`` must not pull the runtime in eagerly.
 """
 
 from __future__ import annotations
 
-from .api import transform
+import importlib
+
 from .config import BKConfig
 from .errors import ConfigError, FxBkError, Problem, UnsupportedModelError
-from .explain import explain
 from .losses import sequence_cross_entropy
+from .rules import Rule, register_rule
+from .site import Site, SiteValues, Strategy
 
 __all__ = [
     "BKConfig",
@@ -19,22 +25,39 @@ __all__ = [
     "FxBkError",
     "PrivacyEngine",
     "Problem",
+    "Rule",
+    "Site",
+    "SiteValues",
+    "Strategy",
     "UnsupportedModelError",
     "explain",
+    "register_rule",
     "sequence_cross_entropy",
     "transform",
 ]
 __version__ = "0.1.0"
 
+_LAZY = {"transform": ".api", "explain": ".explain", "BKModule": ".runtime",
+         "PrivacyEngine": ".privacy_engine"}
+
 
 def __getattr__(name: str):
-    """``fx_bk.PrivacyEngine`` imports Opacus (the ``privacy`` extra) only when asked for."""
-    if name == "PrivacyEngine":
-        try:
-            from .privacy_engine import PrivacyEngine
-        except ImportError as e:
-            raise ImportError(
-                f"fx_bk.PrivacyEngine needs Opacus: pip install 'fx_bk[privacy]' ({e})"
-            ) from e
-        return PrivacyEngine
-    raise AttributeError(f"module 'fx_bk' has no attribute {name!r}")
+    """The runtime-level names, imported when first asked for. ``fx_bk.PrivacyEngine`` needs
+    Opacus (the ``privacy`` extra)."""
+    if name not in _LAZY:
+        raise AttributeError(f"module 'fx_bk' has no attribute {name!r}")
+    try:
+        module = importlib.import_module(_LAZY[name], __name__)
+    except ImportError as e:
+        if name != "PrivacyEngine":
+            raise
+        raise ImportError(
+            f"fx_bk.PrivacyEngine needs Opacus: pip install 'fx_bk[privacy]' ({e})"
+        ) from e
+    value = getattr(module, name)
+    globals()[name] = value
+    return value
+
+
+def __dir__():
+    return sorted({*globals(), *_LAZY})

@@ -1,7 +1,13 @@
-"""Every private PyTorch API fx_bk uses, in one place.
+"""Every private (or unstable) PyTorch API fx_bk uses, behind one named helper each.
 
-fx_bk is tested against the torch version pinned in CI (2.13.0). When a torch upgrade breaks
-something, this is the file to look at first.
+fx_bk is tested on the torch version ``pyproject.toml`` pins (2.13). When a torch upgrade breaks
+something, this is the file to look at first; ``tests/test_torch_internals.py`` has one smoke
+test per helper and checks that no other module of ``fx_bk/`` or ``passes/`` reaches for
+``torch._*`` internals (``torch._check`` aside: documented), ``op._schema``, ``SymInt.node`` or
+``Graph._codegen``.
+
+``PRIVATE_APIS`` below is the table: helper -> (private API, what fx_bk uses it for, versions
+known to work); ``docs/internals.md`` prints it.
 """
 
 from __future__ import annotations
@@ -21,6 +27,8 @@ from torch.fx.experimental.symbolic_shapes import (
     StatelessSymbolicContext,
     statically_known_true,
 )
+from torch.fx.operator_schemas import normalize_function
+from torch.fx.passes.fake_tensor_prop import FakeTensorProp
 from torch.utils._python_dispatch import _disable_current_modes
 from torch.utils._sympy.interp import sympy_interp
 from torch.utils._sympy.reference import PythonReferenceAnalysis
@@ -28,13 +36,81 @@ from torch.utils._sympy.reference import PythonReferenceAnalysis
 __all__ = [
     "SymbolicBatchMode",
     "disable_proxy_modes_tracing",
-    "statically_known_true",
-    "evaluate_batch_condition",
     "escape_outer_tracing",
+    "evaluate_batch_condition",
     "functionalize",
+    "is_fake",
+    "is_op_overload",
     "make_fx",
+    "mark_batch_dynamic",
+    "normalize_call",
+    "op_display_name",
+    "op_schema",
     "partition_joint_graph",
+    "propagate_fake_values",
+    "set_flat_codegen",
+    "set_opacus_noise_per_rank",
+    "statically_known_true",
+    "sym_expr",
+    "sym_hint",
 ]
+
+TESTED_TORCH = "2.13"
+
+PRIVATE_APIS = {
+    "SymbolicBatchMode": (
+        "FakeTensorMode, ShapeEnv, StatelessSymbolicContext, DimDynamic",
+        "one trace with a symbolic batch dim and static other dims", "torch 2.13"),
+    "SymbolicBatchMode.specialized_batch / guard_exprs": (
+        "ShapeEnv.replace, ShapeEnv.guards",
+        "conditions the trace placed on the batch size", "torch 2.13"),
+    "escape_outer_tracing": (
+        "unset_fake_temporarily, disable_proxy_modes_tracing, _disable_current_modes",
+        "build fx_bk's graphs while torch.compile traces the caller", "torch 2.13"),
+    "disable_proxy_modes_tracing": (
+        "torch.fx.experimental.proxy_tensor.disable_proxy_modes_tracing",
+        "read real sizes while AOTAutograd traces", "torch 2.13"),
+    "functionalize": (
+        "FunctionalTensorMode, to_fun / from_fun / is_fun, torch._sync, "
+        "torch._functionalize_has_data_mutation",
+        "functionalize the joint trace as AOTAutograd does", "torch 2.13"),
+    "make_fx": (
+        "torch.fx.experimental.proxy_tensor.make_fx (pre_dispatch=True)",
+        "trace the forward and the joint graph", "torch 2.13"),
+    "partition_joint_graph": (
+        "torch._functorch.partitioners.min_cut_rematerialization_partition",
+        "split the joint graph into forward and backward", "torch 2.13"),
+    "evaluate_batch_condition": (
+        "torch.utils._sympy.interp.sympy_interp, PythonReferenceAnalysis",
+        "re-check the trace's batch guards on every call", "torch 2.13"),
+    "statically_known_true": (
+        "torch.fx.experimental.symbolic_shapes.statically_known_true",
+        "compare SymInts without adding guards", "torch 2.13"),
+    "sym_expr / sym_hint": (
+        "SymInt.node.expr, SymInt.node.hint",
+        "a size's sympy form and example value", "torch 2.13"),
+    "is_fake": (
+        "torch._subclasses.fake_tensor.is_fake",
+        "is the first call inside torch.compile's tracing", "torch 2.13"),
+    "set_flat_codegen": (
+        "Graph._codegen = torch.fx.graph.CodeGen()",
+        "flat placeholders instead of make_fx's pytree wrapping", "torch 2.13"),
+    "is_op_overload / op_schema / op_display_name": (
+        "torch._ops.OpOverload, OpOverload._schema",
+        "rule lookup, the fallback rule's op filter, error messages", "torch 2.13"),
+    "normalize_call": (
+        "torch.fx.operator_schemas.normalize_function",
+        "an op call's arguments by schema name", "torch 2.13"),
+    "propagate_fake_values": (
+        "torch.fx.passes.fake_tensor_prop.FakeTensorProp",
+        "refresh meta['val'] after a graph edit", "torch 2.13"),
+    "mark_batch_dynamic": (
+        "torch._dynamo.maybe_mark_dynamic",
+        "Poisson batch sizes share one compiled graph", "torch 2.13"),
+    "set_opacus_noise_per_rank": (
+        "opacus DPOptimizer._adjusted_noise_multiplier",
+        "each DDP rank adds 1/W of the shared noise", "opacus 1.6.0"),
+}
 
 
 class SymbolicBatchMode:
@@ -73,6 +149,29 @@ class SymbolicBatchMode:
         """The sympy symbol of the batch size (None if no input is batched)."""
         return self._batch_symbol
 
+    def specialized_batch(self):
+        """The value tracing pinned the batch symbol to (a sympy expression), or None when the
+        batch stayed symbolic."""
+        sym = self._batch_symbol
+        value = self.shape_env.replace(sym)
+        return None if value == sym else value
+
+    def guard_exprs(self) -> list:
+        """Every condition tracing placed on the sizes, as sympy booleans (simplified)."""
+        return [self.shape_env.replace(g.expr) for g in self.shape_env.guards]
+
+
+def sym_expr(size):
+    """The sympy expression of a size (a SymInt's; an int as a sympy Integer)."""
+    import sympy
+
+    return size.node.expr if isinstance(size, torch.SymInt) else sympy.Integer(size)
+
+
+def sym_hint(size) -> int:
+    """A size's example value: the int itself, or the hint of a SymInt."""
+    return size if isinstance(size, int) else int(size.node.hint)
+
 
 @contextlib.contextmanager
 def escape_outer_tracing():
@@ -87,6 +186,13 @@ def escape_outer_tracing():
         stack.enter_context(_disable_current_modes())
         stack.enter_context(torch.enable_grad())
         yield
+
+
+def is_fake(t: torch.Tensor) -> bool:
+    """Is ``t`` a fake tensor (the call is being traced by torch.compile)?"""
+    from torch._subclasses.fake_tensor import is_fake as _is_fake
+
+    return _is_fake(t)
 
 
 def functionalize(fn):
@@ -121,3 +227,58 @@ def partition_joint_graph(joint: torch.fx.GraphModule, num_fwd_outputs: int):
 def evaluate_batch_condition(expr, symbol, batch) -> bool:
     """A sympy condition on the batch symbol, at ``batch`` (int, or SymInt: then a guard)."""
     return bool(sympy_interp(PythonReferenceAnalysis, {symbol: batch}, expr))
+
+
+def set_flat_codegen(gm: torch.fx.GraphModule) -> None:
+    """Generate ``forward(self, a, b, ...)`` with flat placeholders (``make_fx`` of a function
+    taking lists wraps them in pytree code), and recompile."""
+    gm.graph._codegen = torch.fx.graph.CodeGen()
+    gm.recompile()
+
+
+def is_op_overload(target) -> bool:
+    """Is ``target`` an op overload such as ``aten.linear.default``?"""
+    return isinstance(target, torch._ops.OpOverload)
+
+
+def op_schema(op):
+    """The ``torch._C.FunctionSchema`` of an op overload."""
+    return op._schema
+
+
+def op_display_name(target) -> str:
+    """``aten.linear.default`` -> ``aten.linear``; other callables by their name."""
+    if is_op_overload(target):
+        return f"{target.namespace}.{op_schema(target).name.split('::')[-1]}"
+    return getattr(target, "__name__", str(target))
+
+
+def normalize_call(target, args, kwargs) -> dict:
+    """The arguments of an op call by schema name (``{}`` when it cannot be normalized)."""
+    norm = normalize_function(target, args, kwargs, normalize_to_only_use_kwargs=True)
+    return dict(norm.kwargs) if norm is not None else {}
+
+
+def propagate_fake_values(gm: torch.fx.GraphModule, fake_mode, fake_inputs) -> None:
+    """Recompute every node's ``meta["val"]`` from ``fake_inputs`` (after a graph edit)."""
+    FakeTensorProp(gm, fake_mode).propagate_dont_convert_inputs(*fake_inputs)
+
+
+def mark_batch_dynamic(t: torch.Tensor) -> None:
+    """Tell torch.compile that dim 0 of ``t`` varies (no recompile per batch size), without
+    failing when it gets specialized anyway (sizes 0 and 1)."""
+    torch._dynamo.maybe_mark_dynamic(t, 0)
+
+
+def set_opacus_noise_per_rank(optimizer, noise_multiplier: float) -> None:
+    """Make an Opacus 1.6 ``DPOptimizerFastGradientClipping`` draw noise with std
+    ``noise_multiplier * R`` while accounting with its own ``noise_multiplier``: its
+    ``add_noise`` reads the private ``_adjusted_noise_multiplier`` when set."""
+    import opacus
+
+    if not opacus.__version__.startswith("1.6"):
+        raise RuntimeError(
+            f"fx_bk: distributed noise sharing relies on Opacus 1.6's DPOptimizer internals; "
+            f"found opacus {opacus.__version__}: pip install 'fx_bk[privacy]' (opacus==1.6.0)"
+        )
+    optimizer._adjusted_noise_multiplier = noise_multiplier

@@ -5,7 +5,8 @@ from __future__ import annotations
 import torch
 
 from .config import AUTOMATIC_GAMMA, CLIP_EPS, BKConfig
-from .rules import SiteValues
+from .rules import BundleHandler
+from .site import SiteValues
 
 
 def clip_factors(norm: torch.Tensor, max_grad_norm: float, clipping: str = "abadi"):
@@ -20,24 +21,23 @@ def clip_factors(norm: torch.Tensor, max_grad_norm: float, clipping: str = "abad
 
 
 def clipped_gradients(
-    groups: list[tuple[list[SiteValues], object]],
-    group_clip: list[int],
+    bundles: list[tuple[list[SiteValues], BundleHandler, int]],
     config: BKConfig,
     batch,
 ) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
     """Return ``{param: sum_i C_i grad_i}`` and the per-sample norms ``[B, K]`` (K clipping
     groups; K = 1 for all-layer clipping).
 
-    ``groups``: (site values, handler) per parameter group (see ``rules.group_handler``);
-    ``group_clip``: the clipping group of each. The ``g`` in the site values is ``dL/ds``;
-    with ``loss_reduction="mean"`` it carries ``1/B``, so per-sample gradients are ``B *`` the
-    ones computed from it. Norms and clip factors are float32 at least.
+    ``bundles``: (site values, handler, clipping group) per bundle of sites sharing parameters
+    (see ``fx_bk.rules.bundle_handler``). The ``g`` in the site values is ``dL/ds``; with
+    ``loss_reduction="mean"`` it carries ``1/B``, so per-sample gradients are ``B *`` the ones
+    computed from it. Norms and clip factors are float32 at least.
     """
     scale = batch if config.loss_reduction == "mean" else 1
     bounds = config.group_bounds
     totals: list = [None] * len(bounds)
     states = []
-    for (values, handler), k in zip(groups, group_clip):
+    for values, handler, k in bundles:
         norm_sq, state = handler.norm_sq(values)
         states.append(state)
         totals[k] = norm_sq if totals[k] is None else totals[k] + norm_sq
@@ -49,6 +49,6 @@ def clipped_gradients(
         clip_factors(norms[:, k], r, config.clipping) for k, r in enumerate(bounds)
     ], dim=1) * scale
     grads: dict[str, torch.Tensor] = {}
-    for (values, handler), state, k in zip(groups, states, group_clip):
+    for (values, handler, k), state in zip(bundles, states):
         grads.update(handler.clipped_grads(values, state, c[:, k]))
     return grads, norms

@@ -43,6 +43,7 @@ from torch.utils.data import DataLoader, TensorDataset
 from tqdm import tqdm
 
 import fx_bk
+from fx_bk._torch_internals import mark_batch_dynamic
 from fx_bk.models import TinyTransformer, synthetic_token_task
 from fx_bk.privacy_engine import DynamicBatchLoader
 
@@ -172,7 +173,7 @@ def _non_private_variant(model, args) -> Variant:
     def step(x, y):
         opt.zero_grad(set_to_none=True)
         if args.compile:
-            torch._dynamo.maybe_mark_dynamic(x, 0)
+            mark_batch_dynamic(x)
         logits = module(x)
         loss = F.cross_entropy(logits, y)
         loss.backward()

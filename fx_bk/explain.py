@@ -31,7 +31,7 @@ def explain(model: torch.nn.Module, *args, **kwargs) -> str:
         shapes = "; ".join(f"{k}: {list(v)}" for k, v in site.shapes.items())
         rows.append(
             f"| {site.node} | {site.op} | {module} | {params} | {shapes} | {site.rule.name} | "
-            f"{site.strategy}{f' + {site.group_note}' if site.group_note else ''} | "
+            f"{site.strategy}{f' + {site.bundle_note}' if site.bundle_note else ''} | "
             f"{site.cost:,} |"
         )
     total = sum(s.cost for s in prog.sites)

@@ -25,6 +25,7 @@ from opacus.accountants.utils import get_noise_multiplier
 from opacus.data_loader import DPDataLoader
 from opacus.optimizers import DPOptimizerFastGradientClipping
 
+from ._torch_internals import mark_batch_dynamic, set_opacus_noise_per_rank
 from .api import transform
 from .errors import ConfigError
 from .runtime import BKModule
@@ -82,7 +83,7 @@ class PrivacyEngine:
             secure_mode=self.secure_mode,
         )
         if world > 1:  # every rank adds the same noise, 1/W of it: see the module docstring
-            dp_optimizer._adjusted_noise_multiplier = noise_multiplier / world
+            set_opacus_noise_per_rank(dp_optimizer, noise_multiplier / world)
         dp_optimizer.attach_step_hook(self.accountant.get_optimizer_hook_fn(sample_rate))
         out_module = bk
         if compile:
@@ -139,7 +140,7 @@ class DynamicBatchLoader:
         for batch in self.loader:
             for t in _tensors(batch):
                 if t.dim() > 0:
-                    torch._dynamo.maybe_mark_dynamic(t, 0)
+                    mark_batch_dynamic(t)
             yield batch
 
 

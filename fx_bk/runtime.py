@@ -26,18 +26,21 @@ import weakref
 
 import torch
 
-from passes import BKProgram, InputMeta, run_passes
+from passes import BKProgram, run_passes
 
 from . import autocast as amp
 from ._torch_internals import (
     disable_proxy_modes_tracing,
     escape_outer_tracing,
+    is_fake,
     statically_known_true,
+    sym_hint,
 )
 from .config import BKConfig
 from .errors import FxBkError
 from .layout import flatten, unflatten
 from .norm_record import forget, last_norms, record_norms
+from .site import InputMeta
 
 
 class BKFunction(torch.autograd.Function):
@@ -181,7 +184,7 @@ class BKModule(torch.nn.Module):
         if found is not None:
             return found
         _check_call_signature(module, layout, inputs)
-        real = not any(_is_fake(x) for x in [*inputs, *params])
+        real = not any(is_fake(x) for x in [*inputs, *params])
         with escape_outer_tracing():
             prog = BKProgram(
                 model=module, config=self.bk_config,
@@ -271,12 +274,6 @@ class _EmptyBatch(torch.autograd.Function):
         return (None, None, None, *zeros, *[None] * len(grads))
 
 
-def _is_fake(t: torch.Tensor) -> bool:
-    from torch._subclasses.fake_tensor import is_fake
-
-    return is_fake(t)
-
-
 def _check_call_signature(module: torch.nn.Module, layout, inputs) -> None:
     (args, kwargs), _ = unflatten(layout, inputs)
     try:
@@ -297,7 +294,7 @@ def input_metas(inputs: list[torch.Tensor]):
     metas = []
     for x in inputs:
         batched = x.dim() > 0 and _same_size(x.shape[0], batch)
-        shape = [_hint(s) if batched and i == 0 else int(s) for i, s in enumerate(x.shape)]
+        shape = [sym_hint(s) if batched and i == 0 else int(s) for i, s in enumerate(x.shape)]
         metas.append(InputMeta(tuple(shape), x.dtype, x.device, batched))
     return batch, metas
 
@@ -309,22 +306,18 @@ def _same_size(a, b) -> bool:
     if isinstance(a, torch.SymInt) or isinstance(b, torch.SymInt):
         if statically_known_true(a == b):
             return True
-        if _hint(a) != _hint(b):
+        if sym_hint(a) != sym_hint(b):
             return False
         torch._check(a == b)
         return True
     return a == b
 
 
-def _hint(size) -> int:
-    return size if isinstance(size, int) else int(size.node.hint)
-
-
 _MODULES: weakref.WeakValueDictionary = weakref.WeakValueDictionary()
 _ids = itertools.count()
 
 
-@torch._dynamo.allow_in_graph
+@torch.compiler.allow_in_graph
 def bk_graph_call(module_id, layout, training, n_params, n_buffers, *flat):
     """The one call torch.compile keeps opaque (see NOTE [lazy build under torch.compile]).
 

@@ -17,12 +17,13 @@ from __future__ import annotations
 
 import torch
 
-from fx_bk._torch_internals import functionalize, make_fx
+from fx_bk._torch_internals import functionalize, make_fx, set_flat_codegen
 from fx_bk.autocast import disabled, entered
 from fx_bk.clipping import clipped_gradients
 from fx_bk.errors import FxBkError, Problem, UnsupportedModelError
 from fx_bk.norm_record import record_norms
-from fx_bk.rules import SiteValues, accumulation_dtype
+from fx_bk.rules import accumulation_dtype
+from fx_bk.site import Site, SiteValues
 
 from .program import BKProgram
 
@@ -46,9 +47,8 @@ def build_joint(prog: BKProgram) -> None:
     with prog.mode.fake_mode:
         gm = make_fx(functionalize(joint))(list(prog.fake_inputs), tangents)
     _name_placeholders(gm, len(prog.fake_inputs))
-    sym = prog.mode.batch_symbol
-    if prog.mode.shape_env.replace(sym) != sym:
-        fallback = [s for s in prog.sites if getattr(s.rule, "generic", False)]
+    if prog.mode.specialized_batch() is not None:
+        fallback = [s for s in prog.sites if s.rule.fallback]
         if fallback:
             raise UnsupportedModelError([Problem(
                 "unsupported-op",
@@ -70,17 +70,14 @@ def _name_placeholders(gm: torch.fx.GraphModule, num_primals: int) -> None:
     for i, node in enumerate(placeholders):
         kind, k = ("primals", i + 1) if i < num_primals else ("tangents", i - num_primals + 1)
         node.name = node.target = f"{kind}_{k}"
-    gm.graph._codegen = torch.fx.graph.CodeGen()
-    gm.recompile()
+    set_flat_codegen(gm)
 
 
 def make_joint_function(prog: BKProgram):
     gm = prog.forward_graph
     n_p, n_out = len(prog.param_names), prog.num_outputs
     trainable = prog.trainable
-    batched_input = n_p + len(prog.buffer_names) + next(
-        i for i, m in enumerate(prog.inputs) if m.batched
-    )
+    batched_input = prog.first_batched_input()
     diff = prog.differentiable_outputs
     graded = [n for n in prog.trainable_names if any(n in s.params.values() for s in prog.sites)]
 
@@ -106,9 +103,8 @@ def make_joint_function(prog: BKProgram):
         batch = primals[batched_input].shape[0]
         values = [site_values(s, aux, o, g, batch)
                   for s, o, g in zip(prog.sites, site_outs, grads_out)]
-        groups = [([values[i] for i in grp], handler)
-                  for grp, handler in zip(prog.groups, prog.group_handlers)]
-        grads, norms = clipped_gradients(groups, prog.group_clip, prog.config, batch)
+        bundles = [([values[i] for i in b.sites], b.handler, b.clip_group) for b in prog.bundles]
+        grads, norms = clipped_gradients(bundles, prog.config, batch)
         param_of = dict(zip(prog.param_names, primals[:n_p]))
         grads = [grads[n].to(param_of[n].dtype) for n in graded]
         if grads:  # the recorder's zero keeps it live (see fx_bk/norm_record.py); added to the
@@ -121,7 +117,8 @@ def make_joint_function(prog: BKProgram):
     return joint
 
 
-def site_values(site, aux: list, out: torch.Tensor, grad: torch.Tensor, batch) -> SiteValues:
+def site_values(site: Site, aux: list, out: torch.Tensor, grad: torch.Tensor,
+                batch) -> SiteValues:
     """The site's activations and output gradient in float32 at least (float16/bfloat16 under
     autocast: the norms, clip factors and clipped sums are computed in float32).
 
@@ -141,3 +138,11 @@ def site_values(site, aux: list, out: torch.Tensor, grad: torch.Tensor, batch) -
             t = wide(t.to(out.dtype) if out.dtype.itemsize < t.dtype.itemsize else t)
         tensors[role] = t
     return SiteValues(site, tensors, wide(grad.detach()), batch)
+
+
+LOGGED_GRAPHS = ("joint_graph",)
+
+
+def summarize(prog: BKProgram) -> str:
+    return (f"joint graph {len(prog.joint_graph.graph.nodes)} nodes, clipped gradients of "
+            f"{len(prog.graded_params)} parameters")

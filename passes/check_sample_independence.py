@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import torch
 
+from fx_bk._torch_internals import sym_expr
 from fx_bk.autocast import disabled, entered
 from fx_bk.errors import Problem
 
@@ -101,9 +102,9 @@ def _batch_dim(node: torch.fx.Node, symbol) -> int | None:
     folded = False
     for i, size in enumerate(val.shape):
         if isinstance(size, torch.SymInt):
-            if size.node.expr == symbol:
+            if sym_expr(size) == symbol:
                 return i
-            folded = folded or symbol in size.node.expr.free_symbols
+            folded = folded or symbol in sym_expr(size).free_symbols
     return None if folded else -1
 
 
@@ -257,3 +258,7 @@ def _check_batch_loss(prog, k, node, state, batch, value) -> None:
         f"{whole.item():.6g}, not the {reduction} of the per-sample losses "
         f"({expected.item():.6g}): {hint}",
     ))
+
+
+def summarize(prog: BKProgram) -> str:
+    return "\n  ".join([f"{len(prog.problems)} problems in total", *map(str, prog.problems)])

@@ -73,3 +73,10 @@ def emit_aux_outputs(prog: BKProgram) -> None:
     prog.num_aux_outputs = len(aux)
     graph.lint()
     prog.forward_graph.recompile()
+
+
+LOGGED_GRAPHS = ("forward_graph",)
+
+
+def summarize(prog: BKProgram) -> str:
+    return f"{prog.num_aux_outputs} auxiliary outputs"

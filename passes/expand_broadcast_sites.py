@@ -12,8 +12,8 @@ shapes); otherwise ``find_sites`` reports the site.
 from __future__ import annotations
 
 import torch
-from torch.fx.passes.fake_tensor_prop import FakeTensorProp
 
+from fx_bk._torch_internals import normalize_call, propagate_fake_values, sym_expr
 from fx_bk.rules import rule_for
 
 from .program import BKProgram
@@ -36,14 +36,14 @@ def _final_users(node) -> list:
 def _is_batched(node, sym) -> bool:
     val = node.meta.get("val")
     return isinstance(val, torch.Tensor) and any(
-        isinstance(d, torch.SymInt) and sym in d.node.expr.free_symbols for d in val.shape
+        isinstance(d, torch.SymInt) and sym in sym_expr(d).free_symbols for d in val.shape
     )
 
 
 def _candidates(prog: BKProgram, trainable: set):
     sym = prog.mode.batch_symbol
     for node in prog.forward_graph.graph.nodes:
-        rule = rule_for(node.target) if node.op == "call_function" else None
+        rule = rule_for(node.target, fallback=False) if node.op == "call_function" else None
         if rule is None or not any(a in trainable for a in node.all_input_nodes):
             continue
         if _is_batched(node, sym) or not node.users:
@@ -59,8 +59,7 @@ def expand_broadcast_sites(prog: BKProgram) -> None:
         return
     placeholders = prog.placeholders()
     trainable = {placeholders[i] for i, t in enumerate(prog.trainable) if t}
-    batched = placeholders[len(prog.param_names) + len(prog.buffer_names) + next(
-        i for i, m in enumerate(prog.inputs) if m.batched)]
+    batched = placeholders[prog.first_batched_input()]
     graph = prog.forward_graph.graph
     before = {n: tuple(n.meta["val"].shape) for n in graph.nodes
               if isinstance(n.meta.get("val"), torch.Tensor)}
@@ -83,9 +82,7 @@ def expand_broadcast_sites(prog: BKProgram) -> None:
     if not changed:
         return
     prog.forward_graph.recompile()
-    FakeTensorProp(prog.forward_graph, prog.mode.fake_mode).propagate_dont_convert_inputs(
-        *prog.fake_inputs
-    )
+    propagate_fake_values(prog.forward_graph, prog.mode.fake_mode, prog.fake_inputs)
     for node in changed:
         for user in _final_users(node):
             if tuple(user.meta["val"].shape) != before[user]:
@@ -93,10 +90,11 @@ def expand_broadcast_sites(prog: BKProgram) -> None:
 
 
 def _tensor_args(node, rule) -> set:
-    from torch.fx.operator_schemas import normalize_function
-
-    norm = normalize_function(node.target, node.args, node.kwargs,
-                              normalize_to_only_use_kwargs=True)
+    """The op's non-parameter tensor arguments that the rule reads."""
     roles = rule.roles(node.target)
-    return {v for k, v in norm.kwargs.items()
-            if isinstance(v, torch.fx.Node) and roles.get(k, k) in rule.tensor_args}
+    return {v for k, v in normalize_call(node.target, node.args, node.kwargs).items()
+            if isinstance(v, torch.fx.Node) and rule.needs_tensor(roles.get(k, k), False)}
+
+
+def summarize(prog: BKProgram) -> str:
+    return f"forward graph {len(prog.forward_graph.graph.nodes)} nodes"

@@ -9,21 +9,23 @@ from __future__ import annotations
 
 import sympy
 import torch
-from torch.fx.operator_schemas import normalize_function
 
+from fx_bk._torch_internals import normalize_call, op_display_name, sym_expr
 from fx_bk.errors import Problem
-from fx_bk.rules import RULES, rule_for
-from fx_bk.rules.generic import GENERIC
+from fx_bk.rules import RULES, fallback_rule, rule_for
+from fx_bk.site import Site
 
-from .program import BKProgram, Site
+from .program import BKProgram
 
 aten = torch.ops.aten
 
 
 def supported_ops() -> str:
-    return (", ".join(sorted({r.name for r in RULES.values()}))
-            + "; other ops with one tensor output by the vmap(vjp) fallback, when the "
-              "per-sample gradient is small")
+    names = ", ".join(sorted({r.name for r in RULES.values()}))
+    if fallback_rule() is None:
+        return names
+    return (names + "; other ops with one tensor output by the vmap(vjp) fallback, when the "
+            "per-sample gradient is small")
 
 
 def where(node: torch.fx.Node) -> str:
@@ -41,7 +43,8 @@ def _shape(value, batch_symbol) -> tuple:
         if isinstance(s, int):
             out.append(s)
         else:
-            out.append("B" if s.node.expr == batch_symbol else str(s.node.expr))
+            expr = sym_expr(s)
+            out.append("B" if expr == batch_symbol else str(expr))
     return tuple(out)
 
 
@@ -64,17 +67,15 @@ def find_sites(prog: BKProgram) -> None:
         if not uses:
             continue
         rule = rule_for(node.target)
-        if rule is None and GENERIC.accepts(node.target):
-            rule = GENERIC
         if rule is None:
             continue
         site = _make_site(node, rule, trainable, prog.mode.batch_symbol)
-        if site is None or (rule is GENERIC and not GENERIC.applies(site)):
+        if site is None or not rule.applies(site):
             continue
         if rule.folds_batch:
             _unfold_batch(site, node, prog.mode.batch_symbol)
         claimed.update((p, node) for p in uses if trainable[p] in site.params.values())
-        reason = (None if rule is GENERIC else _batch_layout_problem(site)) or rule.validate(site)
+        reason = rule.layout_problem(site) or rule.validate(site)
         if reason:
             prog.problems.append(Problem("unsupported-op", _describe(site, node, reason)))
         else:
@@ -98,26 +99,7 @@ def find_sites(prog: BKProgram) -> None:
 
 def op_name(node: torch.fx.Node) -> str:
     """``aten.linear.default`` -> ``aten.linear``."""
-    t = node.target
-    if isinstance(t, torch._ops.OpOverload):
-        return f"{t.namespace}.{t._schema.name.split('::')[-1]}"
-    return getattr(t, "__name__", str(t))
-
-
-def _batch_layout_problem(site: Site) -> str | None:
-    """Rules need the batch as dim 0 of the op's tensors, and nowhere else."""
-    for role in (*site.tensor_args, "out"):
-        shape = site.shapes[role]
-        if not shape or shape[0] != "B" or any(isinstance(d, str) for d in shape[1:]):
-            what = "output" if role == "out" else f"argument '{role}'"
-            return (
-                f"its {what} has shape {list(shape)} (B = batch size): the batch must be dim "
-                f"0 and only there. A parameter applied to a tensor without the batch dim "
-                f"(e.g. a positional embedding of arange(T), broadcast later) has no per-sample "
-                f"gradient at this op: give it the batch dim, e.g. "
-                f"pos(torch.arange(T).expand(B, T)); do not fold the batch into other dims"
-            )
-    return None
+    return op_display_name(node.target)
 
 
 _VIEWS = {aten.view.default, aten.reshape.default, aten._unsafe_view.default,
@@ -161,7 +143,7 @@ def _unfold_batch(site: Site, node: torch.fx.Node, batch_symbol) -> None:
 
 def _fold_source(node: torch.fx.Node, batch_symbol):
     """Leading dims of the tensor a row-major reshape chain folded into ``folded``."""
-    target = node.meta["val"].shape[0].node.expr
+    target = sym_expr(node.meta["val"].shape[0])
     while node.op == "call_function" and node.target in _VIEWS:
         node = node.args[0]
         shape = _shape(node.meta.get("val"), batch_symbol)
@@ -177,21 +159,17 @@ def _fold_source(node: torch.fx.Node, batch_symbol):
 
 
 def _make_site(node, rule, trainable, batch_symbol) -> Site | None:
-    norm = normalize_function(
-        node.target, node.args, node.kwargs, normalize_to_only_use_kwargs=True
-    )
-    kwargs = norm.kwargs if norm is not None else {}
+    kwargs = normalize_call(node.target, node.args, node.kwargs)
     params, tensor_args, const_args = {}, {}, {}
     shapes = {"out": _shape(node.meta.get("val"), batch_symbol)}
     roles = rule.roles(node.target)
-    generic = rule is GENERIC  # every tensor argument may be a parameter, and is needed
     for name, value in kwargs.items():
         key = roles.get(name, name)
         if isinstance(value, torch.fx.Node):
             shapes[key] = _shape(value.meta.get("val"), batch_symbol)
-            if (generic or key in rule.param_args) and value in trainable:
+            if rule.takes_param(key) and value in trainable:
                 params[key] = trainable[value]
-            if generic or (key in rule.tensor_args and key not in params):
+            if rule.needs_tensor(key, key in params):
                 tensor_args[key] = value.name
         else:
             const_args[key] = value
@@ -209,3 +187,7 @@ def _describe(site: Site, node, reason: str) -> str:
         f"op {op_name(node)} on parameter '{name}' of module '{_module_of(name)}'"
         f"{where(node)}: {reason}"
     )
+
+
+def summarize(prog: BKProgram) -> str:
+    return f"{len(prog.sites)} sites, {len(prog.problems)} problems"

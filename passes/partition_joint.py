@@ -17,3 +17,12 @@ def partition_joint(prog: BKProgram) -> None:
     prog.fw_graph, prog.bw_graph = partition_joint_graph(
         prog.joint_graph, num_fwd_outputs=prog.num_outputs
     )
+
+
+LOGGED_GRAPHS = ("fw_graph", "bw_graph")
+
+
+def summarize(prog: BKProgram) -> str:
+    inputs = sum(1 for n in prog.bw_graph.graph.nodes if n.op == "placeholder")
+    return (f"forward {len(prog.fw_graph.graph.nodes)} nodes, backward "
+            f"{len(prog.bw_graph.graph.nodes)} nodes with {inputs} inputs")

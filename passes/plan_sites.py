@@ -1,25 +1,24 @@
-"""Pass 4: group sites that share a parameter and let each rule pick its strategy.
+"""Pass 4: bundle the sites that share a parameter and let each handler pick its strategy.
 
-Sites sharing any trainable parameter (tied weights, a module called twice) form one *group*:
-the group's per-sample gradient is the sum over its sites, so its norm needs the cross terms.
-A group whose sites all have one rule that ``can_merge`` them is computed by that rule; sites of
-different rules by a tie handler for that pair when one exists (embedding + linear: tied input and
-output embeddings); any other group by instantiating each site's per-sample gradients
-(``[B, *p.shape]``) and summing them (exact, but memory ``B * |p|``).
+Sites sharing any trainable parameter (tied weights, a module called twice) form one *bundle*:
+its per-sample gradient is the sum over its sites, so its norm needs the cross terms. Which
+handler computes a bundle (the sites' rule, a tie handler, or instantiation of every site's
+per-sample gradients) is ``fx_bk.rules.bundle_handler``'s choice.
 
-With clipping groups (per-layer or user-defined ``clipping_style``), each site group must lie in
-one clipping group (``prog.group_clip``): its norm is computed as one number.
+With clipping groups (per-layer or user-defined ``clipping_style``), each bundle must lie in
+one clipping group (``bundle.clip_group``): its norm is computed as one number.
 """
 
 from __future__ import annotations
 
 from fx_bk.errors import Problem
-from fx_bk.rules import group_handler
+from fx_bk.rules import bundle_handler
 
-from .program import BKProgram
+from .program import BKProgram, Bundle
 
 
-def group_sites(prog: BKProgram) -> list[list[int]]:
+def bundle_sites(prog: BKProgram) -> list[list[int]]:
+    """Site indices, partitioned by shared trainable parameters (union-find)."""
     parent = list(range(len(prog.sites)))
 
     def find(i: int) -> int:
@@ -35,21 +34,19 @@ def group_sites(prog: BKProgram) -> list[list[int]]:
                 parent[find(i)] = find(owner[name])
             else:
                 owner[name] = i
-    groups: dict[int, list[int]] = {}
+    bundles: dict[int, list[int]] = {}
     for i in range(len(prog.sites)):
-        groups.setdefault(find(i), []).append(i)
-    return list(groups.values())
+        bundles.setdefault(find(i), []).append(i)
+    return list(bundles.values())
 
 
 def plan_sites(prog: BKProgram) -> None:
-    prog.groups = group_sites(prog)
-    prog.group_handlers = []
-    for group in prog.groups:
-        sites = [prog.sites[i] for i in group]
-        handler = group_handler(sites)
+    prog.bundles = []
+    for indices in bundle_sites(prog):
+        sites = [prog.sites[i] for i in indices]
+        handler = bundle_handler(sites)
         handler.plan(sites)
-        prog.group_handlers.append(handler)
-    prog.group_clip = [clip_group_of(prog, [prog.sites[i] for i in g]) for g in prog.groups]
+        prog.bundles.append(Bundle(indices, handler, clip_group_of(prog, sites)))
 
 
 def clip_group_of(prog: BKProgram, sites) -> int:
@@ -67,3 +64,12 @@ def clip_group_of(prog: BKProgram, sites) -> int:
             f"in different clipping groups {ks}; put them in the same group",
         ))
     return ks[0]
+
+
+def summarize(prog: BKProgram) -> str:
+    lines = [f"{len(prog.bundles)} bundles of {len(prog.sites)} sites:"]
+    for s in prog.sites:
+        note = f" + {s.bundle_note}" if s.bundle_note else ""
+        lines.append(f"  {s.node}: {s.op} [{s.rule.name}] {sorted(s.params.values())} "
+                     f"{s.strategy}{note}, cost {s.cost:,}")
+    return "\n".join(lines)

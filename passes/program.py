@@ -1,4 +1,8 @@
-"""``BKProgram``: the state the passes read and extend, one per traced input signature."""
+"""``BKProgram``: the state the passes read and extend, one per traced input signature.
+
+The site-level contract (``Site``, ``SiteValues``, ``InputMeta``, ``BatchGuard``, ``Strategy``)
+lives in ``fx_bk/site.py``, below the rules; this module adds the program-level state.
+"""
 
 from __future__ import annotations
 
@@ -7,59 +11,21 @@ from typing import Any
 
 import torch
 
-from fx_bk._torch_internals import evaluate_batch_condition
 from fx_bk.config import BKConfig
 from fx_bk.errors import Problem
-
-
-def per_sample_numel(shape: tuple) -> int:
-    """Elements per sample of a site shape (``"B"`` marks the batch dim)."""
-    n = 1
-    for d in shape:
-        n *= 1 if d == "B" else d
-    return n
-
-
-@dataclass(frozen=True)
-class BatchGuard:
-    """A condition on the batch size that the trace assumed (e.g. ``s0 < 16`` in a kernel's
-    heuristic, or a branch of the model's forward)."""
-
-    symbol: Any  # the trace's sympy batch symbol
-    expr: Any  # sympy boolean in ``symbol``
-
-    def holds(self, batch) -> bool:
-        """Evaluate at ``batch`` (an int, or a SymInt under torch.compile: then the check
-        becomes a guard of the compiled graph)."""
-        return evaluate_batch_condition(self.expr, self.symbol, batch)
-
-
-@dataclass(frozen=True)
-class InputMeta:
-    """Shape/dtype of one tensor input; ``batched`` ones have the symbolic batch as dim 0."""
-
-    shape: tuple[int, ...]  # dim 0 is the example's batch size when batched
-    dtype: torch.dtype
-    device: torch.device
-    batched: bool
+from fx_bk.rules import BundleHandler
+from fx_bk.site import BatchGuard, InputMeta, Site
 
 
 @dataclass
-class Site:
-    """One op in the forward graph that consumes at least one trainable parameter."""
+class Bundle:
+    """Sites whose trainable parameters overlap (tied weights, a module called twice): one
+    per-sample gradient, one term of the norm, computed by one handler
+    (``fx_bk/rules/shared.py``)."""
 
-    node: str  # name of the op's node in the forward graph
-    op: Any  # the aten OpOverload
-    rule: Any  # the fx_bk.rules.Rule handling it
-    params: dict[str, str]  # role ("weight", "bias") -> parameter name, trainable only
-    tensor_args: dict[str, str]  # role -> node name of the activations the rule needs
-    const_args: dict[str, Any]  # the op's other arguments (e.g. normalized_shape, eps)
-    shapes: dict[str, tuple]  # role/"out" -> shape with "B" for the batch dim
-    strategy: str = ""  # chosen by the rule's plan(), e.g. "ghost" / "instantiate"
-    cost: int = 0  # multiply-adds per sample of the chosen strategy
-    group_note: str = ""  # how a parameter shared with other sites is handled, if it is
-    batch_layout: tuple | None = None  # see find_sites._unfold_batch; None: batch-first
-    aux: dict[str, int] = field(default_factory=dict)  # role/"out" -> index among aux outputs
+    sites: list[int]  # indices into BKProgram.sites
+    handler: BundleHandler
+    clip_group: int = 0  # index of its clipping group (config.clip_groups), 0 for all-layer
 
 
 @dataclass
@@ -82,9 +48,7 @@ class BKProgram:
     batch_guards: list[BatchGuard] = field(default_factory=list)
     fake_inputs: list[torch.Tensor] = field(default_factory=list)  # the forward graph's inputs
     sites: list[Site] = field(default_factory=list)
-    groups: list[list[int]] = field(default_factory=list)  # site indices sharing parameters
-    group_handlers: list = field(default_factory=list)  # per group: computes norm and grads
-    group_clip: list[int] = field(default_factory=list)  # per group: its clipping group
+    bundles: list[Bundle] = field(default_factory=list)
     problems: list[Problem] = field(default_factory=list)
     num_aux_outputs: int = 0
     joint_graph: torch.fx.GraphModule | None = None
@@ -99,3 +63,8 @@ class BKProgram:
 
     def placeholders(self) -> list[torch.fx.Node]:
         return [n for n in self.forward_graph.graph.nodes if n.op == "placeholder"]
+
+    def first_batched_input(self) -> int:
+        """Index among the forward graph's placeholders of the first batched tensor input."""
+        offset = len(self.param_names) + len(self.buffer_names)
+        return offset + next(i for i, m in enumerate(self.inputs) if m.batched)

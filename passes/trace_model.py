@@ -13,12 +13,13 @@ from __future__ import annotations
 import torch
 from torch.func import functional_call
 
-from fx_bk._torch_internals import SymbolicBatchMode, make_fx
+from fx_bk._torch_internals import SymbolicBatchMode, make_fx, set_flat_codegen
 from fx_bk.autocast import entered
 from fx_bk.errors import Problem
 from fx_bk.layout import flatten, unflatten
+from fx_bk.site import BatchGuard
 
-from .program import BatchGuard, BKProgram
+from .program import BKProgram
 
 
 def example_tensor(meta, batch: int) -> torch.Tensor:
@@ -51,8 +52,7 @@ def trace_model(prog: BKProgram) -> None:
 
     with mode.fake_mode, entered(prog.autocast):
         gm = make_fx(forward, pre_dispatch=True, record_stack_traces=True)(flat)
-    gm.graph._codegen = torch.fx.graph.CodeGen()  # flat placeholders, no pytree wrapping
-    gm.recompile()
+    set_flat_codegen(gm)  # flat placeholders, no pytree wrapping
     prog.mode = mode
     prog.trace_batch = batch
     prog.fake_inputs = flat
@@ -72,16 +72,15 @@ def _check_batch_guards(prog: BKProgram) -> None:
             "a tensor argument of forward()",
         ))
         return
-    shape_env = prog.mode.shape_env
-    if shape_env.replace(sym) != sym:
+    fixed = prog.mode.specialized_batch()
+    if fixed is not None:
         prog.problems.append(Problem(
             "batch-size-specialized",
-            f"the forward only works for batch size {shape_env.replace(sym)} (e.g. a reshape "
+            f"the forward only works for batch size {fixed} (e.g. a reshape "
             f"to a fixed batch size); use -1 or x.shape[0] for the batch dimension",
         ))
         return
-    for guard in shape_env.guards:
-        expr = shape_env.replace(guard.expr)
+    for expr in prog.mode.guard_exprs():
         if sym not in expr.free_symbols:
             continue
         if expr.free_symbols != {sym}:
@@ -92,3 +91,12 @@ def _check_batch_guards(prog: BKProgram) -> None:
             ))
             continue
         prog.batch_guards.append(BatchGuard(sym, expr))
+
+
+LOGGED_GRAPHS = ("forward_graph",)
+
+
+def summarize(prog: BKProgram) -> str:
+    guards = [str(g.expr) for g in prog.batch_guards]
+    return (f"forward graph {len(prog.forward_graph.graph.nodes)} nodes, {prog.num_outputs} "
+            f"outputs, traced at batch {prog.trace_batch}, batch guards {guards}")

@@ -8,8 +8,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import fx_bk
-from tests.models import MODELS, batch_for
-from tests.oracles import fx_bk_grads, max_rel_err, vmap_clipped_sum
+from fx_bk.testing import fx_bk_grads, max_rel_err, vmap_clipped_sum
+from fx_bk.testing.models import MODELS, batch_for
 
 
 class KwargsModel(nn.Module):
@@ -124,7 +124,7 @@ def test_wrapper_forwards_attributes_and_checks_the_call_signature():
 
 
 def test_explain_lists_every_site_with_rule_strategy_and_cost():
-    from tests.models import TransformerStyle
+    from fx_bk.testing.models import TransformerStyle
 
     model = TransformerStyle()
     x, _ = batch_for("transformer", model, 4, seed=0)

@@ -11,7 +11,7 @@ import torch.nn as nn
 
 import fx_bk
 from fx_bk import ConfigError, UnsupportedModelError
-from tests.oracles import max_rel_err, per_sample_grads
+from fx_bk.testing import max_rel_err, per_sample_grads
 
 
 def _model():

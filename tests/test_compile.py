@@ -7,8 +7,8 @@ import torch.nn.functional as F
 from torch._dynamo.testing import CompileCounterWithBackend
 
 import fx_bk
-from tests.models import MODELS, batch_for
-from tests.oracles import fx_bk_grads, max_rel_err
+from fx_bk.testing import fx_bk_grads, max_rel_err
+from fx_bk.testing.models import MODELS, batch_for
 
 # B = 1 is tested apart: Dynamo specializes sizes 0 and 1 itself (one more compile, any model)
 BATCH_SIZES = (8, 16, 5, 33, 12)

@@ -7,8 +7,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import fx_bk
-from tests.models import MODELS, batch_for
-from tests.oracles import fx_bk_grads
+from fx_bk.testing import fx_bk_grads
+from fx_bk.testing.models import MODELS, batch_for
 
 SLACK = 1 + 1e-6 + 1e-12  # C_i = R / (norm + 1e-6) <= R / norm; f64 rounding
 

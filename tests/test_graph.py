@@ -8,7 +8,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import fx_bk
-from tests.models import MODELS, batch_for
+from fx_bk.testing.models import MODELS, batch_for
 
 aten = torch.ops.aten
 MATMULS = {aten.mm.default, aten.addmm.default, aten.bmm.default, aten.matmul.default}

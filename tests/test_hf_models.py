@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 
 import fx_bk
-from tests.oracles import max_rel_err
+from fx_bk.testing import loop_clipped_sum, max_rel_err
 
 transformers = pytest.importorskip("transformers")
 transformers.logging.set_verbosity_error()
@@ -53,20 +53,6 @@ def vit():
 
     return (model, lambda g, b: torch.randn(b, 3, 8, 8, generator=g),
             lambda out, x: F.cross_entropy(out.logits, label(x), reduction="none"))
-
-
-def loop_clipped_sum(model, x, per_sample_loss, norm, loss_of=None):
-    """Explicit per-sample oracle: one forward/backward per sample. The loss of sample ``xi`` is
-    ``loss_of(model, xi)``, by default ``per_sample_loss(model(xi), xi)``."""
-    loss_of = loss_of or (lambda m, xi: per_sample_loss(m(xi), xi).sum())
-    params = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
-    total = {n: torch.zeros_like(p) for n, p in params}
-    for i in range(x.shape[0]):
-        grads = torch.autograd.grad(loss_of(model, x[i : i + 1]), [p for _, p in params])
-        c = min(1.0, norm / (torch.sqrt(sum(g.pow(2).sum() for g in grads)).item() + 1e-6))
-        for (n, _), g in zip(params, grads):
-            total[n] += c * g
-    return total
 
 
 @pytest.mark.parametrize("build", [gpt2, bert, vit], ids=["gpt2", "bert", "vit"])
@@ -180,7 +166,7 @@ def test_vit_matches_opacus_ghost_clipping():
     """Of the three, ViT is the one Opacus 1.6 ghost clipping computes (BERT: it fails in a
     view of its hooks; GPT-2: tied weights are unsupported). Opacus only hooks modules in train
     mode; the dropout rates are 0."""
-    from tests.oracles import opacus_clipped_sum
+    from fx_bk.testing import opacus_clipped_sum
 
     torch.manual_seed(0)
     model, make_input, per_sample_loss = vit()

@@ -17,8 +17,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import fx_bk
-from tests.models import MODELS, batch_for
-from tests.oracles import fx_bk_grads, max_rel_err, vmap_clipped_sum
+from fx_bk.testing import fx_bk_grads, max_rel_err, vmap_clipped_sum
+from fx_bk.testing.models import MODELS, batch_for
 
 BF16_TOL = 3e-2  # bf16 keeps 8 significant bits
 F32_TOL = 1e-5
@@ -148,12 +148,12 @@ def test_clipping_runs_on_float32_site_tensors(monkeypatch):
     original = module.clipped_gradients
     seen: dict = {"in": set(), "out": set()}
 
-    def spy(groups, *args):
-        for values, _ in groups:
+    def spy(bundles, *args):
+        for values, _, _ in bundles:
             for v in values:
                 seen["in"].update(t.dtype for t in [v.grad, *v.tensors.values()]
                                   if t.is_floating_point())
-        grads, norms = original(groups, *args)
+        grads, norms = original(bundles, *args)
         seen["out"].update(t.dtype for t in [norms, *grads.values()])
         return grads, norms
 

@@ -6,8 +6,8 @@ import pytest
 import torch
 
 import fx_bk
-from tests.models import MODELS, OPACUS_MODELS, batch_for
-from tests.oracles import fx_bk_grads, max_rel_err, opacus_clipped_sum, vmap_clipped_sum
+from fx_bk.testing import fx_bk_grads, max_rel_err, opacus_clipped_sum, vmap_clipped_sum
+from fx_bk.testing.models import MODELS, OPACUS_MODELS, batch_for
 
 TOL = {torch.float32: 1e-5, torch.float64: 1e-10}
 BATCHES = (1, 7, 32)

@@ -14,7 +14,7 @@ import torch
 import torch.nn as nn
 
 import fx_bk
-from tests.oracles import fx_bk_grads, max_rel_err, vmap_clipped_sum
+from fx_bk.testing import fx_bk_grads, max_rel_err, vmap_clipped_sum
 
 
 class Head(nn.Module):
@@ -88,7 +88,7 @@ class RuleCase:
 RULE_CASES = [
     RuleCase("linear-rank-one", lambda: nn.Linear(6, 5), 5, floats(6), "linear", "rank-one"),
     RuleCase("linear-ghost", lambda: nn.Linear(40, 30), 30, floats(3, 40), "linear", "ghost"),
-    # instantiation is chosen only where T is large against p*d (rules.instantiated_cost)
+    # instantiation is chosen only where T is large against p*d (fx_bk.cost_model.instantiated_cost)
     RuleCase("linear-instantiate", lambda: nn.Linear(3, 4), 4, floats(200, 3), "linear",
              "instantiate"),
     RuleCase("linear-4d-input", lambda: nn.Linear(4, 5), 5, floats(20, 10, 4), "linear",

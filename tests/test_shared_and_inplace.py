@@ -8,7 +8,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import fx_bk
-from tests.oracles import fx_bk_grads, max_rel_err, vmap_clipped_sum
+from fx_bk.testing import fx_bk_grads, max_rel_err, vmap_clipped_sum
 
 
 class TiedLM(nn.Module):
@@ -56,7 +56,7 @@ def test_tied_embedding_and_linear_exact():
         assert max_rel_err(got, vmap_clipped_sum(model, x, y, 0.05)) <= 1e-10
     (compiled,) = bk.programs
     tied = [s for s in compiled.prog.sites if s.params.get("weight") == "emb.weight"]
-    assert [s.group_note for s in tied] == ["tie cross term"] * 2
+    assert [s.bundle_note for s in tied] == ["tie cross term"] * 2
     assert {s.strategy for s in tied} == {"ghost"}  # V = 64 >> T = 4
     # no [B, V, d] per-sample gradient anywhere in the joint graph
     for node in compiled.prog.joint_graph.graph.nodes:
@@ -74,7 +74,7 @@ def test_inplace_ops_after_sites_exact():
 
 
 def test_dynamic_true_new_sequence_length_retraces():
-    from tests.models import TransformerStyle
+    from fx_bk.testing.models import TransformerStyle
 
     model = TransformerStyle()
     compiled = torch.compile(fx_bk.transform(model, max_grad_norm=0.5), dynamic=True,

@@ -23,7 +23,9 @@ from __future__ import annotations
 
 import torch
 
-DEFAULT_BLOCK = 64
+from fx_bk.cost_model import GHOST_BLOCK, ghost_cost
+
+DEFAULT_BLOCK = GHOST_BLOCK
 
 
 def _out_dtype(t: torch.Tensor) -> torch.dtype:
@@ -75,11 +77,6 @@ def _triton_available() -> bool:
     except ImportError:
         return False
     return True
-
-
-def ghost_cost(t: int, d: int, p: int, block: int = DEFAULT_BLOCK) -> int:
-    """Multiply-adds per sample of the blocked ghost norm: block rows k cover T - k columns."""
-    return sum(min(block, t - k) * (t - k) for k in range(0, t, block)) * (d + p)
 
 
 def _ghost_norm_flops(a_shape, g_shape, block: int = DEFAULT_BLOCK, **kwargs) -> int:

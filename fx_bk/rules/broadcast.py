@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import torch
 
-from . import Rule, register_rule
+from .base import Rule, register_rule
 
 aten = torch.ops.aten
 
@@ -32,6 +32,7 @@ class _BroadcastRule(Rule):
     strategies = "instantiated (vjp summed over the broadcast dims)"
 
     def _vjp(self, value, role: str) -> torch.Tensor:
+        """The op's vjp w.r.t. the argument in ``role``, before the broadcast is summed."""
         raise NotImplementedError
 
     def per_sample_grads(self, value):

@@ -23,15 +23,28 @@ which ``convolution_backward`` cannot express.
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import torch
 
-from fx_bk.kernels.ghost_norm import ghost_cost, ghost_norm
+from fx_bk.cost_model import gemm_strategy
+from fx_bk.kernels.ghost_norm import ghost_norm
+from fx_bk.site import Strategy
 
-from . import Rule, instantiated_cost, register_rule, squared_norm, weighted_sum
+from .base import Rule, register_rule, squared_norm, weighted_sum
 from .linear import scale_smaller
 
 aten = torch.ops.aten
+
+
+@dataclass
+class ConvState:
+    """What a convolution site's clipped sum needs."""
+
+    bias: torch.Tensor | None = None  # [B, Cout] per-sample bias gradients
+    per_sample_weight: torch.Tensor | None = None  # [B, *W] when instantiated
+    a: torch.Tensor | None = None  # ghost: [B, groups, L, Cin/g K] (im2col)
+    g: torch.Tensor | None = None  # ghost: [B, groups, L, Cout/g]
 
 
 def _tuple(value, n: int) -> tuple[int, ...]:
@@ -140,11 +153,10 @@ class ConvRule(Rule):
         (s,) = sites
         groups, positions, k, p = self.sizes(s)
         if "weight" not in s.params:
-            s.strategy, s.cost = "bias-only", math.prod(s.shapes["out"][1:])
-        elif ghost_cost(positions, k, p) < instantiated_cost(positions, p, k):
-            s.strategy, s.cost = "ghost", groups * ghost_cost(positions, k, p)
+            s.strategy, s.cost = Strategy.BIAS_ONLY, math.prod(s.shapes["out"][1:])
         else:
-            s.strategy, s.cost = "instantiate", groups * positions * p * k
+            s.strategy, cost = gemm_strategy(positions, k, p, rank_one=False)
+            s.cost = groups * cost
 
     @staticmethod
     def _grouped(value):
@@ -156,40 +168,40 @@ class ConvRule(Rule):
 
     def norm_sq(self, values):
         (value,) = values
-        site, state = value.site, {}
+        site, state = value.site, ConvState()
         norm = torch.zeros((), dtype=value.grad.dtype, device=value.grad.device)
         if "bias" in site.params:
-            state["bias"] = value.grad.reshape(*value.grad.shape[:2], -1).sum(2)  # [B, Cout]
-            norm = norm + squared_norm(state["bias"])
+            state.bias = value.grad.reshape(*value.grad.shape[:2], -1).sum(2)  # [B, Cout]
+            norm = norm + squared_norm(state.bias)
         if "weight" in site.params:
-            if site.strategy == "ghost":  # per (sample, group), blocked symmetric Gram
+            if site.strategy == Strategy.GHOST:  # per (sample, group), blocked symmetric Gram
                 a, g = self._grouped(value)
                 b, groups = a.shape[0], a.shape[1]
                 per_group = ghost_norm(a.detach().reshape(b * groups, *a.shape[2:]),
                                        g.detach().reshape(b * groups, *g.shape[2:]))
                 norm = norm + per_group.reshape(b, groups).sum(1).to(norm.dtype)
-                state["a"], state["g"] = a, g
+                state.a, state.g = a, g
             else:
-                state["G"] = self._per_sample_weight(value)
-                norm = norm + squared_norm(state["G"])
+                state.per_sample_weight = self._per_sample_weight(value)
+                norm = norm + squared_norm(state.per_sample_weight)
         return norm, state
 
-    def clipped_grads(self, values, state, c):
+    def clipped_grads(self, values, state: ConvState, c):
         (value,) = values
         site = value.site
         out = {}
-        if "bias" in state:
-            out[site.params["bias"]] = weighted_sum(c, state["bias"])
+        if state.bias is not None:
+            out[site.params["bias"]] = weighted_sum(c, state.bias)
         if "weight" in site.params:
             shape = site.shapes["weight"]
-            if "G" in state:
-                w = weighted_sum(c, state["G"])
+            if state.per_sample_weight is not None:
+                w = weighted_sum(c, state.per_sample_weight)
             else:
                 x, cg = scale_smaller(value.tensors["input"], value.grad, c)
                 w = conv_weight_grad(x, cg, site, per_sample=False,
                                      transposed=self.is_transposed(site))
                 if w is None:  # im2col path: one batched GEMM over the groups
-                    a, g = state["a"], state["g"]
+                    a, g = state.a, state.g
                     cg = g * c.to(g.dtype)[:, None, None, None]
                     groups = a.shape[1]
                     lhs = cg.permute(1, 3, 0, 2).reshape(groups, g.shape[-1], -1)  # [g, p, B L]

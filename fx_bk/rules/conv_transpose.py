@@ -28,7 +28,7 @@ import math
 
 import torch
 
-from . import register_rule
+from .base import register_rule
 from .conv import ConvRule, _geometry, im2col, positions_by_group
 
 aten = torch.ops.aten

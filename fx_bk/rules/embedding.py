@@ -9,13 +9,25 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 
+from fx_bk.cost_model import embedding_cost
 from fx_bk.kernels.embedding_grad import embedding_weight_grad
+from fx_bk.site import Strategy
 
-from . import Rule, accumulation_dtype, register_rule
+from .base import Rule, accumulation_dtype, register_rule
 
 aten = torch.ops.aten
+
+
+@dataclass
+class EmbeddingState:
+    """What the embedding's clipped sum needs (also read by the tie handler)."""
+
+    indices: torch.Tensor  # [B, T] looked-up rows
+    grad: torch.Tensor  # [B, T, d] output gradients, padding rows zeroed
 
 
 @register_rule(aten.embedding.default)
@@ -40,7 +52,7 @@ class EmbeddingRule(Rule):
         t = 1
         for n in s.shapes["indices"][1:]:
             t *= n
-        s.strategy, s.cost = "ghost", t * t * s.shapes["out"][-1]
+        s.strategy, s.cost = Strategy.GHOST, embedding_cost(t, s.shapes["out"][-1])
 
     @staticmethod
     def _flat(value):
@@ -59,10 +71,10 @@ class EmbeddingRule(Rule):
         acc = accumulation_dtype(g)
         same = (x.unsqueeze(2) == x.unsqueeze(1)).to(acc)  # [B, T, T]
         gg = torch.bmm(g, g.transpose(1, 2)).to(acc)  # [B, T, T]
-        return (same * gg).sum((1, 2)), (x, g)
+        return (same * gg).sum((1, 2)), EmbeddingState(x, g)
 
-    def clipped_grads(self, values, state, c):
-        x, g = state
+    def clipped_grads(self, values, state: EmbeddingState, c):
+        x, g = state.indices, state.grad
         name = values[0].site.params["weight"]
         vocab = values[0].site.shapes["weight"][0]
         cg = (g * c.to(g.dtype)[:, None, None]).reshape(-1, g.shape[-1])  # [B*T, d]

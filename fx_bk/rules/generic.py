@@ -14,9 +14,11 @@ from __future__ import annotations
 
 import torch
 
-from passes.program import Site, per_sample_numel
+from fx_bk._torch_internals import is_op_overload, op_schema
+from fx_bk.cost_model import plan_instantiated
+from fx_bk.site import Site, Strategy, per_sample_numel
 
-from . import Rule, plan_instantiated
+from .base import Rule, set_fallback_rule
 
 MAX_PER_SAMPLE_NUMEL = 1 << 20  # 4 MiB of float32 per sample
 # ops whose pre-dispatch node cannot be re-run under functionalization in torch 2.13 (an
@@ -28,14 +30,19 @@ class GenericVjpRule(Rule):
     name = "any other op (fallback)"
     strategies = (f"instantiated by vmap(vjp(op)); per-sample gradient at most "
                   f"{MAX_PER_SAMPLE_NUMEL:,} elements")
-    generic = True
+    fallback = True
+
+    def takes_param(self, role: str) -> bool:
+        return True  # any tensor argument may be a trainable parameter
+
+    def needs_tensor(self, role: str, is_param: bool) -> bool:
+        return True  # the op is re-run per sample: every tensor argument, parameters too
 
     def accepts(self, op) -> bool:
         """Functional aten ops with one tensor output."""
-        if (not isinstance(op, torch._ops.OpOverload) or op.namespace != "aten"
-                or op in _NOT_RETRACEABLE):
+        if not is_op_overload(op) or op.namespace != "aten" or op in _NOT_RETRACEABLE:
             return False
-        schema = op._schema
+        schema = op_schema(op)
         returns = [r.type for r in schema.returns]
         return (not schema.is_mutable and len(returns) == 1
                 and isinstance(returns[0], torch.TensorType))
@@ -46,12 +53,8 @@ class GenericVjpRule(Rule):
         out = site.shapes["out"]
         return "B" in out or any(isinstance(d, str) for d in out)
 
-    def validate(self, site: Site) -> str | None:
-        for role, value in site.const_args.items():
-            if isinstance(value, (list, tuple)) and any(
-                    isinstance(v, torch.fx.Node) for v in value):
-                return (f"its argument '{role}' is a list of tensors (the fallback takes single "
-                        f"ones)")
+    def layout_problem(self, site: Site) -> str | None:
+        """Batched tensors must have the batch at dim 0 only (parameters have no batch)."""
         for role, shape in site.shapes.items():
             if role != "out" and role not in site.tensor_args:
                 continue
@@ -60,6 +63,14 @@ class GenericVjpRule(Rule):
                 what = "output" if role == "out" else f"argument '{role}'"
                 return (f"its {what} has shape {list(shape)} (B = batch size): the fallback "
                         f"rule needs the batch at dim 0 only")
+        return None
+
+    def validate(self, site: Site) -> str | None:
+        for role, value in site.const_args.items():
+            if isinstance(value, (list, tuple)) and any(
+                    isinstance(v, torch.fx.Node) for v in value):
+                return (f"its argument '{role}' is a list of tensors (the fallback takes single "
+                        f"ones)")
         numel = sum(per_sample_numel(site.shapes[r]) for r in site.params)
         if numel > MAX_PER_SAMPLE_NUMEL:
             return (f"no dedicated rule, and the fallback would instantiate {numel:,} gradient "
@@ -67,7 +78,7 @@ class GenericVjpRule(Rule):
         return None
 
     def plan(self, sites):
-        plan_instantiated(sites, "vmap(vjp)")
+        plan_instantiated(sites, Strategy.VMAP_VJP)
 
     def per_sample_grads(self, value):
         site, tensors = value.site, value.tensors
@@ -92,7 +103,7 @@ def _call(op, kwargs: dict):
     """Call ``op`` with the arguments of its schema, in order (``normalize_function`` names the
     ``self`` argument ``input``, as the Python functions do)."""
     args, kw = [], {}
-    for a in op._schema.arguments:
+    for a in op_schema(op).arguments:
         name = "input" if a.name == "self" and "self" not in kwargs else a.name
         if name not in kwargs:
             continue
@@ -103,4 +114,4 @@ def _call(op, kwargs: dict):
     return op(*args, **kw)
 
 
-GENERIC = GenericVjpRule()
+GENERIC = set_fallback_rule(GenericVjpRule())

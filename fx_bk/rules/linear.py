@@ -12,9 +12,9 @@ All leading non-batch dims fold into T positions: ``a: [B, T, d]``, ``g: [B, T, 
                 instantiated)
 * bias:         ``b_i = sum_t g_it``,  clipped ``c @ b``.
 
-The strategy is chosen per site from its static shapes by a time model: multiply-adds, plus a
-calibrated charge per instantiated gradient element (``rules.instantiated_cost``); ``site.cost``
-reports the chosen strategy's multiply-adds. The
+The strategy is chosen per site from its static shapes by the time model of
+``fx_bk/cost_model.py`` (multiply-adds, plus a calibrated charge per instantiated gradient
+element); ``site.cost`` reports the chosen strategy's multiply-adds. The
 same weight used at several sites (a module called twice) is one per-sample gradient: the sites'
 positions are concatenated along T, which gives the exact norm including the cross terms.
 """
@@ -22,22 +22,27 @@ positions are concatenated along T, which gives the exact norm including the cro
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass, field
 
 import torch
 
-from fx_bk.kernels.ghost_norm import ghost_cost, ghost_norm
+from fx_bk.cost_model import gemm_strategy, positions
+from fx_bk.kernels.ghost_norm import ghost_norm
+from fx_bk.site import SiteValues, Strategy
 
-from . import (
-    Rule,
-    SiteValues,
-    accumulation_dtype,
-    instantiated_cost,
-    register_rule,
-    squared_norm,
-    weighted_sum,
-)
+from .base import Rule, accumulation_dtype, register_rule, squared_norm, weighted_sum
 
 aten = torch.ops.aten
+
+
+@dataclass
+class LinearState:
+    """What a Linear bundle's clipped sum needs (also read by the tie handler)."""
+
+    a: torch.Tensor  # [B, T, d] activations, every site's positions concatenated
+    g: torch.Tensor  # [B, T, p] output gradients
+    per_sample_weight: torch.Tensor | None = None  # [B, p, d] when instantiated
+    bias: dict[str, torch.Tensor] = field(default_factory=dict)  # name -> [B, p]
 
 
 def batch_first(t: torch.Tensor, value: SiteValues) -> torch.Tensor:
@@ -58,14 +63,6 @@ def scale_smaller(a: torch.Tensor, g: torch.Tensor, c: torch.Tensor):
     return a * c.to(a.dtype).reshape(-1, *[1] * (a.dim() - 1)), g
 
 
-def positions(shape) -> int:
-    """T: the positions of a ``[B, *, d]`` shape."""
-    t = 1
-    for s in shape[1:-1]:
-        t *= s
-    return t
-
-
 @register_rule(aten.linear.default)
 class LinearRule(Rule):
     name = "linear"
@@ -84,13 +81,9 @@ class LinearRule(Rule):
         p, d = sites[0].shapes["out"][-1], sites[0].shapes["input"][-1]
         t = sum(positions(s.shapes["input"]) for s in sites)
         if "weight" not in sites[0].params:
-            strategy, cost = "bias-only", t * p
-        elif t == 1:
-            strategy, cost = "rank-one", d + p
-        elif ghost_cost(t, d, p) < instantiated_cost(t, p, d):
-            strategy, cost = "ghost", ghost_cost(t, d, p)
+            strategy, cost = Strategy.BIAS_ONLY, t * p
         else:
-            strategy, cost = "instantiate", t * p * d
+            strategy, cost = gemm_strategy(t, d, p)
         for s in sites:
             s.strategy, s.cost = strategy, cost
 
@@ -108,16 +101,15 @@ class LinearRule(Rule):
         strategy = values[0].site.strategy
         acc = accumulation_dtype(g)
         norm = torch.zeros((), dtype=acc, device=g.device)
-        state = {"a": a, "g": g}
-        if strategy == "rank-one":
+        state = LinearState(a, g, bias=self._bias_grads(values))
+        if strategy == Strategy.RANK_ONE:
             norm = a.to(acc).pow(2).sum((1, 2)) * g.to(acc).pow(2).sum((1, 2))
-        elif strategy == "ghost":
+        elif strategy == Strategy.GHOST:
             norm = ghost_norm(a.detach(), g.detach()).to(acc)
-        elif strategy == "instantiate":
-            state["G"] = self._per_sample_weight(a, g)  # [B, p, d]
-            norm = squared_norm(state["G"])
-        state["bias"] = self._bias_grads(values)
-        for bg in state["bias"].values():
+        elif strategy == Strategy.INSTANTIATE:
+            state.per_sample_weight = self._per_sample_weight(a, g)  # [B, p, d]
+            norm = squared_norm(state.per_sample_weight)
+        for bg in state.bias.values():
             norm = norm + squared_norm(bg)
         return norm, state
 
@@ -132,15 +124,15 @@ class LinearRule(Rule):
             out[name] = out[name] + b if name in out else b
         return out
 
-    def clipped_grads(self, values, state, c):
-        grads = {name: weighted_sum(c, b) for name, b in state["bias"].items()}
+    def clipped_grads(self, values, state: LinearState, c):
+        grads = {name: weighted_sum(c, b) for name, b in state.bias.items()}
         weight = values[0].site.params.get("weight")
         if weight is None:
             return grads
-        if "G" in state:
-            grads[weight] = weighted_sum(c, state["G"])
+        if state.per_sample_weight is not None:
+            grads[weight] = weighted_sum(c, state.per_sample_weight)
         else:
-            a, g = scale_smaller(state["a"], state["g"], c)  # (c g)^T a = g^T (c a)
+            a, g = scale_smaller(state.a, state.g, c)  # (c g)^T a = g^T (c a)
             g = g.reshape(-1, g.shape[-1])  # [B T, p]
             a = a.reshape(-1, a.shape[-1])  # [B T, d]
             grads[weight] = a.t() @ g if self.transposed_weight else g.t() @ a
@@ -154,7 +146,7 @@ class LinearRule(Rule):
 
     def per_sample_grads(self, value):
         a, g = self._flat([value])
-        out = {n: b for n, b in self._bias_grads([value]).items()}
+        out = dict(self._bias_grads([value]))
         if "weight" in value.site.params:
             out[value.site.params["weight"]] = self._per_sample_weight(a, g)
         return out

@@ -13,60 +13,82 @@ gradients.
 
 from __future__ import annotations
 
+import math
+from dataclasses import dataclass
+
 import torch
 
-from . import TIE_HANDLERS, accumulation_dtype
-from .linear import positions
+from fx_bk.cost_model import positions, tie_cross_cost
+from fx_bk.site import Site
+
+from .base import accumulation_dtype, register_tie_handler
+from .embedding import EmbeddingRule, EmbeddingState
+from .linear import LinearRule, LinearState
+
+
+@dataclass
+class TieState:
+    embedding: EmbeddingState
+    linear: LinearState
+
+
+def _is_embedding(site: Site) -> bool:
+    return isinstance(site.rule, EmbeddingRule)
+
+
+def _is_output_projection(site: Site) -> bool:
+    """A Linear site with ``W: [V, d]`` (``x @ W`` of the matmul rule has ``W: [d, p]``)."""
+    return isinstance(site.rule, LinearRule) and not site.rule.transposed_weight
 
 
 class EmbeddingLinearTie:
+    """Bundle handler: one embedding site and Linear sites on the same ``[V, d]`` weight."""
+
     label = "tie cross term"
 
     @staticmethod
     def _split(items, site_of=lambda s: s):
-        emb = [i for i in items if site_of(i).rule.name == "embedding"]
-        lin = [i for i in items if site_of(i).rule.name == "linear"]
+        emb = [i for i in items if _is_embedding(site_of(i))]
+        lin = [i for i in items if _is_output_projection(site_of(i))]
         return emb, lin
 
-    def matches(self, sites) -> bool:
+    def matches(self, sites: list[Site]) -> bool:
         emb, lin = self._split(sites)
         if len(emb) != 1 or not lin or len(emb) + len(lin) != len(sites):
             return False
         weight = emb[0].params.get("weight")
         return all(s.params.get("weight") == weight for s in lin) and lin[0].rule.can_merge(lin)
 
-    def plan(self, sites) -> None:
+    def plan(self, sites: list[Site]) -> None:
         emb, lin = self._split(sites)
         emb[0].rule.plan(emb)
         lin[0].rule.plan(lin)
-        t_emb = 1
-        for n in emb[0].shapes["indices"][1:]:
-            t_emb *= n
+        t_emb = math.prod(emb[0].shapes["indices"][1:])
         t_lin = sum(positions(s.shapes["input"]) for s in lin)
-        cross = t_emb * t_lin * emb[0].shapes["out"][-1]
+        cross = tie_cross_cost(t_emb, t_lin, emb[0].shapes["out"][-1])
         for s in sites:  # the rules read s.strategy: the tie is noted beside it
-            s.group_note = self.label
+            s.bundle_note = self.label
             s.cost += cross
 
     def norm_sq(self, values):
         (emb,), lin = self._split(values, lambda v: v.site)
         n_emb, st_emb = emb.site.rule.norm_sq([emb])
         n_lin, st_lin = lin[0].site.rule.norm_sq(lin)
-        x, e = st_emb  # [B, T], [B, T, d] (padding rows zeroed)
-        a, logits_grad = st_lin["a"], st_lin["g"]  # [B, T', d], [B, T', V]
+        x, e = st_emb.indices, st_emb.grad  # [B, T], [B, T, d] (padding rows zeroed)
+        a, logits_grad = st_lin.a, st_lin.g  # [B, T', d], [B, T', V]
         acc = accumulation_dtype(e)
         inner = torch.bmm(e, a.transpose(1, 2)).to(acc)  # [B, T, T']: <e_t, a_s>
         rows = x.unsqueeze(-1).expand(-1, -1, a.shape[1])  # [B, T, T']
         picked = torch.gather(logits_grad.transpose(1, 2), 1, rows).to(acc)  # l_s[x_t]
         cross = (inner * picked).sum((1, 2))
-        return n_emb + n_lin + 2 * cross, (st_emb, st_lin)
+        return n_emb + n_lin + 2 * cross, TieState(st_emb, st_lin)
 
-    def clipped_grads(self, values, state, c):
+    def clipped_grads(self, values, state: TieState, c):
         (emb,), lin = self._split(values, lambda v: v.site)
-        grads = emb.site.rule.clipped_grads([emb], state[0], c)
-        for name, g in lin[0].site.rule.clipped_grads(lin, state[1], c).items():
+        grads = emb.site.rule.clipped_grads([emb], state.embedding, c)
+        for name, g in lin[0].site.rule.clipped_grads(lin, state.linear, c).items():
             grads[name] = grads[name] + g if name in grads else g
         return grads
 
 
-TIE_HANDLERS.append(EmbeddingLinearTie())
+register_tie_handler(EmbeddingLinearTie())

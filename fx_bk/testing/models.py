@@ -1,4 +1,5 @@
-"""Small models for the oracle tests (every one Opacus-free and torchvision-free)."""
+"""Small reference models of the oracle tests and `benchmarks/oracle_errors.py` (Opacus-free,
+torchvision-free): one per rule family and sharing pattern, each with a batch maker."""
 
 from __future__ import annotations
 

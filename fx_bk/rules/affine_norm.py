@@ -1,0 +1,107 @@
+"""Normalization layers with an elementwise affine: ``s = x_hat * w (+ b)``.
+
+``x_hat`` is the op's normalized input (recomputed here without the affine transform), ``w`` and
+``b`` are broadcast along some dims of ``x``. Per-sample gradients are as small as the
+parameters, so they are instantiated (strategy ``instantiate``):
+
+    w_i = sum g_i * x_hat_i,   b_i = sum g_i      over the dims the parameters are broadcast along
+
+norm ``||w_i||^2 + ||b_i||^2``, clipped sum ``sum_i c_i w_i``. One row of :data:`AFFINE_NORMS`
+per op:
+
+| op | x | parameters | summed over |
+|---|---|---|---|
+| layer_norm | ``[B, *, *N]`` | ``N`` | ``*`` (between batch and ``N``) |
+| group_norm | ``[B, C, *S]`` | ``[C]`` | ``S`` |
+| instance_norm | ``[B, C, *S]`` | ``[C]`` | ``S`` (running statistics in eval mode rejected) |
+| rms_norm | ``[B, *, *N]`` | ``N`` (weight only) | ``*`` |
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from fx_bk.site import Site
+
+from .base import Rule, register_rule
+
+aten = torch.ops.aten
+
+
+@dataclass(frozen=True)
+class AffineNorm:
+    """One normalization op: how to recompute ``x_hat`` and which dims its affine spans."""
+
+    name: str
+    op: object
+    param_args: tuple[str, ...]
+    normalize: Callable  # (x, const_args) -> x_hat
+    summed_dims: Callable  # (x, const_args) -> dims of x the parameters are broadcast along
+    strategies: str
+    reject: Callable | None = None  # (const_args) -> reason or None
+
+
+def _trailing(args) -> int:
+    return len(args["normalized_shape"])
+
+
+AFFINE_NORMS = (
+    AffineNorm(
+        "layer_norm", aten.layer_norm.default, ("weight", "bias"),
+        lambda x, a: F.layer_norm(x, list(a["normalized_shape"]), None, None, a.get("eps", 1e-5)),
+        lambda x, a: tuple(range(1, x.dim() - _trailing(a))),
+        "instantiated (weight and/or bias)",
+    ),
+    AffineNorm(
+        "group_norm", aten.group_norm.default, ("weight", "bias"),
+        lambda x, a: F.group_norm(x, a["num_groups"], None, None, a.get("eps", 1e-5)),
+        lambda x, a: tuple(range(2, x.dim())),
+        "instantiated (weight and/or bias)",
+    ),
+    AffineNorm(
+        "instance_norm", aten.instance_norm.default, ("weight", "bias"),
+        lambda x, a: F.instance_norm(x, eps=a.get("eps", 1e-5)),
+        lambda x, a: tuple(range(2, x.dim())),
+        "instantiated (weight and/or bias); no running statistics",
+        reject=lambda a: None if a.get("use_input_stats", True) else (
+            "instance norm with running statistics in eval mode is not supported"),
+    ),
+    AffineNorm(
+        "rms_norm", aten.rms_norm.default, ("weight",),
+        lambda x, a: F.rms_norm(x, list(a["normalized_shape"]), None, a.get("eps")),
+        lambda x, a: tuple(range(1, x.dim() - _trailing(a))),
+        "instantiated",
+    ),
+)
+
+
+class AffineNormRule(Rule):
+    """The rule of one :class:`AffineNorm` row."""
+
+    tensor_args = ("input",)
+
+    def __init__(self, spec: AffineNorm):
+        self.spec = spec
+        self.name, self.param_args, self.strategies = spec.name, spec.param_args, spec.strategies
+
+    def validate(self, site: Site) -> str | None:
+        return self.spec.reject(site.const_args) if self.spec.reject else None
+
+    def per_sample_grads(self, value):
+        x, args, params = value.tensors["input"], value.site.const_args, value.site.params
+        dims = self.spec.summed_dims(x, args)
+        out = {}
+        if "weight" in params:
+            w = value.grad * self.spec.normalize(x, args)
+            out[params["weight"]] = w.sum(dims) if dims else w
+        if "bias" in params:
+            out[params["bias"]] = value.grad.sum(dims) if dims else value.grad
+        return out
+
+
+for _spec in AFFINE_NORMS:
+    register_rule(_spec.op)(AffineNormRule(_spec))

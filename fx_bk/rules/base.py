@@ -1,0 +1,244 @@
+"""The rule contract, the rule registry, and the math the rules share.
+
+A **rule** computes, for one site (an op on trainable parameters; see ``fx_bk/site.py``), from
+the tensors the op saw (activations ``a``) and the gradient of the loss w.r.t. the op's output
+(``g = dL/ds``, batch-first), per sample ``i``:
+
+* ``norm_sq(values) -> (norms [B], state)``: ``sum_p ||dl_i/dp||^2`` over the site's trainable
+  parameters, computed from ``g`` (before the loss-reduction scaling the caller applies);
+  ``state`` is the rule's own typed record of what the clipped sum needs;
+* ``clipped_grads(values, state, c) -> {param name: sum_i c_i dl_i/dp}``, ``c: [B]``;
+* ``per_sample_grads(value) -> {param name: [B, *p.shape]}``: the per-sample gradients
+  themselves. Every rule has them: they are the default ``norm_sq``/``clipped_grads`` and what
+  a parameter shared by sites of different rules falls back to.
+
+``values`` holds one :class:`~fx_bk.site.SiteValues`, or several when the rule's
+``can_merge(sites)`` says it computes their summed gradient exactly (the same Linear called
+twice: its norm then includes the cross terms). Sites that share a parameter form a *bundle*
+(one per-sample gradient, one term of the norm); the object that computes a bundle is a
+:class:`BundleHandler`: the rule itself, a tie handler for sites of different rules
+(``tied.py``), or :class:`~fx_bk.rules.shared.InstantiateShared`.
+
+Adding an op: one file in ``fx_bk/rules/`` with a :class:`Rule` subclass decorated by
+:func:`register_rule` (every module of the package is imported), and one row in
+``tests/test_rules.py``. From user code, the same decorator (``fx_bk.register_rule``).
+"""
+
+from __future__ import annotations
+
+import abc
+from dataclasses import dataclass
+from typing import Any, Protocol, runtime_checkable
+
+import torch
+
+from fx_bk._torch_internals import is_op_overload
+from fx_bk.cost_model import plan_instantiated
+from fx_bk.errors import ConfigError
+from fx_bk.site import Site, SiteValues, Strategy
+
+RULES: dict = {}  # op overload -> Rule instance (dedicated rules)
+TIE_HANDLERS: list = []  # bundle handlers for sites of different rules (``matches(sites)``)
+_FALLBACK: list = []  # the rule for ops without a dedicated one (``generic.py``), at most one
+
+
+@dataclass
+class PerSampleGrads:
+    """State of an instantiating rule: the per-sample gradients by parameter name."""
+
+    grads: dict[str, torch.Tensor]  # name -> [B, *p.shape]
+
+
+class Rule(abc.ABC):
+    """Base class of every rule; a subclass must give ``name`` and ``per_sample_grads``.
+
+    Class attributes: ``param_args`` / ``tensor_args`` name the op's schema arguments that may
+    hold a trainable parameter / whose values the rule needs at run time (``roles(op)`` renames
+    schema arguments, e.g. ``mat2`` -> ``weight``); ``strategies`` is the rule's line in the
+    README's op table; ``folds_batch``: the rule reads ``[B*T, ...]`` tensors folded by a
+    row-major reshape (``site.batch_layout``); ``fallback``: the rule handles ops without a
+    dedicated rule.
+
+    The default ``plan`` / ``norm_sq`` / ``clipped_grads`` instantiate ``per_sample_grads``:
+    norm ``sum_p ||G_i,p||^2``, clipped sum ``sum_i c_i G_i,p``. Override them for a cheaper
+    formula (ghost norms, ``linear.py``).
+    """
+
+    name: str = ""
+    ops: tuple = ()  # set by register_rule
+    param_args: tuple[str, ...] = ()
+    tensor_args: tuple[str, ...] = ()
+    strategies: str = "instantiated"
+    folds_batch: bool = False
+    fallback: bool = False
+
+    def roles(self, op) -> dict[str, str]:
+        """Schema argument name -> role name used by this rule (default: the same)."""
+        return {}
+
+    def takes_param(self, role: str) -> bool:
+        """May the argument in ``role`` be a trainable parameter of this site?"""
+        return role in self.param_args
+
+    def needs_tensor(self, role: str, is_param: bool) -> bool:
+        """Does the rule read the tensor in ``role`` at run time (``is_param``: it holds a
+        trainable parameter of the site)?"""
+        return role in self.tensor_args and not is_param
+
+    def accepts(self, op) -> bool:
+        """Is ``op`` one of this rule's ops (the fallback rule accepts a whole class)?"""
+        return op in self.ops
+
+    def applies(self, site: Site) -> bool:
+        """False: the use is not a site of this rule (it gets the unsupported-op error)."""
+        return True
+
+    def layout_problem(self, site: Site) -> str | None:
+        """Rules read the batch at dim 0 of the op's tensors, and nowhere else."""
+        for role in (*site.tensor_args, "out"):
+            shape = site.shapes[role]
+            if not shape or shape[0] != "B" or any(isinstance(d, str) for d in shape[1:]):
+                what = "output" if role == "out" else f"argument '{role}'"
+                return (
+                    f"its {what} has shape {list(shape)} (B = batch size): the batch must be "
+                    f"dim 0 and only there. A parameter applied to a tensor without the batch "
+                    f"dim (e.g. a positional embedding of arange(T), broadcast later) has no "
+                    f"per-sample gradient at this op: give it the batch dim, e.g. "
+                    f"pos(torch.arange(T).expand(B, T)); do not fold the batch into other dims"
+                )
+        return None
+
+    def validate(self, site: Site) -> str | None:
+        """A reason this site cannot be handled (e.g. a sparse embedding), or None."""
+        return None
+
+    def can_merge(self, sites: list[Site]) -> bool:
+        """Can this rule compute the summed per-sample gradient of these sites exactly?"""
+        return len(sites) == 1
+
+    def plan(self, sites: list[Site]) -> None:
+        """Set ``site.strategy`` and ``site.cost`` (multiply-adds per sample) from the shapes."""
+        plan_instantiated(sites, Strategy.INSTANTIATE)
+
+    @abc.abstractmethod
+    def per_sample_grads(self, value: SiteValues) -> dict[str, torch.Tensor]:
+        """``{param name: [B, *p.shape]}`` for the site's trainable parameters."""
+
+    def norm_sq(self, values: list[SiteValues]) -> tuple[torch.Tensor, Any]:
+        (value,) = values
+        state = PerSampleGrads(self.per_sample_grads(value))
+        return sum(squared_norm(g) for g in state.grads.values()), state
+
+    def clipped_grads(self, values: list[SiteValues], state: Any,
+                      c: torch.Tensor) -> dict[str, torch.Tensor]:
+        return {name: weighted_sum(c, g) for name, g in state.grads.items()}
+
+    def __repr__(self) -> str:
+        return f"<fx_bk rule {self.name!r}>"
+
+
+@runtime_checkable
+class BundleHandler(Protocol):
+    """Computes one bundle (sites sharing trainable parameters) as one per-sample gradient."""
+
+    def plan(self, sites: list[Site]) -> None: ...
+
+    def norm_sq(self, values: list[SiteValues]) -> tuple[torch.Tensor, Any]: ...
+
+    def clipped_grads(self, values: list[SiteValues], state: Any,
+                      c: torch.Tensor) -> dict[str, torch.Tensor]: ...
+
+
+def register_rule(*ops, replace: bool = False):
+    """Class decorator: ``rule_cls()`` computes the sites of ``ops`` (op overloads).
+
+    Example, a rule for a user's custom op ``mylib::scale(x, w) = x * w`` (``w: [d]``)::
+
+        @fx_bk.register_rule(torch.ops.mylib.scale.default)
+        class ScaleRule(fx_bk.Rule):
+            name = "mylib.scale"
+            param_args = ("w",)     # schema arguments that may be trainable parameters
+            tensor_args = ("x",)    # schema arguments the rule reads
+
+            def per_sample_grads(self, value):  # value.grad = dL/ds: [B, *, d]
+                g_w = (value.grad * value.tensors["x"]).flatten(1, -2).sum(1)  # [B, d]
+                return {value.site.params["w"]: g_w}
+
+    ``replace=True`` lets a rule take over ops that already have one. The decorator also
+    accepts a rule instance (table-driven families register several instances of one class).
+    """
+    for op in ops:
+        if not is_op_overload(op):
+            hint = (" (an op packet: use its overload, e.g. .default)"
+                    if hasattr(op, "overloads") else "")
+            raise ConfigError(
+                f"register_rule takes op overloads such as torch.ops.aten.linear.default or "
+                f"torch.ops.mylib.my_op.default, got {op!r}{hint}"
+            )
+    if not ops:
+        raise ConfigError("register_rule needs at least one op overload")
+
+    def deco(rule_or_cls):
+        rule = rule_or_cls() if isinstance(rule_or_cls, type) else rule_or_cls
+        if not isinstance(rule, Rule):
+            raise ConfigError(
+                f"register_rule decorates a subclass of fx_bk.Rule, got {rule_or_cls!r}"
+            )
+        if not rule.name:
+            raise ConfigError(f"{type(rule).__name__}: a rule needs a name (class attribute)")
+        taken = [op for op in ops if op in RULES and RULES[op] is not rule]
+        if taken and not replace:
+            raise ConfigError(
+                f"{type(rule).__name__}: {', '.join(map(str, taken))} already handled by rule "
+                f"{RULES[taken[0]].name!r}; pass replace=True to register_rule to override it"
+            )
+        rule.ops = tuple(dict.fromkeys((*rule.ops, *ops)))
+        for op in ops:
+            RULES[op] = rule
+        return rule_or_cls
+
+    return deco
+
+
+def unregister_rule(*ops) -> None:
+    """Remove the rules of ``ops`` (their sites get the fallback rule or an error again)."""
+    for op in ops:
+        rule = RULES.pop(op, None)
+        if rule is not None:
+            rule.ops = tuple(o for o in rule.ops if o != op)
+
+
+def set_fallback_rule(rule: Rule) -> Rule:
+    """The rule for ops on trainable parameters that have no dedicated rule (one at most)."""
+    _FALLBACK[:] = [rule]
+    return rule
+
+
+def rule_for(op, *, fallback: bool = True) -> Rule | None:
+    """The dedicated rule of ``op``; else the fallback rule when it accepts ``op``."""
+    rule = RULES.get(op)
+    if rule is None and fallback and _FALLBACK and _FALLBACK[0].accepts(op):
+        return _FALLBACK[0]
+    return rule
+
+
+def register_tie_handler(handler) -> None:
+    """A bundle handler for sites of different rules that share a parameter; it is used for
+    the bundles where ``handler.matches(sites)`` is true."""
+    TIE_HANDLERS.append(handler)
+
+
+def accumulation_dtype(t: torch.Tensor) -> torch.dtype:
+    """Norms are accumulated in at least float32."""
+    return torch.float32 if t.dtype in (torch.float16, torch.bfloat16) else t.dtype
+
+
+def weighted_sum(c: torch.Tensor, per_sample: torch.Tensor) -> torch.Tensor:
+    """``sum_i c_i * per_sample[i]``; c: [B], per_sample: [B, *shape] -> [*shape]."""
+    return torch.tensordot(c.to(per_sample.dtype), per_sample, dims=1)
+
+
+def squared_norm(per_sample: torch.Tensor) -> torch.Tensor:
+    """[B, *shape] -> [B]."""
+    flat = per_sample.reshape(per_sample.shape[0], -1)
+    return flat.to(accumulation_dtype(flat)).pow(2).sum(1)

@@ -1,0 +1,101 @@
+"""The contract between the passes and the rules: what a *site* is, and what a rule receives.
+
+A **site** is one op of the traced forward graph that consumes a trainable parameter
+(``aten.linear`` of a Linear's weight and bias, ``aten.embedding`` of a table, …). The passes
+build :class:`Site` from the graph (``passes/find_sites.py``) and a rule reads it to plan
+(``site.strategy``, ``site.cost``); inside the joint graph the rule receives the site's runtime
+tensors as :class:`SiteValues` and returns per-sample norms and clipped gradients.
+
+Shapes in a site use ``"B"`` for the batch dim; every other dim is an ``int`` (a ``str`` marks
+a dim folding the batch with other sizes, e.g. ``"3*s0"`` for ``[B*T, d]`` before
+``find_sites`` unfolds it).
+"""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+import torch
+
+from ._torch_internals import evaluate_batch_condition
+
+if TYPE_CHECKING:  # the rules import this module, not the reverse
+    from .rules.base import Rule
+
+
+class Strategy(str, enum.Enum):
+    """How a site's per-sample gradient norm (and clipped sum) is computed."""
+
+    RANK_ONE = "rank-one"  # T = 1: ||a||^2 ||g||^2
+    GHOST = "ghost"  # <a a^T, g g^T>, no per-sample gradient built
+    INSTANTIATE = "instantiate"  # the per-sample gradients [B, *p.shape] are built
+    BIAS_ONLY = "bias-only"  # only the bias trains
+    VMAP_VJP = "vmap(vjp)"  # the fallback rule: vmap of the op's vjp, instantiated
+    SHARED = "instantiate (shared parameter)"  # a parameter shared by sites of different rules
+
+    __hash__ = str.__hash__  # equal to its string, in sets and dicts too
+
+    def __str__(self) -> str:
+        return self.value
+
+
+def per_sample_numel(shape: tuple) -> int:
+    """Elements per sample of a site shape (``"B"`` marks the batch dim)."""
+    n = 1
+    for d in shape:
+        n *= 1 if d == "B" else d
+    return n
+
+
+@dataclass
+class Site:
+    """One op in the forward graph that consumes at least one trainable parameter."""
+
+    node: str  # name of the op's node in the forward graph
+    op: Any  # the op overload, e.g. torch.ops.aten.linear.default
+    rule: Rule  # the rule that computes its per-sample norm and clipped gradients
+    params: dict[str, str]  # role ("weight", "bias") -> parameter name, trainable only
+    tensor_args: dict[str, str]  # role -> node name of the activations the rule needs
+    const_args: dict[str, Any]  # the op's other arguments (e.g. normalized_shape, eps)
+    shapes: dict[str, tuple]  # role/"out" -> shape with "B" for the batch dim
+    strategy: Strategy | str = ""  # chosen by the rule's plan()
+    cost: int = 0  # multiply-adds per sample of the chosen strategy
+    bundle_note: str = ""  # how a parameter shared with other sites is handled, if it is
+    batch_layout: tuple | None = None  # see find_sites._unfold_batch; None: batch-first
+    aux: dict[str, int] = field(default_factory=dict)  # role/"out" -> index among aux outputs
+
+
+@dataclass
+class SiteValues:
+    """The runtime tensors of one site inside the joint graph."""
+
+    site: Site
+    tensors: dict[str, torch.Tensor]  # role -> activation tensor (e.g. "input")
+    grad: torch.Tensor  # dL/ds, same shape as the op's output
+    batch: Any  # the batch size (a SymInt while tracing)
+
+
+@dataclass(frozen=True)
+class InputMeta:
+    """Shape/dtype of one tensor input; ``batched`` ones have the symbolic batch as dim 0."""
+
+    shape: tuple[int, ...]  # dim 0 is the example's batch size when batched
+    dtype: torch.dtype
+    device: torch.device
+    batched: bool
+
+
+@dataclass(frozen=True)
+class BatchGuard:
+    """A condition on the batch size that the trace assumed (e.g. ``s0 < 16`` in a kernel's
+    heuristic, or a branch of the model's forward)."""
+
+    symbol: Any  # the trace's sympy batch symbol
+    expr: Any  # sympy boolean in ``symbol``
+
+    def holds(self, batch) -> bool:
+        """Evaluate at ``batch`` (an int, or a SymInt under torch.compile: then the check
+        becomes a guard of the compiled graph)."""
+        return evaluate_batch_condition(self.expr, self.symbol, batch)
