@@ -61,7 +61,7 @@ PRIVATE_APIS = {
     "SymbolicBatchMode": (
         "FakeTensorMode, ShapeEnv, StatelessSymbolicContext, DimDynamic",
         "one trace with a symbolic batch dim and static other dims", "torch 2.13"),
-    "SymbolicBatchMode.specialized_batch / guard_exprs": (
+    "SymbolicBatchMode.specialized_batch / SymbolicBatchMode.guard_exprs": (
         "ShapeEnv.replace, ShapeEnv.guards",
         "conditions the trace placed on the batch size", "torch 2.13"),
     "escape_outer_tracing": (

@@ -1,7 +1,8 @@
 """The fx_bk graph passes, run in this order on one ``BKProgram`` (see ``docs/passes.md``).
 
 At ``logging.DEBUG`` the ``fx_bk`` logger gets one line per pass (what it found or built, and
-its time); the ``fx_bk.graphs`` logger gets the code of every graph a pass produced.
+its time); the ``fx_bk.graphs`` logger, set to DEBUG on its own (it starts at INFO), gets the
+code of every graph a pass produced.
 """
 
 from __future__ import annotations
@@ -36,6 +37,8 @@ __all__ = ["ANALYSIS_PASSES", "BUILD_PASSES", "BKProgram", "Bundle", "run_passes
 
 log = logging.getLogger("fx_bk")
 graph_log = logging.getLogger("fx_bk.graphs")
+if graph_log.level == logging.NOTSET:  # graph code is long: opt in separately from "fx_bk"
+    graph_log.setLevel(logging.INFO)
 
 
 def run_passes(prog: BKProgram, *, build: bool = True) -> BKProgram:

@@ -14,6 +14,7 @@ from .base import (
     PerSampleGrads,
     Rule,
     accumulation_dtype,
+    fallback_rule,
     register_rule,
     register_tie_handler,
     rule_for,
@@ -46,12 +47,6 @@ __all__ = [
 for _module in sorted(m.name for m in pkgutil.iter_modules(__path__)):
     if not _module.startswith("_"):
         importlib.import_module(f"{__name__}.{_module}")
-
-
-def fallback_rule() -> Rule | None:
-    from .base import _FALLBACK
-
-    return _FALLBACK[0] if _FALLBACK else None
 
 
 def supported_ops_table(*, builtin_only: bool = True) -> str:

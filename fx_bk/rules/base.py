@@ -214,6 +214,11 @@ def set_fallback_rule(rule: Rule) -> Rule:
     return rule
 
 
+def fallback_rule() -> Rule | None:
+    """The rule for ops without a dedicated one (``generic.py``), if set."""
+    return _FALLBACK[0] if _FALLBACK else None
+
+
 def rule_for(op, *, fallback: bool = True) -> Rule | None:
     """The dedicated rule of ``op``; else the fallback rule when it accepts ``op``."""
     rule = RULES.get(op)
