@@ -113,6 +113,14 @@ PRIVATE_APIS = {
 }
 
 
+def private_api_table() -> str:
+    """``PRIVATE_APIS`` as the markdown table of ``docs/internals.md`` (kept equal by a test)."""
+    rows = ["| helper | private API | used for | known to work |", "|---|---|---|---|"]
+    for helper, (api, used_for, versions) in PRIVATE_APIS.items():
+        rows.append(f"| `{helper}` | `{api}` | {used_for} | {versions} |")
+    return "\n".join(rows)
+
+
 class SymbolicBatchMode:
     """A fake-tensor mode whose tensors have a symbolic batch dimension (dim 0) and static rest.
 

@@ -154,3 +154,9 @@ def test_set_opacus_noise_per_rank():
     p.grad = torch.zeros(1000)
     opt.step()
     assert 0.2 < p.detach().std().item() < 0.3  # the drawn noise is 0.25 * R
+
+
+def test_docs_table_is_the_private_api_dict():
+    doc = (ROOT / "docs" / "internals.md").read_text()
+    table = re.search(r"<!-- apitable:start -->\n(.*?)\n<!-- apitable:end -->", doc, re.S)
+    assert table is not None and table.group(1) == ti.private_api_table()
