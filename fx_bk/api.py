@@ -53,6 +53,13 @@ def check_module_tree(model: torch.nn.Module) -> list[Problem]:
     """Problems visible from the module tree alone."""
     problems = []
     for name, mod in model.named_modules():
+        if isinstance(mod, BKModule):
+            problems.append(Problem(
+                "already-transformed",
+                f"module '{name or '<root>'}' is already an fx_bk module (fx_bk.transform was "
+                f"applied to it); transform the plain model once, at the top: "
+                f"fx_bk.transform(model, ...)",
+            ))
         if isinstance(mod, torch.nn.modules.batchnorm._BatchNorm):
             problems.append(Problem(
                 "batch-norm",

@@ -17,7 +17,7 @@ def explain(model: torch.nn.Module, *args, **kwargs) -> str:
     from .api import transform
 
     bk = model if isinstance(model, BKModule) else transform(model, max_grad_norm=1.0)
-    with torch.no_grad():
+    with torch.enable_grad():  # the BK program is built for calls that can backpropagate
         bk(*args, **kwargs)
     prog = bk.programs[-1].prog
     rows = [

@@ -116,21 +116,44 @@ class BKModule(torch.nn.Module):
         super().__init__()
         self._module = module
         self.bk_config = config
+        self._register()
+
+    def _register(self) -> None:
+        """A fresh id (the key of the traced programs and the recorded norms) and no programs."""
         self._regions: dict = {}  # input signature -> _BatchRegions
         self._output_layouts: dict = {}  # (input layout, training) -> output layout
         self._bk_id = next(_ids)
         weakref.finalize(self, forget, self._bk_id)
         _MODULES[self._bk_id] = self
 
+    def __getstate__(self):
+        """Copies (``copy.deepcopy``, ``pickle``, ``torch.save``) leave the traced programs
+        behind: they hold fake tensors and graphs of the original's parameters. A copy traces
+        its own at its first call."""
+        state = super().__getstate__()
+        for key in ("_regions", "_output_layouts", "_bk_id"):
+            state.pop(key, None)
+        return state
+
+    def __setstate__(self, state) -> None:
+        super().__setstate__(state)
+        self._register()
+
     def __getattr__(self, name: str):
         """Attributes the wrapper lacks come from the wrapped module (e.g. a HF ``config``)."""
         try:
             return super().__getattr__(name)
         except AttributeError:
+            if name.startswith("__") or "_modules" not in self.__dict__:
+                raise
             return getattr(self._modules["_module"], name)
 
     def forward(self, *args, **kwargs):
-        """Same call signature as the wrapped module's forward."""
+        """Same call signature as the wrapped module's forward. Without grad mode
+        (``torch.no_grad()``, ``torch.inference_mode()``: evaluation) it is the plain forward:
+        no gradient, so nothing to clip and no BK program to build."""
+        if not torch.is_grad_enabled():
+            return self._module(*args, **kwargs)
         params = [p for _, p in self._module.named_parameters()]
         buffers = [b for _, b in self._module.named_buffers()]
         leaves: list = []

@@ -11,12 +11,12 @@ the autocast dtypes. The trace runs under ``prog.autocast`` exactly (see ``fx_bk
 from __future__ import annotations
 
 import torch
-from torch.func import functional_call
 
 from fx_bk._torch_internals import SymbolicBatchMode, make_fx, set_flat_codegen
 from fx_bk.autocast import entered
 from fx_bk.errors import Problem
 from fx_bk.layout import flatten, unflatten
+from fx_bk.module_state import swapped_state
 from fx_bk.site import BatchGuard
 
 from .program import BKProgram
@@ -45,7 +45,8 @@ def trace_model(prog: BKProgram) -> None:
         state = dict(zip(prog.param_names, flat_args[:n_p]))
         state.update(zip(prog.buffer_names, flat_args[n_p : n_p + n_b]))
         (args, kwargs), _ = unflatten(prog.input_layout, flat_args[n_p + n_b :])
-        out = functional_call(model, state, tuple(args), kwargs, tie_weights=True, strict=False)
+        with swapped_state(model, state):  # also modules registered under two names
+            out = model(*args, **kwargs)
         leaves: list = []
         out_layout.append(flatten(out, leaves))
         return leaves

@@ -7,7 +7,8 @@ independently, so running it on one sample gives that sample's rows). ``torch.fu
 it for every sample at once inside the joint graph: ``[B, *p.shape]`` per parameter,
 instantiated, so the fallback is only taken where that is small (``MAX_PER_SAMPLE_NUMEL``
 elements per sample); larger uses get the unsupported-op error. Norm ``sum_p ||G_i,p||^2``,
-clipped sum ``sum_i c_i G_i,p``. ``nn.PReLU`` takes this path; ``nn.Bilinear`` cannot (see ``_NOT_RETRACEABLE``).
+clipped sum ``sum_i c_i G_i,p``. ``nn.PReLU`` takes this path; ``nn.Bilinear`` cannot (see
+``_NOT_RETRACEABLE``).
 """
 
 from __future__ import annotations

@@ -16,7 +16,9 @@ from collections.abc import Callable
 
 import torch
 import torch.nn as nn
-from torch.func import functional_call, grad, vmap
+from torch.func import grad, vmap
+
+from fx_bk.module_state import swapped_state
 
 CLIP_EPS = 1e-6  # Opacus's C_i = min(1, R / (||g_i|| + 1e-6))
 AUTOMATIC_GAMMA = 0.01  # Bu et al.'s automatic clipping: C_i = R / (||g_i|| + 0.01)
@@ -60,7 +62,8 @@ def per_sample_grads(model: nn.Module, x, y, loss_fn=nn.functional.cross_entropy
     params = {n: p.detach() for n, p in trainable(model)}
 
     def loss_one(p, xi, yi):
-        out = functional_call(model, p, (xi.unsqueeze(0),), strict=False)
+        with swapped_state(model, p):
+            out = model(xi.unsqueeze(0))
         return loss_fn(out, yi.unsqueeze(0))
 
     return vmap(grad(loss_one), in_dims=(None, 0, 0))(params, x, y)

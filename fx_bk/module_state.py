@@ -1,0 +1,49 @@
+"""Run a module with some of its parameters and buffers replaced, and always restore them.
+
+``torch.func.functional_call`` swaps tensors by name, once per name. A module registered under
+two names (``nn.ModuleList([lin, lin])``) is one object reached by two names: the second swap
+saves the first one's replacement as the "original", and the restore leaves that replacement in
+the model (measured on torch 2.13: a fake tensor left in the user's model after tracing). Here
+every (module object, attribute) slot is swapped exactly once, whatever the number of names that
+reach it, and tied tensors (one object under several names, e.g. GPT-2's ``wte``/``lm_head``)
+get the same replacement in every slot.
+"""
+
+from __future__ import annotations
+
+import contextlib
+
+import torch
+
+
+def _slots(model: torch.nn.Module, names: dict) -> dict:
+    """``{(id(module), attr): (module, attr, canonical name)}`` for every slot holding one of the
+    tensors named in ``names`` (any alias of it)."""
+    originals = {**dict(model.named_parameters()), **dict(model.named_buffers())}
+    by_object = {id(originals[n]): n for n in names if n in originals}
+    slots = {}
+    for _, mod in model.named_modules(remove_duplicate=False):
+        for attr, t in [*mod._parameters.items(), *mod._buffers.items()]:
+            if t is not None and id(t) in by_object:
+                slots[(id(mod), attr)] = (mod, attr, by_object[id(t)])
+    missing = set(names) - set(originals)
+    if missing:
+        raise KeyError(f"not a parameter or buffer of {type(model).__name__}: {sorted(missing)}")
+    return slots
+
+
+@contextlib.contextmanager
+def swapped_state(model: torch.nn.Module, tensors: dict[str, torch.Tensor]):
+    """Inside the block, ``model``'s parameters/buffers named in ``tensors`` (by
+    ``named_parameters()`` / ``named_buffers()`` names) are those tensors."""
+    slots = _slots(model, tensors)
+    saved = []
+    try:
+        for mod, attr, name in slots.values():
+            table = mod._parameters if attr in mod._parameters else mod._buffers
+            saved.append((table, attr, table[attr]))
+            table[attr] = tensors[name]
+        yield model
+    finally:
+        for table, attr, original in reversed(saved):
+            table[attr] = original

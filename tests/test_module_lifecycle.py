@@ -1,0 +1,100 @@
+"""A transformed module's life outside one training call: modules registered twice, copies and
+checkpoints, evaluation without grad, transforming twice."""
+
+from __future__ import annotations
+
+import copy
+import io
+import pickle
+
+import pytest
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+import fx_bk
+import fx_bk.testing
+from fx_bk.testing import fx_bk_grads, max_rel_err
+
+
+class TwiceRegistered(nn.Module):
+    """One Linear reached by two names (``l.0`` and ``l.1``): one parameter, two sites."""
+
+    def __init__(self):
+        super().__init__()
+        lin = nn.Linear(4, 4)
+        self.l = nn.ModuleList([lin, lin])
+        self.head = nn.Linear(4, 3)
+
+    def forward(self, x):
+        for layer in self.l:
+            x = torch.tanh(layer(x))
+        return self.head(x)
+
+
+def _batch(b=5, dtype=torch.float64):
+    g = torch.Generator().manual_seed(b)
+    return torch.randn(b, 4, generator=g, dtype=dtype), torch.randint(0, 3, (b,), generator=g)
+
+
+def test_a_module_registered_twice_is_one_shared_weight_and_stays_intact():
+    torch.manual_seed(0)
+    model = TwiceRegistered().double()
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    err = fx_bk.testing.assert_matches_per_sample(model, F.cross_entropy, _batch(),
+                                                  max_grad_norm=0.1)
+    assert err <= 1e-10
+    for n, p in model.named_parameters():  # tracing left the model's own tensors in place
+        assert type(p) is nn.Parameter and torch.equal(p.detach(), before[n]), n
+
+
+@pytest.mark.parametrize("copy_fn", [
+    copy.deepcopy,
+    lambda m: pickle.loads(pickle.dumps(m)),
+    lambda m: torch.load(_saved(m), weights_only=False),
+], ids=["deepcopy", "pickle", "torch.save"])
+@pytest.mark.parametrize("after_first_call", [False, True])
+def test_copies_trace_their_own_program(copy_fn, after_first_call):
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 6), nn.Tanh(), nn.Linear(6, 3)).double()
+    bk = fx_bk.transform(model, max_grad_norm=0.1)
+    x, y = _batch()
+    if after_first_call:
+        fx_bk_grads(bk, model, x, y, "mean")
+    clone = copy_fn(bk)
+    assert not clone.programs
+    clone_model = clone._module
+    got = fx_bk_grads(clone, clone_model, x, y, "mean")
+    ref = fx_bk_grads(bk, model, x, y, "mean")  # the original still works
+    assert max_rel_err(got, ref) <= 1e-12
+    assert clone_model[0].weight is not model[0].weight
+
+
+def _saved(m) -> io.BytesIO:
+    buf = io.BytesIO()
+    torch.save(m, buf)
+    buf.seek(0)
+    return buf
+
+
+@pytest.mark.parametrize("mode", [torch.no_grad, torch.inference_mode])
+def test_evaluation_without_grad_is_the_plain_forward(mode):
+    model = nn.Sequential(nn.Linear(4, 3)).double()
+    bk = fx_bk.transform(model, max_grad_norm=1.0)
+    x, _ = _batch()
+    with mode():
+        out = bk(x)
+    assert not bk.programs
+    torch.testing.assert_close(out, model(x).detach())
+    with mode():
+        torch.compile(bk, fullgraph=True)(x)
+    assert not bk.programs
+
+
+def test_transforming_twice_is_an_error():
+    bk = fx_bk.transform(nn.Linear(3, 3), max_grad_norm=1.0)
+    with pytest.raises(fx_bk.UnsupportedModelError, match="already an fx_bk module"):
+        fx_bk.transform(bk, max_grad_norm=1.0)
+    outer = nn.Sequential(bk, nn.Linear(3, 2))
+    with pytest.raises(fx_bk.UnsupportedModelError, match="module '0' is already an fx_bk"):
+        fx_bk.transform(outer, max_grad_norm=1.0)
