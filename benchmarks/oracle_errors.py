@@ -18,7 +18,7 @@ def worst(name: str, dtype, compiled: bool, oracle: str) -> float:
     out = 0.0
     for reduction in ("mean", "sum"):
         for norm in (1e-3, 1e3):
-            torch._dynamo.reset()
+            torch.compiler.reset()
             torch.manual_seed(0)
             model = MODELS[name]().to(dtype)
             bk = fx_bk.transform(model, max_grad_norm=norm, loss_reduction=reduction)

@@ -21,10 +21,12 @@ excluded) and a PNG of loss and epsilon against the step (``--plot``).
 ``--compare`` trains two more copies of the same initial model on the same batches (the same
 Poisson draws) in the same loop, one step of each variant in turn so that load changes on the
 machine hit all of them alike: non-private training (the plain model, compiled unless
-``--no-compile``) and Opacus 1.6 ghost clipping (``opacus.PrivacyEngine().make_private(...,
-grad_sample_mode="ghost")``: hooks and two backward passes, eager: Opacus does not compile), with
-the same noise seed and accountant; then prints a table of median step times, their ratios,
-accuracies and epsilons.
+``--no-compile``) and Opacus 1.6 ghost clipping (what ``opacus.PrivacyEngine().make_private(...,
+grad_sample_mode="ghost")`` builds: hooks and two backward passes, eager: Opacus does not
+compile), with the same noise seed and an accountant of the same kind; then prints a table of
+median step times, their ratios, accuracies and epsilons. Both are built by the benchmark's step
+builders (``benchmarks/variants.py``, with Adam, noise and the accountant), so ``--compare`` runs
+from the repository root.
 """
 
 from __future__ import annotations
@@ -43,7 +45,6 @@ from torch.utils.data import DataLoader, TensorDataset
 from tqdm import tqdm
 
 import fx_bk
-from fx_bk._torch_internals import mark_batch_dynamic
 from fx_bk.models import TinyTransformer, synthetic_token_task
 from fx_bk.privacy_engine import DynamicBatchLoader
 
@@ -77,7 +78,7 @@ def parse_args(argv=None) -> argparse.Namespace:
                         "model with --compare)")
     p.add_argument("--compare", action="store_true",
                    help="also train non-private and with Opacus ghost clipping; print step-time "
-                        "ratios")
+                        "ratios (run from the repository root: uses benchmarks/variants.py)")
     p.add_argument("--warmup", type=int, default=3,
                    help="first steps (compilation) left out of the step-time medians")
     p.add_argument("--log-every", type=int, default=10,
@@ -101,7 +102,7 @@ class Variant:
     name: str
     model: torch.nn.Module  # the plain model (shares its parameters with the wrapped one)
     step: object
-    engine: object = None  # privacy engine (fx_bk or Opacus), None if non-private
+    accountant: object = None  # privacy accountant (get_epsilon), None if non-private
     sigma: float | None = None
     step_s: list[float] = field(default_factory=list)
     losses: list[tuple[int, float]] = field(default_factory=list)  # (step, batch mean loss)
@@ -113,7 +114,7 @@ class Variant:
         return 1e3 * statistics.median(self.step_s[warmup:])
 
     def epsilon(self, delta: float) -> float | None:
-        return None if self.engine is None else self.engine.get_epsilon(delta)
+        return None if self.accountant is None else self.accountant.get_epsilon(delta)
 
 
 def _fx_bk_variant(model, loader, args, noise_seed) -> tuple[Variant, DataLoader]:
@@ -141,46 +142,50 @@ def _fx_bk_variant(model, loader, args, noise_seed) -> tuple[Variant, DataLoader
         return loss.detach(), logits.detach()
 
     name = f"fx_bk {'compiled' if args.compile else 'eager'}"
-    return Variant(name, model, step, engine, dp_opt.noise_multiplier), dp_loader
+    return Variant(name, model, step, engine.accountant, dp_opt.noise_multiplier), dp_loader
 
 
-def _opacus_ghost_variant(model, loader, args, noise_seed, sigma) -> Variant:
-    import opacus
+def _compare_variants(base, args, sample_rate: float, sigma: float,
+                      noise_seed: int) -> list[Variant]:
+    """``--compare``'s non-private and Opacus ghost-clipping variants, each on a copy of ``base``,
+    from ``benchmarks/variants.py`` (the benchmark's step builders): Adam; Opacus with the noise
+    multiplier, noise seed and Poisson sample rate of fx_bk's run and its own accountant, as
+    ``opacus.PrivacyEngine.make_private`` sets them up."""
+    try:
+        from benchmarks import variants
+    except ImportError as e:
+        if not (e.name or "").startswith("benchmarks"):
+            raise
+        raise RuntimeError(
+            "--compare builds its non-private and Opacus variants with benchmarks/variants.py, "
+            f"which is not importable here ({e}): run `python -m fx_bk.demo --compare` from the "
+            "root of a checkout of the fx_bk repository") from e
+    from opacus.accountants import create_accountant
 
-    engine = opacus.PrivacyEngine(accountant=args.accountant)
-    opt = torch.optim.Adam(model.parameters(), lr=args.lr)
-    module, dp_opt, criterion, _ = engine.make_private(
-        module=model, optimizer=opt, criterion=torch.nn.CrossEntropyLoss(), data_loader=loader,
-        noise_multiplier=sigma, max_grad_norm=args.max_grad_norm, grad_sample_mode="ghost",
-        noise_generator=torch.Generator().manual_seed(noise_seed),
-    )  # the returned loader draws the same batches as fx_bk's (same generator): unused
+    def adam(params):
+        return torch.optim.Adam(params, lr=args.lr)
+
+    plain = variants.plain(
+        copy.deepcopy(base), optimizer=adam, loss_fn=F.cross_entropy, compiled=args.compile,
+        dynamic_batch=True, name=f"non-private {'compiled' if args.compile else 'eager'}")
+    accountant = create_accountant(args.accountant)
+    ghost = variants.opacus_ghost(
+        copy.deepcopy(base), optimizer=adam, max_grad_norm=args.max_grad_norm,
+        expected_batch_size=int(args.n_train * sample_rate), noise_multiplier=sigma,
+        generator=torch.Generator().manual_seed(noise_seed), accountant=accountant,
+        sample_rate=sample_rate, name="Opacus ghost eager")
+    return [Variant(plain.name, plain.model, _outputs(plain.step_fn)),
+            Variant(ghost.name, ghost.model, _outputs(ghost.step_fn), accountant, sigma)]
+
+
+def _outputs(step_fn):
+    """``(x, y) -> (loss, logits)``, detached, of a ``benchmarks.variants`` step."""
 
     def step(x, y):
-        dp_opt.zero_grad(set_to_none=True)
-        logits = module(x)
-        loss = criterion(logits, y)  # DPTensorFastGradientClipping
-        loss.backward()  # two backward passes: norms, then the clipped-loss backward
-        dp_opt.step()
-        return loss.detach(), logits.detach()
+        out = step_fn(x, y, keep_outputs=True)
+        return out.loss, out.out
 
-    return Variant("Opacus ghost eager", model, step, engine, sigma)
-
-
-def _non_private_variant(model, args) -> Variant:
-    opt = torch.optim.Adam(model.parameters(), lr=args.lr)
-    module = torch.compile(model, fullgraph=True) if args.compile else model
-
-    def step(x, y):
-        opt.zero_grad(set_to_none=True)
-        if args.compile:
-            mark_batch_dynamic(x)
-        logits = module(x)
-        loss = F.cross_entropy(logits, y)
-        loss.backward()
-        opt.step()
-        return loss.detach(), logits.detach()
-
-    return Variant(f"non-private {'compiled' if args.compile else 'eager'}", model, step)
+    return step
 
 
 def _batches(loader, steps):
@@ -209,7 +214,7 @@ def _plot(variants: list[Variant], path: str, args) -> None:
         if len(losses) >= k:
             smooth = [sum(losses[j - k + 1:j + 1]) / k for j in range(k - 1, len(losses))]
             ax_loss.plot(steps[k - 1:], smooth, color=color, ls=ls, label=v.name)
-        if v.engine is not None:
+        if v.accountant is not None:
             s, e = zip(*v.eps)
             ax_eps.plot(s, e, color=color, ls=ls, marker=".",
                         label=f"{v.name} (sigma {v.sigma:.3g})")
@@ -249,17 +254,14 @@ def _run(args: argparse.Namespace) -> dict:
     base = TinyTransformer(vocab=VOCAB, d=args.d_model, n_layers=args.n_layers, max_len=T,
                            n_classes=N_CLASSES)
 
-    def loader():  # every variant's Poisson sampler starts from the same seed: same batches
-        return DataLoader(TensorDataset(x_train, y_train), batch_size=B,
-                          generator=torch.Generator().manual_seed(args.seed + 2))
-
-    noise_seed = args.seed + 3
-    fx, dp_loader = _fx_bk_variant(copy.deepcopy(base), loader(), args, noise_seed)
+    # fx_bk's Poisson loader: its batches feed every variant
+    loader = DataLoader(TensorDataset(x_train, y_train), batch_size=B,
+                        generator=torch.Generator().manual_seed(args.seed + 2))
+    noise_seed = args.seed + 3  # the same noise draws in fx_bk's and Opacus's optimizers
+    fx, dp_loader = _fx_bk_variant(copy.deepcopy(base), loader, args, noise_seed)
     variants = [fx]
     if args.compare:
-        variants.append(_non_private_variant(copy.deepcopy(base), args))
-        variants.append(_opacus_ghost_variant(copy.deepcopy(base), loader(), args, noise_seed,
-                                              fx.sigma))
+        variants += _compare_variants(base, args, 1 / len(dp_loader), fx.sigma, noise_seed)
     n_params = sum(p.numel() for p in base.parameters() if p.requires_grad)
     print(f"TinyTransformer: {n_params} params | n={args.n_train} T={T} expected B={B} "
           f"(Poisson, q={1 / len(dp_loader):.4g}) | R={args.max_grad_norm:g} "
@@ -288,7 +290,7 @@ def _run(args: argparse.Namespace) -> dict:
                 w[2] += len(y)
         if step % args.log_every == 0 or step == args.steps:
             for v in variants:
-                if v.engine is not None:
+                if v.accountant is not None:
                     v.eps.append((step, v.epsilon(args.delta)))
             w = fx.window
             post = {"loss": f"{w[0] / max(w[2], 1):.3f}", "acc": f"{w[1] / max(w[2], 1):.2f}",
@@ -323,7 +325,7 @@ def _run(args: argparse.Namespace) -> dict:
         print("| variant | median step ms | first step s | held-out acc | epsilon |")
         print("|---|---:|---:|---:|---:|")
         for v in variants:
-            e = f"{v.eps[-1][1]:.3f}" if v.engine is not None else "-"
+            e = f"{v.eps[-1][1]:.3f}" if v.accountant is not None else "-"
             print(f"| {v.name} | {v.median_ms(args.warmup):.1f} | {v.step_s[0]:.1f} "
                   f"| {v.test_acc:.3f} | {e} |")
         r_np = fx.median_ms(args.warmup) / np_.median_ms(args.warmup)
@@ -341,7 +343,7 @@ def _run(args: argparse.Namespace) -> dict:
     for v in variants:
         result["variants"][v.name] = {
             "median_step_ms": v.median_ms(args.warmup), "test_acc": v.test_acc,
-            "epsilon": v.eps[-1][1] if v.engine is not None else None}
+            "epsilon": v.eps[-1][1] if v.accountant is not None else None}
 
     if args.plot:
         _plot(variants, args.plot, args)

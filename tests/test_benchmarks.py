@@ -1,14 +1,17 @@
-"""``benchmarks.step`` in a tiny configuration: structure of its JSON, table and plot."""
+"""``benchmarks.step`` in a tiny configuration: structure of its JSON, table and plot; the memory,
+FLOP-floor and variant modules it uses."""
 
 from __future__ import annotations
 
+import ast
 import json
 import math
+from pathlib import Path
 
 import pytest
 import torch
 
-from benchmarks import step
+from benchmarks import flops, memory, report, step, variants
 
 pytest.importorskip("opacus")
 
@@ -34,14 +37,14 @@ def test_step_benchmark_tiny_run(tmp_path, capsys):
     assert list(data["models"]) == ["mlp"]
     m = data["models"]["mlp"]
     assert m["size"]["B"] == 4 and m["params"] > 0
-    assert list(m["variants"]) == list(step.VARIANTS)
+    assert list(m["variants"]) == list(variants.VARIANTS)
     for name, r in m["variants"].items():
         assert r["error"] is None, (name, r["error"])  # Opacus supports the MLP
         assert r["n_steps"] == 1
         for k in ("median_ms", "p25_ms", "p75_ms", "ratio", "ratio_p25", "ratio_p75",
                   "first_step_s"):
             assert _finite_pos(r[k]), (name, k, r[k])
-    assert m["variants"][step.BASELINE]["ratio"] == 1.0
+    assert m["variants"][variants.BASELINE]["ratio"] == 1.0
     for name in ("fx_bk compiled", "Opacus hooks", "Opacus ghost"):  # same clipped sum
         assert m["variants"][name]["grad_check_rel_diff"] < 1e-4, name
     floor = m["floor"]
@@ -49,7 +52,7 @@ def test_step_benchmark_tiny_run(tmp_path, capsys):
     assert floor["extra_flops"] == floor["bk_flops"] - floor["base_flops"]
     assert math.isfinite(floor["floor"]) and floor["floor"] >= 1.0
 
-    for name in step.VARIANTS:
+    for name in variants.VARIANTS:
         assert f"| mlp | {name} |" in text, name
     assert "arithmetic floor" in text and f"= {floor['floor']:.3f}" in text
     if res.get("plot"):  # matplotlib installed
@@ -58,8 +61,8 @@ def test_step_benchmark_tiny_run(tmp_path, capsys):
     for i, row in enumerate(m["variants"].values()):  # memory columns, as add_memory fills them
         row["memory"] = {"peak_mb": 10.0 + i, "rss_delta_mb": 100.0, "rss_steady_delta_mb": 90.0}
         row["memory_ratio"], row["rss_ratio"] = 1.0 + i, 1.0
-    lines = step.table(data).splitlines()
-    rows = [ln for ln in lines if any(ln.startswith(f"| mlp | {n} |") for n in step.VARIANTS)]
+    lines = report.table(data).splitlines()
+    rows = [ln for ln in lines if any(ln.startswith(f"| mlp | {n} |") for n in variants.VARIANTS)]
     header = next(ln for ln in lines if ln.startswith("| model | variant"))
     assert {ln.count("|") for ln in rows} == {header.count("|")}
     assert "| 11.0 | 2.00x | 100 [90] | 1.00x |" in rows[1]
@@ -80,7 +83,7 @@ def _param_bytes(model) -> int:
 def test_memory_subprocess_reports_peak_rss_and_tensor_peak():
     args, bm, base, x, y = _quick_mlp(batch=4)
     args.memory_steps = 1
-    mem = step.measure_memory(args, "mlp", "non-private eager", timeout=120)
+    mem = memory.measure_memory(args, "mlp", "non-private eager", timeout=120)
     assert "error" not in mem, mem
     assert mem["peak_rss_mb"] >= mem["rss_before_mb"] > 0
     assert "tensor_peak_error" not in mem, mem
@@ -90,14 +93,14 @@ def test_memory_subprocess_reports_peak_rss_and_tensor_peak():
 @pytest.mark.parametrize("variant", ["non-private eager", "fx_bk eager"])
 def test_tensor_peak_counts_training_state_and_the_step(variant):
     args, bm, base, x, y = _quick_mlp(batch=4)
-    v = step.build_variant(variant, bm, base, args)
+    v = variants.build_variant(variant, bm, base, args)
     assert v.error is None and v.model is not None and v.opt is not None
     for _ in range(2):
         v.step_fn(x, y)
     params = _param_bytes(base)
-    live = step.training_bytes(v, x, y)  # grads are None between steps (set_to_none)
+    live = memory.training_bytes(v, x, y)  # grads are None between steps (set_to_none)
     assert live == params + x.numel() * x.element_size() + y.numel() * y.element_size()
-    peak = step.tensor_peak(v, x, y, "cpu")
+    peak = memory.tensor_peak(v, x, y, "cpu")
     assert peak["memory_events"] > 0 and peak["tensor_transient_mb"] > 0
     assert peak["tensor_live_mb"] * 2**20 == live
     assert peak["tensor_peak_mb"] * 2**20 >= 2 * params  # parameters + the grads the step makes
@@ -106,7 +109,7 @@ def test_tensor_peak_counts_training_state_and_the_step(variant):
 
 def test_floor_is_measured_and_rank_one_mlp_is_close_to_one():
     args, bm, base, x, y = _quick_mlp()
-    floor = step.measure_floor(bm, base, x, y, max_grad_norm=1.0)
+    floor = flops.measure_floor(bm, base, x, y, max_grad_norm=1.0)
     assert floor["base_flops"] > 0 and floor["bk_flops"] >= floor["base_flops"]
     assert floor["extra_flops"] == floor["bk_flops"] - floor["base_flops"]
     assert floor["floor"] == floor["bk_flops"] / floor["base_flops"]
@@ -144,8 +147,16 @@ def test_flop_counter_counts_a_grouped_conv_as_its_groups(conv):
     groups, x = 4, torch.randn(3, 8, 10, 10, requires_grad=True)
     grouped = conv(8, 12, 3, groups=groups, padding=1)
     split = [conv(2, 3, 3, padding=1) for _ in range(groups)]
-    with step.flop_counter() as one:
+    with flops.flop_counter() as one:
         grouped(x).sum().backward()
-    with step.flop_counter() as per_group:
+    with flops.flop_counter() as per_group:
         sum(c(xg).sum() for c, xg in zip(split, x.split(2, 1))).backward()
     assert one.get_total_flops() == per_group.get_total_flops() > 0
+
+
+def test_benchmarks_never_import_tests():
+    for path in sorted((Path(__file__).resolve().parents[1] / "benchmarks").glob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text())):
+            names = ([a.name for a in node.names] if isinstance(node, ast.Import) else
+                     [node.module or ""] if isinstance(node, ast.ImportFrom) else [])
+            assert not any(n.split(".")[0] == "tests" for n in names), (path.name, names)

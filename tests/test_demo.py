@@ -5,7 +5,10 @@ step-time ratios against non-private training and Opacus ghost clipping."""
 from __future__ import annotations
 
 import math
+import os
 import re
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -53,6 +56,29 @@ def test_demo_compiled_target_epsilon(tmp_path, capsys):
     assert 0 < eps <= 4 + 1e-2 and math.isfinite(res["epsilon"])
     assert res["sigma"] > 0
     assert png.stat().st_size > 1000
+
+
+def test_demo_main_path_needs_no_checkout_and_compare_says_so(tmp_path):
+    """Outside the repository: the demo trains without importing ``benchmarks``; ``--compare``
+    (which uses ``benchmarks/variants.py``) stops with an error naming the repository root."""
+    code = f"""
+import sys
+from fx_bk import demo
+argv = {[*TINY, "--no-compile", "--plot", ""]!r}
+demo.main(argv)
+print("IMPORTED", sorted(m for m in sys.modules if m.split(".")[0] == "benchmarks"))
+try:
+    demo.main([*argv, "--compare"])
+except RuntimeError as e:
+    print("ERROR", e)
+"""
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    proc = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, env=env,
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "IMPORTED []" in proc.stdout, proc.stdout
+    m = re.search(r"^ERROR (.*)$", proc.stdout, re.M)
+    assert m and "benchmarks/variants.py" in m.group(1) and "root" in m.group(1), proc.stdout
 
 
 def test_readme_demo_command_matches_pyproject():

@@ -1,0 +1,177 @@
+"""The benchmark's report: machine description, markdown table and bar chart of the ratios."""
+
+from __future__ import annotations
+
+import datetime
+import os
+import platform
+from pathlib import Path
+
+import torch
+
+from benchmarks.variants import BASELINE, VARIANTS
+
+
+def machine_info(args) -> dict:
+    cpu = platform.processor() or "?"
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    cpu = line.split(":", 1)[1].strip()
+                    break
+    except OSError:
+        pass
+    info = {
+        "cpu": cpu,
+        "processor": platform.processor(),
+        "cpu_count": os.cpu_count(),
+        "threads": torch.get_num_threads(),
+        "device": args.device,
+        "torch": torch.__version__,
+        "python": platform.python_version(),
+        "inductor_caches_disabled": os.environ.get("TORCHINDUCTOR_FORCE_DISABLE_CACHES") == "1",
+        "platform": platform.platform(),
+        "date": datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
+    }
+    if args.device.startswith("cuda"):
+        info["gpu"] = torch.cuda.get_device_name()
+    try:
+        import opacus
+
+        info["opacus"] = opacus.__version__
+    except ImportError:
+        pass
+    return info
+
+
+def fmt(v, spec: str = ".1f", suffix: str = "") -> str:
+    """``v`` formatted by ``spec`` plus ``suffix``; "n/a" for None."""
+    return "n/a" if v is None else format(v, spec) + suffix
+
+
+def table(results: dict) -> str:
+    m = results["machine"]
+    cuda = m["device"].startswith("cuda")
+    lines = [
+        f"Machine: {m['cpu']} (platform.processor: {m['processor'] or '?'}) | "
+        f"{m['cpu_count']} CPUs | {m['threads']} threads | device {m['device']}"
+        + (f" ({m['gpu']})" if m.get("gpu") else ""),
+        f"torch {m['torch']} | opacus {m.get('opacus', '?')} | python {m['python']} | "
+        f"{m['date']}",
+        f"{results['config']['rounds']} rounds x >= {results['config']['steps_per_round']} steps "
+        f"per variant (more for steps shorter than {results['config']['min_round_ms']:.0f} ms "
+        f"per round), interleaved; ratio = median over rounds of (variant / {BASELINE}) per round; "
+        "memory: a fresh process per model and variant; peak memory: "
+        + ("torch.cuda.max_memory_allocated, whole run [steps after the first two]" if cuda else
+           "tensor peak of one steady step (allocator events under torch.profiler) plus the "
+           "parameters, grads, optimizer state and batch alive before it")
+        + "; peak RSS: minus the RSS before the model was built, whole run (compilation "
+        "included) [steps after the first two]",
+        "",
+        "| model | variant | median ms | p25 ms | p75 ms | vs non-private compiled [p25, p75] "
+        "| first step s | peak memory MB | memory vs non-private compiled | peak RSS MB [steady] "
+        "| RSS vs non-private compiled | grad rel diff |",
+        "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    summary = ["", "| model | arithmetic floor | fx_bk compiled | fx_bk eager | Opacus ghost "
+               "| Opacus hooks | Opacus ghost / fx_bk compiled |",
+               "|---|---:|---:|---:|---:|---:|---:|"]
+    for model, res in results["models"].items():
+        rows = res["variants"]
+        for name, r in rows.items():
+            if r["error"]:
+                lines.append(f"| {model} | {name} | n/a ({r['error'].replace('|', '/')}) "
+                             "| | | | | | | | | |")
+                continue
+            mem = r.get("memory") or {}
+            if not mem or "error" in mem:
+                mem_s = rss_s = "-" if not mem else f"n/a ({mem['error']})"
+            else:
+                mem_s = fmt(mem["peak_mb"]) + (
+                    f" [{fmt(mem['steady_mb'])}]" if mem.get("steady_mb") is not None else "")
+                rss_s = (f"{mem['rss_delta_mb']:.0f} "
+                         f"[{fmt(mem.get('rss_steady_delta_mb'), '.0f')}]")
+            gc_ = r["grad_check_rel_diff"]
+            bold = "**" if name == "fx_bk compiled" else ""
+            lines.append(
+                f"| {model} | {name} | {fmt(r['median_ms'])} | {fmt(r['p25_ms'])} "
+                f"| {fmt(r['p75_ms'])} | {bold}{fmt(r['ratio'], '.2f', 'x')}{bold} "
+                f"[{fmt(r['ratio_p25'], '.2f')}, {fmt(r['ratio_p75'], '.2f')}] "
+                f"| {fmt(r['first_step_s'], '.2f')} | {mem_s} "
+                f"| {fmt(r.get('memory_ratio'), '.2f', 'x') if mem else '-'} | {rss_s} "
+                f"| {fmt(r.get('rss_ratio'), '.2f', 'x') if mem else '-'} "
+                f"| {'-' if gc_ is None else format(gc_, '.1e')} |")
+        fl = res["floor"] or {}
+        floor_s = (f"n/a ({fl['error']})" if "error" in fl else "n/a" if not fl else
+                   f"{fl['bk_flops'] / 1e9:.4g}/{fl['base_flops'] / 1e9:.4g} GFLOP "
+                   f"= {fl['floor']:.3f}")
+
+        def ratio(name, rows=rows):
+            r = rows.get(name)
+            if r is None:
+                return "-"
+            return f"n/a ({r['error'][:40]})" if r["error"] else fmt(r["ratio"], ".2f", "x")
+
+        fx, gh = rows.get("fx_bk compiled", {}), rows.get("Opacus ghost", {})
+        speed = (gh["median_ms"] / fx["median_ms"]
+                 if fx.get("median_ms") and gh.get("median_ms") else None)
+        summary.append(f"| {model} | {floor_s} | {ratio('fx_bk compiled')} "
+                       f"| {ratio('fx_bk eager')} | {ratio('Opacus ghost')} "
+                       f"| {ratio('Opacus hooks')} | {fmt(speed, '.2f', 'x')} |")
+    lines += summary
+    lines += ["", "Ratios are step time / non-private compiled. Floor: counted FLOPs of one fx_bk "
+              "step over those of the non-private step (FlopCounterMode, eager forward + loss + "
+              "backward; matmul-like ops, convolutions, attention, fx_bk::ghost_norm). "
+              "grad rel diff: max over parameters of ||g - g_ref|| / ||g_ref|| of the first "
+              "step's clipped sum (ref: fx_bk eager; non-private eager for non-private compiled)."]
+    return "\n".join(lines)
+
+
+def plot(results: dict, path: str) -> bool:
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("matplotlib is not installed: no plot (pip install matplotlib)", flush=True)
+        return False
+    models = list(results["models"])
+    names = [v for v in VARIANTS if any(v in r["variants"] for r in results["models"].values())]
+    width = 0.8 / len(names)
+    fig, ax = plt.subplots(figsize=(max(6.0, 2.2 * len(models)), 4.5))
+    top = 1.0
+    for j, name in enumerate(names):
+        xs, hs, lo, hi = [], [], [], []
+        for i, model in enumerate(models):
+            r = results["models"][model]["variants"].get(name)
+            x = i + (j - (len(names) - 1) / 2) * width
+            if r is None or r["error"] or r["ratio"] is None:
+                ax.text(x, 0.05, "n/a", rotation=90, ha="center", va="bottom", fontsize=7)
+                continue
+            xs.append(x)
+            hs.append(r["ratio"])
+            lo.append(r["ratio"] - r["ratio_p25"])
+            hi.append(r["ratio_p75"] - r["ratio"])
+            top = max(top, r["ratio_p75"])
+        ax.bar(xs, hs, width, yerr=[lo, hi], capsize=2, label=name)
+    for i, model in enumerate(models):
+        fl = results["models"][model]["floor"] or {}
+        if "floor" in fl:
+            ax.hlines(fl["floor"], i - 0.45, i + 0.45, colors="k", linestyles="--", linewidth=1,
+                      label="fx_bk arithmetic floor" if i == 0 else None)
+    ax.axhline(1.0, color="grey", linewidth=0.8)
+    ax.set_xticks(range(len(models)), models)
+    ax.set_ylabel(f"step time / {BASELINE}")
+    if top > 6:
+        ax.set_yscale("log")
+    m = results["machine"]
+    ax.set_title(f"DP step time ratios ({m['device']}, {m['threads']} threads, "
+                 f"torch {m['torch']}, {m['date'][:10]})", fontsize=9)
+    ax.legend(fontsize=7, ncol=2)
+    fig.tight_layout()
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return True
