@@ -14,13 +14,14 @@ from __future__ import annotations
 import importlib
 
 from .config import BKConfig
-from .errors import ConfigError, FxBkError, Problem, UnsupportedModelError
+from .errors import ClipOnceError, ConfigError, FxBkError, Problem, UnsupportedModelError
 from .losses import sequence_cross_entropy
 from .rules import Rule, register_rule
 from .site import Site, SiteValues, Strategy
 
 __all__ = [
     "BKConfig",
+    "ClipOnceError",
     "ConfigError",
     "FxBkError",
     "PrivacyEngine",

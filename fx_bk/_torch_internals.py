@@ -35,12 +35,14 @@ from torch.utils._sympy.reference import PythonReferenceAnalysis
 
 __all__ = [
     "SymbolicBatchMode",
+    "current_graph_task_id",
     "disable_proxy_modes_tracing",
     "escape_outer_tracing",
     "evaluate_batch_condition",
     "functionalize",
     "is_fake",
     "is_op_overload",
+    "keep_in_forward",
     "make_fx",
     "mark_batch_dynamic",
     "normalize_call",
@@ -104,6 +106,12 @@ PRIVATE_APIS = {
     "propagate_fake_values": (
         "torch.fx.passes.fake_tensor_prop.FakeTensorProp",
         "refresh meta['val'] after a graph edit", "torch 2.13"),
+    "current_graph_task_id": (
+        "torch._C._current_graph_task_id",
+        "tell two backward passes apart (one clip per sample per step)", "torch 2.13"),
+    "keep_in_forward": (
+        "torch.fx.node.has_side_effect (not backward compatible)",
+        "keep fx_bk::step_token in the forward graph", "torch 2.13"),
     "mark_batch_dynamic": (
         "torch._dynamo.maybe_mark_dynamic",
         "Poisson batch sizes share one compiled graph", "torch 2.13"),
@@ -270,6 +278,19 @@ def normalize_call(target, args, kwargs) -> dict:
 def propagate_fake_values(gm: torch.fx.GraphModule, fake_mode, fake_inputs) -> None:
     """Recompute every node's ``meta["val"]`` from ``fake_inputs`` (after a graph edit)."""
     FakeTensorProp(gm, fake_mode).propagate_dont_convert_inputs(*fake_inputs)
+
+
+def current_graph_task_id() -> int:
+    """The id of the autograd graph task (one ``backward()`` / ``autograd.grad`` call) running
+    the caller, -1 outside a backward pass."""
+    return torch._C._current_graph_task_id()
+
+
+def keep_in_forward(op) -> None:
+    """Register ``op`` as side-effecting: FX dead-code elimination (the partitioners' extraction
+    of the forward graph included) keeps its calls, so an op whose output only the backward
+    reads stays in the forward graph."""
+    torch.fx.node.has_side_effect(op)
 
 
 def mark_batch_dynamic(t: torch.Tensor) -> None:

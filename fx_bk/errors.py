@@ -40,6 +40,11 @@ class UnsupportedModelError(FxBkError):
         )
 
 
+class ClipOnceError(FxBkError):
+    """A backward pass would clip some samples of an fx_bk module twice in one step (two
+    forward calls feeding one backward, or a second backward through one forward)."""
+
+
 def raise_if_any(problems: list[Problem]) -> None:
     if problems:
         raise UnsupportedModelError(problems)

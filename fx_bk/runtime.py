@@ -22,7 +22,9 @@ from __future__ import annotations
 
 import inspect
 import itertools
+import warnings
 import weakref
+from collections import OrderedDict
 
 import torch
 
@@ -39,8 +41,8 @@ from ._torch_internals import (
 from .config import BKConfig
 from .errors import FxBkError
 from .layout import flatten, unflatten
-from .norm_record import forget, last_norms, record_norms
 from .site import InputMeta
+from .step_guard import forget, last_norms, record_norms, step_token
 
 
 class BKFunction(torch.autograd.Function):
@@ -51,8 +53,7 @@ class BKFunction(torch.autograd.Function):
         prog = compiled.prog
         with amp.disabled(prog.autocast):
             results = prog.fw_graph(*primals)
-        n_out = prog.num_outputs
-        outs, saved = results[:n_out], results[n_out:]
+        outs, saved = results[: prog.num_outputs], results[prog.num_outputs :]
         tensors = [s for s in saved if isinstance(s, torch.Tensor)]
         ctx.symints = [s for s in saved if not isinstance(s, torch.Tensor)]
         ctx.saved_is_tensor = [isinstance(s, torch.Tensor) for s in saved]
@@ -120,8 +121,9 @@ class BKModule(torch.nn.Module):
 
     def _register(self) -> None:
         """A fresh id (the key of the traced programs and the recorded norms) and no programs."""
-        self._regions: dict = {}  # input signature -> _BatchRegions
+        self._regions: OrderedDict = OrderedDict()  # input signature -> _BatchRegions, LRU
         self._output_layouts: dict = {}  # (input layout, training) -> output layout
+        self._warned_eviction = False
         self._bk_id = next(_ids)
         weakref.finalize(self, forget, self._bk_id)
         _MODULES[self._bk_id] = self
@@ -131,7 +133,7 @@ class BKModule(torch.nn.Module):
         behind: they hold fake tensors and graphs of the original's parameters. A copy traces
         its own at its first call."""
         state = super().__getstate__()
-        for key in ("_regions", "_output_layouts", "_bk_id"):
+        for key in ("_regions", "_output_layouts", "_bk_id", "_warned_eviction"):
             state.pop(key, None)
         return state
 
@@ -202,7 +204,7 @@ class BKModule(torch.nn.Module):
                 tuple((m.shape[1:] if m.batched else m.shape, m.dtype, m.device, m.batched)
                       for m in metas),
             )
-            region = self._regions.setdefault(key, _BatchRegions())
+            region = self._region(key)
             found = region.lookup(batch)
         if found is not None:
             return found
@@ -232,6 +234,26 @@ class BKModule(torch.nn.Module):
                 f"{[str(g.expr) for g in prog.batch_guards]}); avoid code that branches on it"
             )
         return found
+
+    def _region(self, key) -> _BatchRegions:
+        """The programs of one input signature; beyond ``MAX_SIGNATURES`` the least recently
+        used signature's programs are dropped (a warning says so, once)."""
+        if key in self._regions:
+            self._regions.move_to_end(key)
+            return self._regions[key]
+        region = self._regions[key] = _BatchRegions()
+        if len(self._regions) > MAX_SIGNATURES:
+            self._regions.popitem(last=False)
+            if not self._warned_eviction:
+                self._warned_eviction = True
+                warnings.warn(
+                    f"fx_bk: {type(self._module).__name__} was called with more than "
+                    f"{MAX_SIGNATURES} input signatures (shapes other than the batch size, "
+                    f"dtypes, train/eval, autocast); each traces its own BK program, and the "
+                    f"least recently used are dropped. Pad inputs to a few fixed lengths",
+                    stacklevel=4,
+                )
+        return region
 
     @property
     def last_per_sample_norms(self) -> torch.Tensor | None:
@@ -283,17 +305,18 @@ class _EmptyBatch(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, key, num_groups, n_params, *tensors):
-        ctx.save_for_backward(*tensors[:n_params])
+        token = step_token(tensors[0], key) if n_params else None
+        ctx.save_for_backward(*tensors[:n_params], token)
         ctx.key, ctx.num_groups = key, num_groups
         return tuple(t.clone() for t in tensors[n_params:])
 
     @staticmethod
     def backward(ctx, *grads):
-        params = ctx.saved_tensors
+        *params, token = ctx.saved_tensors
         zeros = [torch.zeros_like(p) for p in params]
         if zeros:
             empty = params[0].new_zeros((0, ctx.num_groups), dtype=torch.float32)
-            zeros[0] = zeros[0] + record_norms(empty, ctx.key).to(zeros[0].dtype)
+            zeros[0] = zeros[0] + record_norms(empty, ctx.key, token).to(zeros[0].dtype)
         return (None, None, None, *zeros, *[None] * len(grads))
 
 
@@ -336,6 +359,7 @@ def _same_size(a, b) -> bool:
     return a == b
 
 
+MAX_SIGNATURES = 16  # input signatures whose BK programs a module keeps (LRU)
 _MODULES: weakref.WeakValueDictionary = weakref.WeakValueDictionary()
 _ids = itertools.count()
 

@@ -2,8 +2,10 @@
 
 ``joint(primals, tangents) -> (*outputs, *clipped_grads)`` where ``primals`` are the forward
 graph's inputs (params, buffers, tensor inputs) and ``tangents`` the gradients of the float
-outputs. Inside, the parameters are fresh leaves that require grad and ``torch.autograd.grad`` is
-taken w.r.t. the site outputs only: autograd never builds an unclipped weight-gradient matmul.
+outputs. The forward also draws a step token that the backward's one-clip-per-step check reads
+(``fx_bk/step_guard.py``). Inside, the parameters are fresh leaves that require grad and
+``torch.autograd.grad`` is taken w.r.t. the site outputs only: autograd never builds an
+unclipped weight-gradient matmul.
 The whole function is functionalized and traced by ``make_fx`` with the symbolic batch, so the
 result is one aten graph for every batch size.
 
@@ -21,9 +23,9 @@ from fx_bk._torch_internals import functionalize, make_fx, set_flat_codegen
 from fx_bk.autocast import disabled, entered
 from fx_bk.clipping import clipped_gradients
 from fx_bk.errors import FxBkError, Problem, UnsupportedModelError
-from fx_bk.norm_record import record_norms
 from fx_bk.rules import accumulation_dtype
 from fx_bk.site import Site, SiteValues
+from fx_bk.step_guard import record_norms, step_token
 
 from .program import BKProgram
 
@@ -90,6 +92,7 @@ def make_joint_function(prog: BKProgram):
         for i in range(n_p):
             if trainable[i]:
                 primals[i] = primals[i].detach().requires_grad_()
+        token = step_token(primals[batched_input], prog.record_key)  # this forward call's
         with torch.enable_grad(), entered(prog.autocast):
             flat = gm(*primals)
         outs, aux = flat[:n_out], flat[n_out:]
@@ -107,10 +110,11 @@ def make_joint_function(prog: BKProgram):
         grads, norms = clipped_gradients(bundles, prog.config, batch)
         param_of = dict(zip(prog.param_names, primals[:n_p]))
         grads = [grads[n].to(param_of[n].dtype) for n in graded]
-        if grads:  # the recorder's zero keeps it live (see fx_bk/norm_record.py); added to the
+        if grads:  # the recorder's zero keeps it live (see fx_bk/step_guard.py); added to the
             # smallest gradient: on a weight, Inductor turns it into an addmm bias + a copy
             k = min(range(len(grads)), key=lambda i: grads[i].numel())
-            grads[k] = grads[k] + record_norms(norms, prog.record_key).to(grads[k].dtype)
+            done = record_norms(norms, prog.record_key, token)
+            grads[k] = grads[k] + done.to(grads[k].dtype)
         return [o.detach() if isinstance(o, torch.Tensor) else o for o in outs] + grads
 
     prog.graded_params = graded

@@ -23,7 +23,7 @@ from fx_bk._torch_internals import sym_expr
 from fx_bk.autocast import disabled, entered
 from fx_bk.errors import Problem
 
-from .find_sites import op_name, where
+from .describe import op_name, where
 from .program import BKProgram
 
 CHECK_BATCH = 3
@@ -156,7 +156,7 @@ def check_sample_independence(prog: BKProgram) -> None:
     params = dict(model.named_parameters())
     buffers = dict(model.named_buffers())
     state = [params[n].detach() for n in prog.param_names]
-    state += [buffers[n].detach() for n in prog.buffer_names]
+    state += [buffers[n].detach().clone() for n in prog.buffer_names]  # never the model's own
     batch = _example_batch(prog)
     moved_inputs = [_perturb_first_sample(x) if m.batched else x
                     for x, m in zip(batch, prog.inputs)]

@@ -10,11 +10,12 @@ from __future__ import annotations
 import sympy
 import torch
 
-from fx_bk._torch_internals import normalize_call, op_display_name, sym_expr
+from fx_bk._torch_internals import normalize_call, sym_expr
 from fx_bk.errors import Problem
 from fx_bk.rules import RULES, fallback_rule, rule_for
 from fx_bk.site import Site
 
+from .describe import module_of, op_name, where
 from .program import BKProgram
 
 aten = torch.ops.aten
@@ -26,12 +27,6 @@ def supported_ops() -> str:
         return names
     return (names + "; other ops with one tensor output by the vmap(vjp) fallback, when the "
             "per-sample gradient is small")
-
-
-def where(node: torch.fx.Node) -> str:
-    trace = node.meta.get("stack_trace") or ""
-    lines = [ln.strip() for ln in trace.strip().splitlines() if ln.strip().startswith("File")]
-    return f" (at {lines[-1]})" if lines else ""
 
 
 def _shape(value, batch_symbol) -> tuple:
@@ -46,10 +41,6 @@ def _shape(value, batch_symbol) -> tuple:
             expr = sym_expr(s)
             out.append("B" if expr == batch_symbol else str(expr))
     return tuple(out)
-
-
-def _module_of(param: str) -> str:
-    return param.rpartition(".")[0] or "<root>"
 
 
 def find_sites(prog: BKProgram) -> None:
@@ -90,16 +81,11 @@ def find_sites(prog: BKProgram) -> None:
             else:
                 msg = (
                     f"op {op_name(user)} consumes trainable parameter '{name}' of module "
-                    f"'{_module_of(name)}'{where(user)}, and fx_bk has no per-sample rule for "
+                    f"'{module_of(name)}'{where(user)}, and fx_bk has no per-sample rule for "
                     f"that use. Supported ops: {supported_ops()}. Freeze the parameter "
                     f"(requires_grad=False) or express the layer with a supported op"
                 )
             prog.problems.append(Problem("unsupported-op", msg))
-
-
-def op_name(node: torch.fx.Node) -> str:
-    """``aten.linear.default`` -> ``aten.linear``."""
-    return op_display_name(node.target)
 
 
 _VIEWS = {aten.view.default, aten.reshape.default, aten._unsafe_view.default,
@@ -184,7 +170,7 @@ def _make_site(node, rule, trainable, batch_symbol) -> Site | None:
 def _describe(site: Site, node, reason: str) -> str:
     name = next(iter(site.params.values()))
     return (
-        f"op {op_name(node)} on parameter '{name}' of module '{_module_of(name)}'"
+        f"op {op_name(node)} on parameter '{name}' of module '{module_of(name)}'"
         f"{where(node)}: {reason}"
     )
 

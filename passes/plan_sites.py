@@ -55,6 +55,15 @@ def clip_group_of(prog: BKProgram, sites) -> int:
         return 0
     index = {name: k for k, group in enumerate(groups) for name in group}
     params = sorted({n for s in sites for n in s.params.values()})
+    outside = [n for n in params if n not in index]
+    if outside:  # trainable now, frozen when transform() resolved the clipping groups
+        prog.problems.append(Problem(
+            "clip-group-missing",
+            f"parameters {outside} are trainable but in no clipping group: they were frozen "
+            f"when fx_bk.transform resolved clipping_style (and the noise scale was set from "
+            f"its groups). Call fx_bk.transform (or make_private) again after unfreezing",
+        ))
+        return 0
     ks = sorted({index[n] for n in params})
     if len(ks) > 1:
         prog.problems.append(Problem(

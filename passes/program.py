@@ -38,12 +38,12 @@ class BKProgram:
     input_layout: tuple
     inputs: list[InputMeta]
     example_inputs: list[torch.Tensor] | None = None  # real tensors of the first call, if real
-    record_key: int = 0  # where fx_bk.norm_record stores the last per-sample norms
+    record_key: int = 0  # the module's key in fx_bk.step_guard (tokens, last norms)
     autocast: tuple = ()  # fx_bk.autocast.AutocastState the forward is traced and run under
     mode: Any = None  # _torch_internals.SymbolicBatchMode
     forward_graph: torch.fx.GraphModule | None = None  # params, buffers, inputs -> outputs
     output_layout: tuple | None = None
-    num_outputs: int = 0
+    num_outputs: int = 0  # the model's outputs (flattened)
     trace_batch: int = 0  # the batch size the trace was made with (the symbol's hint)
     batch_guards: list[BatchGuard] = field(default_factory=list)
     fake_inputs: list[torch.Tensor] = field(default_factory=list)  # the forward graph's inputs

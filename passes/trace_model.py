@@ -12,13 +12,21 @@ from __future__ import annotations
 
 import torch
 
-from fx_bk._torch_internals import SymbolicBatchMode, make_fx, set_flat_codegen
+from fx_bk._torch_internals import (
+    SymbolicBatchMode,
+    is_op_overload,
+    make_fx,
+    normalize_call,
+    op_schema,
+    set_flat_codegen,
+)
 from fx_bk.autocast import entered
 from fx_bk.errors import Problem
 from fx_bk.layout import flatten, unflatten
 from fx_bk.module_state import swapped_state
 from fx_bk.site import BatchGuard
 
+from .describe import op_name, where
 from .program import BKProgram
 
 
@@ -61,6 +69,7 @@ def trace_model(prog: BKProgram) -> None:
     prog.output_layout = out_layout[-1]
     prog.num_outputs = sum(1 for n in gm.graph.output_node().args[0])
     _check_batch_guards(prog)
+    _check_state_mutations(prog)
 
 
 def _check_batch_guards(prog: BKProgram) -> None:
@@ -92,6 +101,44 @@ def _check_batch_guards(prog: BKProgram) -> None:
             ))
             continue
         prog.batch_guards.append(BatchGuard(sym, expr))
+
+
+def _mutated_placeholder(node: torch.fx.Node) -> torch.fx.Node | None:
+    """The graph input a written argument is (a view of), if any."""
+    while node.op == "call_function" and getattr(node.target, "is_view", False):
+        node = node.all_input_nodes[0]
+    return node if node.op == "placeholder" else None
+
+
+def _check_state_mutations(prog: BKProgram) -> None:
+    """An in-place update of a parameter, buffer or input in forward (a running statistic, a
+    step counter) is state the step would change once per trace and per check, not per call:
+    rejected, naming what is written and where."""
+    placeholders = prog.placeholders()
+    names = [*(f"parameter '{n}'" for n in prog.param_names),
+             *(f"buffer '{n}'" for n in prog.buffer_names),
+             *(f"input {i}" for i in range(len(prog.inputs)))]
+    for node in prog.forward_graph.graph.nodes:
+        if node.op != "call_function" or not is_op_overload(node.target):
+            continue
+        schema = op_schema(node.target)
+        if not schema.is_mutable:
+            continue
+        args = normalize_call(node.target, node.args, node.kwargs)
+        written = [a.name for a in schema.arguments if a.alias_info and a.alias_info.is_write]
+        for arg in written:
+            value = args.get("input" if arg == "self" and "self" not in args else arg)
+            target = _mutated_placeholder(value) if isinstance(value, torch.fx.Node) else None
+            if target is None:
+                continue
+            what = names[placeholders.index(target)]
+            prog.problems.append(Problem(
+                "mutates-state",
+                f"the forward updates {what} in place (op {op_name(node)}{where(node)}): "
+                f"fx_bk traces the forward once and runs it again to check it, so state "
+                f"updated during forward is not supported; update it outside the model's "
+                f"forward, or keep it out of the graph",
+            ))
 
 
 LOGGED_GRAPHS = ("forward_graph",)

@@ -98,3 +98,49 @@ def test_transforming_twice_is_an_error():
     outer = nn.Sequential(bk, nn.Linear(3, 2))
     with pytest.raises(fx_bk.UnsupportedModelError, match="module '0' is already an fx_bk"):
         fx_bk.transform(outer, max_grad_norm=1.0)
+
+
+def test_unfreezing_after_per_layer_clipping_is_a_clear_error():
+    model = nn.Sequential(nn.Linear(4, 4), nn.Linear(4, 3)).double()
+    model[0].weight.requires_grad_(False)
+    bk = fx_bk.transform(model, max_grad_norm=1.0, clipping_style="per-layer")
+    model[0].weight.requires_grad_(True)  # its group was not resolved: its bound is unknown
+    with pytest.raises(fx_bk.UnsupportedModelError, match=r"\['0.weight'\] are trainable but"):
+        bk(_batch()[0])
+
+
+class Counter(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(4, 3)
+        self.register_buffer("calls", torch.zeros((), dtype=torch.float64))
+
+    def forward(self, x):
+        self.calls.add_(1)
+        return self.fc(x)
+
+
+def test_an_in_place_buffer_update_names_the_buffer_and_leaves_it_alone():
+    model = Counter().double()
+    with pytest.raises(fx_bk.UnsupportedModelError,
+                       match=r"updates buffer 'calls' in place \(op aten\.add_ \(at File"):
+        fx_bk.transform(model, max_grad_norm=1.0)(_batch()[0])
+    assert model.calls.item() == 0  # neither the trace nor the check ran it for real
+
+
+def test_programs_are_bounded_least_recently_used(monkeypatch):
+    from fx_bk import runtime
+
+    monkeypatch.setattr(runtime, "MAX_SIGNATURES", 2)
+    model = nn.Linear(4, 3).double()
+    bk = fx_bk.transform(model, max_grad_norm=1.0)
+
+    def call(t):
+        return bk(torch.randn(2, t, 4, dtype=torch.float64)).sum()
+
+    call(1), call(2), call(1)
+    with pytest.warns(UserWarning, match="more than 2 input signatures"):
+        call(3)  # evicts T=2, the least recently used
+    assert len(bk.programs) == 2
+    call(2)  # traced again, quietly
+    assert len(bk.programs) == 2

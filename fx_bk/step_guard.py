@@ -1,0 +1,100 @@
+"""One clip per sample per step, and the per-sample norms handed to Python.
+
+A BK program clips the samples of ONE forward call in ONE backward pass. Two ways around that
+would let a sample reach ``p.grad`` clipped twice (sensitivity 2R, a privacy bug):
+
+* two forward calls of the module feeding one backward (``(ce(bk(x), y) + ce(bk(2 * x), y))
+  .backward()``, two views of one batch);
+* a second backward through the same forward (``l1.backward(retain_graph=True);
+  l2.backward()``).
+
+Both are caught at run time, eager and compiled, by two opaque custom ops that Inductor calls
+as extern kernels:
+
+* ``fx_bk::step_token(x, key)`` in the forward graph: a fresh number per forward call (an int64
+  scalar tensor the backward receives as a saved value), registered as pending for the module;
+* ``fx_bk::record_norms(norms, key, token)`` in the backward graph: the token must be pending
+  (else: a second backward through one forward) and no other backward of the module may have
+  run in the same autograd graph task (else: two forwards in one backward); it then stores a
+  copy of the per-sample norms (``module.last_per_sample_norms``) and returns a zero scalar the
+  backward adds to one gradient, so the op is live and never eliminated.
+
+Sequential accumulation (forward, backward, forward, backward, then ``optimizer.step()``) is
+two graph tasks and two tokens: allowed. Tokens of forwards that are never backpropagated
+expire after ``MAX_PENDING`` later forwards of the module. Cost: one scalar and one ``[B, K]``
+copy per step.
+"""
+
+from __future__ import annotations
+
+import itertools
+from collections import OrderedDict
+
+import torch
+
+from ._torch_internals import current_graph_task_id, keep_in_forward
+from .errors import ClipOnceError
+
+MAX_PENDING = 4096  # tokens of forwards awaiting their backward, per module
+_LAST: dict[int, torch.Tensor] = {}
+_PENDING: dict[int, OrderedDict] = {}  # key -> tokens of forwards not yet backpropagated
+_TASK: dict[int, int] = {}  # key -> autograd graph task of the module's last backward
+_tokens = itertools.count(1)
+
+
+@torch.library.custom_op("fx_bk::step_token", mutates_args=())
+def step_token(x: torch.Tensor, key: int) -> torch.Tensor:
+    token = next(_tokens)
+    pending = _PENDING.setdefault(key, OrderedDict())
+    pending[token] = None
+    while len(pending) > MAX_PENDING:
+        pending.popitem(last=False)
+    return torch.tensor(token, dtype=torch.int64)
+
+
+@step_token.register_fake
+def _step_token_fake(x: torch.Tensor, key: int) -> torch.Tensor:
+    return torch.empty((), dtype=torch.int64)
+
+
+# A side effect: dead-code elimination keeps it wherever it is traced, so the partitioners put
+# it in the forward graph (only the backward reads the token; as a plain op it would move there).
+keep_in_forward(torch.ops.fx_bk.step_token.default)
+
+
+@torch.library.custom_op("fx_bk::record_norms", mutates_args=())
+def record_norms(norms: torch.Tensor, key: int, token: torch.Tensor) -> torch.Tensor:
+    task = current_graph_task_id()
+    if task >= 0 and _TASK.get(key) == task:
+        raise ClipOnceError(
+            "fx_bk: one backward pass runs through two forward calls of the same fx_bk module "
+            "(e.g. (loss(model(x)) + loss(model(x2))).backward()): each call clips its samples "
+            "separately, so a sample seen by both would count twice (sensitivity 2R). Put all "
+            "views of a sample into ONE call (concatenate them and compute the per-sample loss "
+            "of each sample over its views), or call backward() after each forward (gradient "
+            "accumulation). The gradients of this step are invalid: zero them"
+        )
+    if _PENDING.get(key, {}).pop(int(token), "gone") == "gone":
+        raise ClipOnceError(
+            "fx_bk: a second backward pass through the same forward call of an fx_bk module "
+            "(backward(retain_graph=True), then backward again): its samples would be clipped "
+            "and added twice (sensitivity 2R). Sum the losses and call backward() once per "
+            "forward call. The gradients of this step are invalid: zero them"
+        )
+    _TASK[key] = task
+    _LAST[key] = norms.detach().clone()
+    return norms.new_zeros(())
+
+
+@record_norms.register_fake
+def _record_norms_fake(norms: torch.Tensor, key: int, token: torch.Tensor) -> torch.Tensor:
+    return norms.new_empty(())
+
+
+def last_norms(key: int) -> torch.Tensor | None:
+    return _LAST.get(key)
+
+
+def forget(key: int) -> None:
+    for table in (_LAST, _PENDING, _TASK):
+        table.pop(key, None)

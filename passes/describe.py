@@ -1,0 +1,24 @@
+"""How problems name a node of the traced graph: its op and the user's source line."""
+
+from __future__ import annotations
+
+import torch
+
+from fx_bk._torch_internals import op_display_name
+
+
+def where(node: torch.fx.Node) -> str:
+    """`` (at File "model.py", line 12, in forward)``: the innermost user frame, if recorded."""
+    trace = node.meta.get("stack_trace") or ""
+    lines = [ln.strip() for ln in trace.strip().splitlines() if ln.strip().startswith("File")]
+    return f" (at {lines[-1]})" if lines else ""
+
+
+def op_name(node: torch.fx.Node) -> str:
+    """``aten.linear.default`` -> ``aten.linear``."""
+    return op_display_name(node.target)
+
+
+def module_of(param: str) -> str:
+    """The module path of a parameter name (``"<root>"`` for the model's own)."""
+    return param.rpartition(".")[0] or "<root>"
