@@ -35,7 +35,10 @@ from torch.utils._sympy.reference import PythonReferenceAnalysis
 
 __all__ = [
     "SymbolicBatchMode",
+    "backward_hooks",
     "current_graph_task_id",
+    "custom_functions",
+    "data_dependent_errors",
     "disable_proxy_modes_tracing",
     "escape_outer_tracing",
     "evaluate_batch_condition",
@@ -50,10 +53,12 @@ __all__ = [
     "op_schema",
     "partition_joint_graph",
     "propagate_fake_values",
+    "recording_tensor_hooks",
     "set_flat_codegen",
     "set_opacus_noise_per_rank",
     "statically_known_true",
     "sym_expr",
+    "user_frame",
     "sym_hint",
 ]
 
@@ -109,6 +114,21 @@ PRIVATE_APIS = {
     "current_graph_task_id": (
         "torch._C._current_graph_task_id",
         "tell two backward passes apart (one clip per sample per step)", "torch 2.13"),
+    "user_frame": (
+        "traceback frames filtered by the torch package's path",
+        "name the user's source line in problems", "torch 2.13"),
+    "custom_functions": (
+        "autograd Node._forward_cls, Node.next_functions",
+        "find custom autograd.Functions whose backward the trace would drop", "torch 2.13"),
+    "recording_tensor_hooks": (
+        "patches torch.Tensor.register_hook while tracing",
+        "find tensor hooks the trace would drop", "torch 2.13"),
+    "backward_hooks": (
+        "nn.Module._backward_hooks / _backward_pre_hooks, nn.modules.module._global_backward_*",
+        "reject module backward hooks the trace would drop", "torch 2.13"),
+    "data_dependent_errors": (
+        "GuardOnDataDependentSymNode, DataDependentOutputException, DynamicOutputShapeException",
+        "name data-dependent control flow as a problem", "torch 2.13"),
     "keep_in_forward": (
         "torch.fx.node.has_side_effect (not backward compatible)",
         "keep fx_bk::step_token in the forward graph", "torch 2.13"),
@@ -284,6 +304,88 @@ def current_graph_task_id() -> int:
     """The id of the autograd graph task (one ``backward()`` / ``autograd.grad`` call) running
     the caller, -1 outside a backward pass."""
     return torch._C._current_graph_task_id()
+
+
+def backward_hooks(model: torch.nn.Module) -> list[str]:
+    """Module paths with backward hooks (``register_full_backward_hook``,
+    ``register_full_backward_pre_hook``, ``register_backward_hook``), ``"<global>"`` for
+    hooks registered on every module."""
+    from torch.nn.modules import module as nn_module
+
+    found = [name or "<root>" for name, m in model.named_modules()
+             if m._backward_hooks or m._backward_pre_hooks]
+    if nn_module._global_backward_hooks or nn_module._global_backward_pre_hooks:
+        found.append("<global>")
+    return found
+
+
+def custom_functions(outputs) -> list[str]:
+    """Qualified names of the Python ``autograd.Function`` classes in the autograd graph that
+    produced ``outputs`` (module backward hooks' own Function left out: ``backward_hooks``
+    reports them by module)."""
+    found, seen = {}, set()
+    todo = [t.grad_fn for t in outputs if isinstance(t, torch.Tensor) and t.grad_fn is not None]
+    while todo:
+        node = todo.pop()
+        if node is None or node in seen:
+            continue
+        seen.add(node)
+        cls = getattr(node, "_forward_cls", None)
+        if cls is not None:
+            name = f"{cls.__module__}.{cls.__qualname__}"
+            if name != "torch.nn.modules._functions.BackwardHookFunction":
+                found[name] = None
+        todo.extend(child for child, _ in node.next_functions)
+    return list(found)
+
+
+@contextlib.contextmanager
+def recording_tensor_hooks(found: list):
+    """While tracing, record every ``Tensor.register_hook`` call (its user frame into
+    ``found``): a hook that changes a gradient is not part of the traced forward."""
+    tensor_hook = torch.Tensor.register_hook
+
+    def register_hook(self, hook):
+        found.append(_user_frame())
+        return tensor_hook(self, hook)
+
+    torch.Tensor.register_hook = register_hook
+    try:
+        yield found
+    finally:
+        torch.Tensor.register_hook = tensor_hook
+
+
+def _user_frame(error: BaseException | None = None) -> str:
+    """The innermost frame outside torch and fx_bk (of the current stack, or of ``error``'s
+    traceback), as ``File "...", line N, in fn``."""
+    import os
+    import traceback
+
+    here = os.path.dirname(__file__)
+    skip = (os.path.dirname(torch.__file__) + os.sep, here + os.sep,
+            os.path.join(os.path.dirname(here), "passes") + os.sep, contextlib.__file__)
+    frames = (traceback.extract_tb(error.__traceback__) if error is not None
+              else traceback.extract_stack())
+    for frame in reversed(frames):
+        if not frame.filename.startswith(skip):
+            return f'File "{frame.filename}", line {frame.lineno}, in {frame.name}'
+    return "an unknown place"
+
+
+user_frame = _user_frame
+
+
+def data_dependent_errors() -> tuple[type, ...]:
+    """What tracing raises when the forward branches on, or sizes by, a tensor's values."""
+    from torch._subclasses.fake_tensor import (
+        DataDependentOutputException,
+        DynamicOutputShapeException,
+    )
+    from torch.fx.experimental.symbolic_shapes import GuardOnDataDependentSymNode
+
+    return (GuardOnDataDependentSymNode, DataDependentOutputException,
+            DynamicOutputShapeException)
 
 
 def keep_in_forward(op) -> None:

@@ -42,7 +42,7 @@ from .config import BKConfig
 from .errors import FxBkError
 from .layout import flatten, unflatten
 from .site import InputMeta
-from .step_guard import forget, last_norms, record_norms, step_token
+from .step_guard import forget, last_norms, record_norms, register, step_token
 
 
 class BKFunction(torch.autograd.Function):
@@ -125,6 +125,7 @@ class BKModule(torch.nn.Module):
         self._output_layouts: dict = {}  # (input layout, training) -> output layout
         self._warned_eviction = False
         self._bk_id = next(_ids)
+        register(self._bk_id)
         weakref.finalize(self, forget, self._bk_id)
         _MODULES[self._bk_id] = self
 

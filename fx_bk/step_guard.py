@@ -39,6 +39,7 @@ MAX_PENDING = 4096  # tokens of forwards awaiting their backward, per module
 _LAST: dict[int, torch.Tensor] = {}
 _PENDING: dict[int, OrderedDict] = {}  # key -> tokens of forwards not yet backpropagated
 _TASK: dict[int, int] = {}  # key -> autograd graph task of the module's last backward
+_LIVE: set[int] = set()  # keys of modules not yet garbage collected
 _tokens = itertools.count(1)
 
 
@@ -81,8 +82,11 @@ def record_norms(norms: torch.Tensor, key: int, token: torch.Tensor) -> torch.Te
             "and added twice (sensitivity 2R). Sum the losses and call backward() once per "
             "forward call. The gradients of this step are invalid: zero them"
         )
-    _TASK[key] = task
-    _LAST[key] = norms.detach().clone()
+    if key in _LIVE:
+        _TASK[key] = task
+        _LAST[key] = norms.detach().clone()
+    elif not _PENDING.get(key):
+        _PENDING.pop(key, None)  # a freed module's last awaited backward
     return norms.new_zeros(())
 
 
@@ -95,6 +99,16 @@ def last_norms(key: int) -> torch.Tensor | None:
     return _LAST.get(key)
 
 
+def register(key: int) -> None:
+    """A new fx_bk module (``fx_bk.runtime.BKModule``) with this key."""
+    _LIVE.add(key)
+
+
 def forget(key: int) -> None:
-    for table in (_LAST, _PENDING, _TASK):
-        table.pop(key, None)
+    """The module is gone: drop its state, except tokens of forwards whose backward may still
+    run (``fx_bk.transform(m)(x).sum().backward()`` frees the module before the backward)."""
+    _LIVE.discard(key)
+    _LAST.pop(key, None)
+    _TASK.pop(key, None)
+    if not _PENDING.get(key):
+        _PENDING.pop(key, None)

@@ -14,14 +14,19 @@ import torch
 
 from fx_bk._torch_internals import (
     SymbolicBatchMode,
+    backward_hooks,
+    custom_functions,
+    data_dependent_errors,
     is_op_overload,
     make_fx,
     normalize_call,
     op_schema,
+    recording_tensor_hooks,
     set_flat_codegen,
+    user_frame,
 )
 from fx_bk.autocast import entered
-from fx_bk.errors import Problem
+from fx_bk.errors import Problem, UnsupportedModelError
 from fx_bk.layout import flatten, unflatten
 from fx_bk.module_state import swapped_state
 from fx_bk.site import BatchGuard
@@ -57,10 +62,24 @@ def trace_model(prog: BKProgram) -> None:
             out = model(*args, **kwargs)
         leaves: list = []
         out_layout.append(flatten(out, leaves))
+        functions.extend(custom_functions(leaves))  # the autograd graph tracing recorded
         return leaves
 
-    with mode.fake_mode, entered(prog.autocast):
-        gm = make_fx(forward, pre_dispatch=True, record_stack_traces=True)(flat)
+    functions: list[str] = []
+    hooks: list[str] = []
+    try:
+        with mode.fake_mode, entered(prog.autocast), recording_tensor_hooks(hooks):
+            gm = make_fx(forward, pre_dispatch=True, record_stack_traces=True)(flat)
+    except data_dependent_errors() as e:
+        raise UnsupportedModelError([Problem(
+            "data-dependent",
+            f"the forward reads the values of a tensor to decide what to compute (Python "
+            f"control flow on a tensor, .item(), .tolist(), nonzero, a data-dependent size; "
+            f"at {user_frame(e)}): fx_bk traces one program for every batch and cannot "
+            f"follow it. Compute both branches and select with torch.where, or move the "
+            f"decision out of forward",
+        )]) from e
+    prog.problems.extend(_custom_gradient_problems(model, functions, hooks))
     set_flat_codegen(gm)  # flat placeholders, no pytree wrapping
     prog.mode = mode
     prog.trace_batch = batch
@@ -70,6 +89,22 @@ def trace_model(prog: BKProgram) -> None:
     prog.num_outputs = sum(1 for n in gm.graph.output_node().args[0])
     _check_batch_guards(prog)
     _check_state_mutations(prog)
+
+
+def _custom_gradient_problems(model, functions: list[str], hooks: list[str]) -> list[Problem]:
+    """Gradients the traced forward ops do not give: fx_bk differentiates those ops, so a
+    custom backward, a gradient hook or a module backward hook would be silently dropped."""
+    found = [f"custom autograd.Function {name}" for name in dict.fromkeys(functions)]
+    found += [f"a tensor hook (Tensor.register_hook, {frame})" for frame in dict.fromkeys(hooks)]
+    found += [f"a backward hook on module '{name}'" for name in backward_hooks(model)]
+    hint = {True: " (torch.utils.checkpoint with use_reentrant=True: use use_reentrant=False)"}
+    return [Problem(
+        "custom-gradient",
+        f"{what} changes gradients in a way the traced forward does not show"
+        f"{hint.get('CheckpointFunction' in what, '')}; fx_bk differentiates the traced ops, "
+        f"so it would be silently dropped. Express it with differentiable ops, or keep it "
+        f"outside the fx_bk module",
+    ) for what in found]
 
 
 def _check_batch_guards(prog: BKProgram) -> None:

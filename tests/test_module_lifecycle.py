@@ -144,3 +144,36 @@ def test_programs_are_bounded_least_recently_used(monkeypatch):
     assert len(bk.programs) == 2
     call(2)  # traced again, quietly
     assert len(bk.programs) == 2
+
+
+def test_a_module_freed_before_its_backward_still_clips_once():
+    model = nn.Linear(4, 3).double()
+    fx_bk.transform(model, max_grad_norm=1.0)(_batch()[0]).sum().backward()  # no reference left
+    assert model.weight.grad is not None
+
+
+class WithUnused(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.used, self.unused = nn.Linear(4, 3), nn.Linear(4, 3)
+
+    def forward(self, x):
+        return self.used(x)
+
+
+def test_a_trainable_parameter_the_forward_never_uses_gets_a_zero_sum_and_noise():
+    from torch.utils.data import DataLoader, TensorDataset
+
+    torch.manual_seed(0)
+    model = WithUnused()
+    before = model.unused.weight.detach().clone()
+    data = TensorDataset(torch.randn(64, 4), torch.randint(0, 3, (64,)))
+    module, opt, loader = fx_bk.PrivacyEngine(accountant="rdp").make_private(
+        module=model, optimizer=torch.optim.SGD(model.parameters(), lr=1.0),
+        data_loader=DataLoader(data, batch_size=16), noise_multiplier=1.0, max_grad_norm=1.0)
+    x, y = next(iter(loader))
+    opt.zero_grad()
+    F.cross_entropy(module(x), y).backward()
+    assert torch.equal(model.unused.weight.grad, torch.zeros_like(before))  # the clipped sum
+    opt.step()
+    assert not torch.equal(model.unused.weight.detach(), before)  # noise reaches it
