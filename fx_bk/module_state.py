@@ -47,3 +47,27 @@ def swapped_state(model: torch.nn.Module, tensors: dict[str, torch.Tensor]):
     finally:
         for table, attr, original in reversed(saved):
             table[attr] = original
+
+
+_PLAIN = (bool, int, float, str, type(None))
+
+
+def module_signature(model: torch.nn.Module) -> tuple:
+    """What a trace of ``model``'s forward took as fixed and user code may change between
+    calls, as a tuple of constants: per submodule its type, plain attributes (numbers, strings,
+    flags: ``self.scale``, ``self.use_residual``), number of hooks, and its parameters' and
+    buffers' shapes and dtypes; and the submodules' identities (replacing one changes it). fx_bk
+    keys its programs on it (``fx_bk/runtime.py``, NOTE [stale traces]). Attributes of other
+    objects (a config object's fields) are not included."""
+    sig = []
+    for name, m in model.named_modules():
+        attrs = tuple((k, v) for k, v in m.__dict__.items()
+                      if not k.startswith("_") and k != "training" and isinstance(v, _PLAIN))
+        hooks = (len(m._forward_hooks), len(m._forward_pre_hooks), len(m._backward_hooks),
+                 len(m._backward_pre_hooks))
+        tensors = tuple((k, tuple(t.shape), t.dtype)
+                        for k, t in [*m._parameters.items(), *m._buffers.items()]
+                        if t is not None)
+        sig.append((name, id(m), type(m).__qualname__, attrs, hooks, tensors))
+    return tuple(sig)
+

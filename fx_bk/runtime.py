@@ -9,6 +9,15 @@ looked up by signature or built outside any enclosing tracing (``escape_outer_tr
 ``BKFunction.apply`` runs them, and AOTAutograd traces through it, so Inductor sees plain aten
 ops of the forward and BK backward.
 
+NOTE [stale traces]: a program is a trace of the wrapped module as it was when it was built.
+``program_for`` keys programs on ``module_signature(module)`` (submodules, their plain
+attributes, hooks, parameter shapes and dtypes): in eager mode it runs at every call, so a
+change gives a fresh trace. Under torch.compile the compiled graph runs without Python and
+``program_for`` runs only while Dynamo traces: Dynamo's guards on what ``forward`` reads (the
+module tree walked by ``named_parameters``, parameter metadata) recompile on a replaced
+submodule or parameter, which reaches ``program_for`` and a fresh trace; a plain attribute or
+a hook changed after compiling is not guarded (``torch.compiler.reset()`` after such a change).
+
 NOTE [autocast]: a program is traced for one autocast state (enabled and dtype per device type
 of the params and inputs; ``fx_bk/autocast.py``), which is part of its cache key: the same module
 called with and without autocast builds two programs. Under torch.compile the key is read while
@@ -41,6 +50,7 @@ from ._torch_internals import (
 from .config import BKConfig
 from .errors import FxBkError
 from .layout import flatten, unflatten
+from .module_state import module_signature
 from .site import InputMeta
 from .step_guard import forget, last_norms, record_norms, register, step_token
 
@@ -122,7 +132,7 @@ class BKModule(torch.nn.Module):
     def _register(self) -> None:
         """A fresh id (the key of the traced programs and the recorded norms) and no programs."""
         self._regions: OrderedDict = OrderedDict()  # input signature -> _BatchRegions, LRU
-        self._output_layouts: dict = {}  # (input layout, training) -> output layout
+        self._output_layouts: dict = {}  # (input layout, training) -> output layout, last used
         self._warned_eviction = False
         self._bk_id = next(_ids)
         register(self._bk_id)
@@ -188,7 +198,8 @@ class BKModule(torch.nn.Module):
         return unflatten(layout, leaves)[0]
 
     def program_for(self, layout, training, params, buffers, inputs) -> CompiledProgram:
-        """Look up or build the BK program for these inputs (batch size excluded)."""
+        """Look up or build the BK program for these inputs (batch size excluded) and the
+        wrapped module as it is now (NOTE [stale traces])."""
         module = self._module
         if any(isinstance(x, torch.Tensor) and x.requires_grad for x in inputs):
             raise FxBkError(
@@ -201,13 +212,14 @@ class BKModule(torch.nn.Module):
             trainable = tuple(p.requires_grad for p in params)
             autocast = amp.current_state(amp.device_types([*params, *inputs]))
             key = (
-                layout, training, trainable, autocast,
+                layout, training, module_signature(module), trainable, autocast,
                 tuple((m.shape[1:] if m.batched else m.shape, m.dtype, m.device, m.batched)
                       for m in metas),
             )
             region = self._region(key)
             found = region.lookup(batch)
         if found is not None:
+            self._output_layouts[(layout, training)] = found.prog.output_layout
             return found
         _check_call_signature(module, layout, inputs)
         real = not any(is_fake(x) for x in [*inputs, *params])

@@ -177,3 +177,50 @@ def test_a_trainable_parameter_the_forward_never_uses_gets_a_zero_sum_and_noise(
     assert torch.equal(model.unused.weight.grad, torch.zeros_like(before))  # the clipped sum
     opt.step()
     assert not torch.equal(model.unused.weight.detach(), before)  # noise reaches it
+
+
+class Changeable(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.a, self.act, self.b = nn.Linear(4, 4), nn.Tanh(), nn.Linear(4, 3)
+        self.scale = 1.0
+
+    def forward(self, x):
+        return self.b(self.act(self.a(x)) * self.scale)
+
+
+def _change(model, what):
+    if what == "submodule":
+        model.act = nn.ReLU()
+    elif what == "attribute":
+        model.scale = 3.0
+    elif what == "forward hook":
+        model.a.register_forward_hook(lambda mod, args, out: 2 * out)
+    elif what == "parameter":
+        model.b.weight = nn.Parameter(torch.randn(3, 4, dtype=torch.float64))
+
+
+@pytest.mark.parametrize("what", ["submodule", "attribute", "forward hook", "parameter"])
+def test_a_change_after_the_first_call_gives_a_fresh_trace(what):
+    torch.manual_seed(0)
+    model = Changeable().double()
+    bk = fx_bk.transform(model, max_grad_norm=0.1)
+    x, y = _batch()
+    fx_bk_grads(bk, model, x, y, "mean")
+    _change(model, what)
+    got = fx_bk_grads(bk, model, x, y, "mean")
+    assert max_rel_err(got, fx_bk.testing.vmap_clipped_sum(model, x, y, 0.1)) <= 1e-10
+    # a new Parameter of the same shape is just another input of the same program
+    assert len(bk.programs) == (1 if what == "parameter" else 2)
+
+
+def test_a_submodule_replaced_after_compiling_gives_a_fresh_trace():
+    torch.manual_seed(0)
+    model = Changeable().double()
+    bk = fx_bk.transform(model, max_grad_norm=0.1)
+    step = torch.compile(bk, fullgraph=True)
+    x, y = _batch()
+    fx_bk_grads(step, model, x, y, "mean")
+    _change(model, "submodule")
+    got = fx_bk_grads(step, model, x, y, "mean")
+    assert max_rel_err(got, fx_bk.testing.vmap_clipped_sum(model, x, y, 0.1)) <= 1e-10
