@@ -33,6 +33,8 @@ from torch.utils._python_dispatch import _disable_current_modes
 from torch.utils._sympy.interp import sympy_interp
 from torch.utils._sympy.reference import PythonReferenceAnalysis
 
+from .user_code import user_frame
+
 __all__ = [
     "SymbolicBatchMode",
     "backward_hooks",
@@ -58,7 +60,6 @@ __all__ = [
     "set_opacus_noise_per_rank",
     "statically_known_true",
     "sym_expr",
-    "user_frame",
     "sym_hint",
 ]
 
@@ -114,9 +115,6 @@ PRIVATE_APIS = {
     "current_graph_task_id": (
         "torch._C._current_graph_task_id",
         "tell two backward passes apart (one clip per sample per step)", "torch 2.13"),
-    "user_frame": (
-        "traceback frames filtered by the torch package's path",
-        "name the user's source line in problems", "torch 2.13"),
     "custom_functions": (
         "autograd Node._forward_cls, Node.next_functions",
         "find custom autograd.Functions whose backward the trace would drop", "torch 2.13"),
@@ -346,7 +344,7 @@ def recording_tensor_hooks(found: list):
     tensor_hook = torch.Tensor.register_hook
 
     def register_hook(self, hook):
-        found.append(_user_frame())
+        found.append(user_frame())
         return tensor_hook(self, hook)
 
     torch.Tensor.register_hook = register_hook
@@ -356,24 +354,6 @@ def recording_tensor_hooks(found: list):
         torch.Tensor.register_hook = tensor_hook
 
 
-def _user_frame(error: BaseException | None = None) -> str:
-    """The innermost frame outside torch and fx_bk (of the current stack, or of ``error``'s
-    traceback), as ``File "...", line N, in fn``."""
-    import os
-    import traceback
-
-    here = os.path.dirname(__file__)
-    skip = (os.path.dirname(torch.__file__) + os.sep, here + os.sep,
-            os.path.join(os.path.dirname(here), "passes") + os.sep, contextlib.__file__)
-    frames = (traceback.extract_tb(error.__traceback__) if error is not None
-              else traceback.extract_stack())
-    for frame in reversed(frames):
-        if not frame.filename.startswith(skip):
-            return f'File "{frame.filename}", line {frame.lineno}, in {frame.name}'
-    return "an unknown place"
-
-
-user_frame = _user_frame
 
 
 def data_dependent_errors() -> tuple[type, ...]:

@@ -23,13 +23,13 @@ from fx_bk._torch_internals import (
     op_schema,
     recording_tensor_hooks,
     set_flat_codegen,
-    user_frame,
 )
 from fx_bk.autocast import entered
 from fx_bk.errors import Problem, UnsupportedModelError
 from fx_bk.layout import flatten, unflatten
 from fx_bk.module_state import swapped_state
 from fx_bk.site import BatchGuard
+from fx_bk.user_code import user_frame
 
 from .describe import op_name, where
 from .program import BKProgram
