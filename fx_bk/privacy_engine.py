@@ -73,7 +73,7 @@ class PrivacyEngine:
         expected_batch_size = int(len(data_loader.dataset) * sample_rate) / world
         if poisson_sampling:
             data_loader = DPDataLoader.from_data_loader(data_loader, distributed=world > 1)
-        dp_optimizer = DPOptimizerFastGradientClipping(
+        dp_optimizer = DPOptimizer(
             optimizer,
             noise_multiplier=noise_multiplier,
             max_grad_norm=bk.bk_config.sensitivity,
@@ -121,6 +121,18 @@ class PrivacyEngine:
     def get_epsilon(self, delta: float) -> float:
         """The epsilon spent so far at ``delta``."""
         return self.accountant.get_epsilon(delta)
+
+
+class DPOptimizer(DPOptimizerFastGradientClipping):
+    """Opacus's optimizer for a clipped sum in ``p.grad``; a trainable parameter the forward
+    never used (no gradient at all) gets the zero clipped sum, so it receives noise like every
+    other coordinate instead of crashing Opacus's accumulation."""
+
+    def pre_step(self, closure=None):
+        for p in self.params:
+            if p.grad is None:
+                p.grad = torch.zeros_like(p)
+        return super().pre_step(closure)
 
 
 class DynamicBatchLoader:

@@ -81,7 +81,7 @@ def make_joint_function(prog: BKProgram):
     trainable = prog.trainable
     batched_input = prog.first_batched_input()
     diff = prog.differentiable_outputs
-    graded = prog.trainable_names  # a parameter the forward never uses: a zero clipped sum
+    graded = [n for n in prog.trainable_names if any(n in s.params.values() for s in prog.sites)]
 
     def joint(primals, tangents):
         with disabled(prog.autocast):
@@ -109,8 +109,7 @@ def make_joint_function(prog: BKProgram):
         bundles = [([values[i] for i in b.sites], b.handler, b.clip_group) for b in prog.bundles]
         grads, norms = clipped_gradients(bundles, prog.config, batch)
         param_of = dict(zip(prog.param_names, primals[:n_p]))
-        grads = [grads[n].to(param_of[n].dtype) if n in grads else torch.zeros_like(param_of[n])
-                 for n in graded]
+        grads = [grads[n].to(param_of[n].dtype) for n in graded]
         if grads:  # the recorder's zero keeps it live (see fx_bk/step_guard.py); added to the
             # smallest gradient: on a weight, Inductor turns it into an addmm bias + a copy
             k = min(range(len(grads)), key=lambda i: grads[i].numel())

@@ -55,7 +55,7 @@ class BKProgram:
     fw_graph: torch.fx.GraphModule | None = None
     bw_graph: torch.fx.GraphModule | None = None
     differentiable_outputs: list[bool] = field(default_factory=list)
-    graded_params: list[str] = field(default_factory=list)  # every trainable param, in order
+    graded_params: list[str] = field(default_factory=list)  # trainable params with a site
 
     @property
     def trainable_names(self) -> list[str]:
