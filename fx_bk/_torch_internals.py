@@ -317,10 +317,14 @@ def backward_hooks(model: torch.nn.Module) -> list[str]:
     return found
 
 
+_HOOK_FUNCTION = "torch.nn.modules._functions.BackwardHookFunction"
+
+
 def custom_functions(outputs) -> list[str]:
     """Qualified names of the Python ``autograd.Function`` classes in the autograd graph that
-    produced ``outputs`` (module backward hooks' own Function left out: ``backward_hooks``
-    reports them by module)."""
+    produced ``outputs``. Left out: the Functions ``torch.library`` generates for custom ops
+    (the op stays one node of the trace and its registered backward is used), and module
+    backward hooks' own Function (``backward_hooks`` reports them by module)."""
     found, seen = {}, set()
     todo = [t.grad_fn for t in outputs if isinstance(t, torch.Tensor) and t.grad_fn is not None]
     while todo:
@@ -331,7 +335,7 @@ def custom_functions(outputs) -> list[str]:
         cls = getattr(node, "_forward_cls", None)
         if cls is not None:
             name = f"{cls.__module__}.{cls.__qualname__}"
-            if name != "torch.nn.modules._functions.BackwardHookFunction":
+            if cls.__module__ != "torch._library.autograd" and name != _HOOK_FUNCTION:
                 found[name] = None
         todo.extend(child for child, _ in node.next_functions)
     return list(found)

@@ -142,3 +142,22 @@ def test_bad_registrations_are_clear_errors():
     with pytest.raises(TypeError, match="abstract"):
         fx_bk.register_rule(OP)(type("NoGrads", (fx_bk.Rule,), {"name": "x"}))
     assert OP not in RULES
+
+
+class FrozenScale(ScaledMLP):
+    """The custom op on a buffer: no site, but its registered backward carries the gradient
+    to ``fc`` (the op stays one node of the trace: its backward is honoured, not dropped)."""
+
+    def __init__(self):
+        super().__init__()
+        w = self.w.detach().clone()
+        del self.w
+        self.register_buffer("w", w)
+
+
+def test_a_custom_op_on_no_trainable_parameter_needs_no_rule():
+    torch.manual_seed(0)
+    model = FrozenScale().double()
+    err = fx_bk.testing.assert_matches_per_sample(model, F.cross_entropy,
+                                                  _batch(torch.float64), max_grad_norm=0.05)
+    assert err <= 1e-10
