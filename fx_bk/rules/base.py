@@ -48,6 +48,14 @@ class PerSampleGrads:
 
     grads: dict[str, torch.Tensor]  # name -> [B, *p.shape]
 
+    def norm_sq(self) -> torch.Tensor:
+        """``sum_p ||G_i,p||^2``: [B]."""
+        return sum(squared_norm(g) for g in self.grads.values())
+
+    def clipped(self, c: torch.Tensor) -> dict[str, torch.Tensor]:
+        """``sum_i c_i G_i,p`` per parameter."""
+        return {name: weighted_sum(c, g) for name, g in self.grads.items()}
+
 
 class Rule(abc.ABC):
     """Base class of every rule; a subclass must give ``name`` and ``per_sample_grads``.
@@ -127,11 +135,11 @@ class Rule(abc.ABC):
     def norm_sq(self, values: list[SiteValues]) -> tuple[torch.Tensor, Any]:
         (value,) = values
         state = PerSampleGrads(self.per_sample_grads(value))
-        return sum(squared_norm(g) for g in state.grads.values()), state
+        return state.norm_sq(), state
 
     def clipped_grads(self, values: list[SiteValues], state: Any,
                       c: torch.Tensor) -> dict[str, torch.Tensor]:
-        return {name: weighted_sum(c, g) for name, g in state.grads.items()}
+        return state.clipped(c)
 
     def __repr__(self) -> str:
         return f"<fx_bk rule {self.name!r}>"

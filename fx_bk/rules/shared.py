@@ -17,7 +17,7 @@ from __future__ import annotations
 from fx_bk.cost_model import plan_instantiated
 from fx_bk.site import Site, SiteValues, Strategy
 
-from .base import TIE_HANDLERS, BundleHandler, PerSampleGrads, squared_norm, weighted_sum
+from .base import TIE_HANDLERS, BundleHandler, PerSampleGrads
 
 
 class InstantiateShared:
@@ -31,10 +31,11 @@ class InstantiateShared:
         for v in values:
             for name, g in v.site.rule.per_sample_grads(v).items():
                 per_sample[name] = per_sample[name] + g if name in per_sample else g
-        return sum(squared_norm(g) for g in per_sample.values()), PerSampleGrads(per_sample)
+        state = PerSampleGrads(per_sample)
+        return state.norm_sq(), state
 
     def clipped_grads(self, values, state: PerSampleGrads, c):
-        return {name: weighted_sum(c, g) for name, g in state.grads.items()}
+        return state.clipped(c)
 
 
 def bundle_handler(sites: list[Site]) -> BundleHandler:
