@@ -17,6 +17,8 @@ import operator
 
 import torch
 
+from fx_bk._torch_internals import is_op_overload, op_schema
+
 from .program import BKProgram
 
 aten = torch.ops.aten
@@ -39,8 +41,8 @@ def _aliases(node: torch.fx.Node) -> set[torch.fx.Node]:
 def _mutated_after(node: torch.fx.Node, after: torch.fx.Node, order: dict) -> bool:
     for alias in _aliases(node):
         for user in alias.users:
-            schema = getattr(user.target, "_schema", None)
-            if schema is not None and schema.is_mutable and order[user] >= order[after]:
+            mutable = is_op_overload(user.target) and op_schema(user.target).is_mutable
+            if mutable and order[user] >= order[after]:
                 return True
     return False
 

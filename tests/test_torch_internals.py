@@ -31,7 +31,7 @@ def test_every_table_entry_names_existing_helpers():
             assert callable(obj) or isinstance(obj, type), name
 
 
-_PRIVATE = re.compile(r"torch\._(?!check\b)[a-z]|\._schema\b|\.node\.(expr|hint)\b|\._codegen\b|"
+_PRIVATE = re.compile(r"torch\._(?!check\b)[a-z]|\b_schema\b|\.node\.(expr|hint)\b|\._codegen\b|"
                       r"_adjusted_noise_multiplier")
 
 
