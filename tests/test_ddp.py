@@ -8,8 +8,11 @@ update has the single-process standard deviation ``sigma R / E``.
 
 from __future__ import annotations
 
+import datetime
 import os
+import socket
 import tempfile
+import time
 
 import pytest
 import torch
@@ -43,8 +46,11 @@ def _private(model, sigma):
 
 
 def _worker(rank, init_file, out_dir):
+    # loopback only, and a bounded rendezvous: a machine whose host name does not resolve
+    # must fail this test in seconds, not hang the suite
+    os.environ["GLOO_SOCKET_IFNAME"] = _loopback()
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank,
-                            world_size=WORLD)
+                            world_size=WORLD, timeout=datetime.timedelta(seconds=60))
     torch.set_num_threads(1)
     x, y = _data()
     mine = slice(rank * N // WORLD, (rank + 1) * N // WORLD)
@@ -66,11 +72,26 @@ def _worker(rank, init_file, out_dir):
     dist.destroy_process_group()
 
 
+def _loopback():
+    """The loopback interface's name (``lo`` on Linux)."""
+    names = [name for _, name in socket.if_nameindex()]
+    return next((n for n in names if n.startswith("lo")), names[0])
+
+
+DEADLINE_S = 300
+
+
 @pytest.fixture(scope="module")
 def ranks():
     with tempfile.TemporaryDirectory() as tmp:
-        mp.start_processes(_worker, args=(os.path.join(tmp, "init"), tmp), nprocs=WORLD,
-                           start_method="spawn")
+        ctx = mp.start_processes(_worker, args=(os.path.join(tmp, "init"), tmp), nprocs=WORLD,
+                                 start_method="spawn", join=False)
+        deadline = time.monotonic() + DEADLINE_S
+        while not ctx.join(timeout=5):  # raises if a rank failed
+            if time.monotonic() > deadline:
+                for proc in ctx.processes:
+                    proc.kill()
+                pytest.fail(f"the {WORLD} DDP ranks did not finish in {DEADLINE_S} s")
         return [torch.load(os.path.join(tmp, f"rank{r}.pt")) for r in range(WORLD)]
 
 
