@@ -12,6 +12,9 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from ._torch_internals import keep_in_forward
+from .errors import Problem, UnsupportedModelError
+
 
 def sequence_cross_entropy(
     logits: torch.Tensor,
@@ -40,3 +43,34 @@ def sequence_cross_entropy(
     )  # [B, T], 0 where ignored
     counted = (labels != ignore_index).sum(1).clamp(min=1)
     return tokens.sum(1) / counted.to(tokens.dtype)
+
+
+@torch.library.custom_op("fx_bk::check_labelled_mean", mutates_args=())
+def check_labelled_mean(target: torch.Tensor, ignore_index: int, outer: int,
+                        fold: int) -> torch.Tensor:
+    """Run by the forward graph next to a loss that is a mean over labelled entries (labels not
+    ``ignore_index``): such a mean is the mean of per-sample means only when every sample has
+    as many labelled entries; otherwise its divisor couples the samples, and this raises before
+    any gradient exists. Dim 0 of ``target`` is ``outer * B * fold``: ``[B*T]`` targets have
+    ``fold = T``, ``[T*B]`` ones ``outer = T``."""
+    labelled = (target != ignore_index).reshape(outer, target.shape[0] // (outer * fold), -1)
+    counts = labelled.sum((0, 2))
+    if counts.numel() and bool((counts != counts[0]).any()):
+        raise UnsupportedModelError([Problem(
+            "loss-not-per-sample",
+            f"the model's loss is a mean over the labels that are not ignore_index="
+            f"{ignore_index}, and the samples of this batch have different numbers of them "
+            f"({counts.tolist()}): its divisor, the batch's count of labels, couples the "
+            f"samples. Return logits and compute a per-sample loss outside the model "
+            f"(fx_bk.sequence_cross_entropy(logits, labels).mean())",
+        )])
+    return torch.zeros((), dtype=torch.int64, device=target.device)
+
+
+@check_labelled_mean.register_fake
+def _check_labelled_mean_fake(target: torch.Tensor, ignore_index: int, outer: int, fold: int):
+    return torch.empty((), dtype=torch.int64, device=target.device)
+
+
+# a side effect: dead-code elimination keeps it although nothing reads its output
+keep_in_forward(torch.ops.fx_bk.check_labelled_mean.default)

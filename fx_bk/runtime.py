@@ -48,7 +48,8 @@ from ._torch_internals import (
     sym_hint,
 )
 from .config import BKConfig
-from .errors import FxBkError
+from .deferred_error import Rejected
+from .errors import FxBkError, UnsupportedModelError
 from .layout import flatten, unflatten
 from .module_state import module_signature
 from .site import InputMeta
@@ -153,7 +154,7 @@ class BKModule(torch.nn.Module):
         self._register()
 
     def __getattr__(self, name: str):
-        """Attributes the wrapper lacks come from the wrapped module (e.g. a HF ``config``)."""
+        """Attributes the wrapper lacks come from the wrapped module (a HF ``config``)."""
         try:
             return super().__getattr__(name)
         except AttributeError:
@@ -233,9 +234,14 @@ class BKModule(torch.nn.Module):
                 example_inputs=[x.detach() for x in inputs] if real else None,
                 record_key=self._bk_id, autocast=autocast,
             )
-            run_passes(prog)
-            prog.example_inputs = None
-            compiled = CompiledProgram(prog)
+            try:
+                run_passes(prog)
+            except UnsupportedModelError as e:
+                if real or prog.forward_graph is None or not any(m.batched for m in metas):
+                    raise
+                self._output_layouts[(layout, training)] = prog.output_layout
+                return Rejected(prog, e)  # raised at run time (fx_bk/deferred_error.py)
+            prog.example_inputs, compiled = None, CompiledProgram(prog)
         region.add(compiled)
         self._output_layouts[(layout, training)] = prog.output_layout
         with disable_proxy_modes_tracing():
@@ -389,4 +395,6 @@ def bk_graph_call(module_id, layout, training, n_params, n_buffers, *flat):
     buffers = list(flat[n_params : n_params + n_buffers])
     inputs = list(flat[n_params + n_buffers :])
     compiled = module.program_for(layout, training, params, buffers, inputs)
+    if isinstance(compiled, Rejected):
+        return tuple(compiled.outputs(inputs))
     return BKFunction.apply(compiled, *params, *buffers, *inputs)

@@ -14,13 +14,13 @@ import time
 from fx_bk.errors import raise_if_any
 
 from .build_joint import build_joint
-from .check_sample_independence import check_sample_independence
 from .emit_aux_outputs import emit_aux_outputs
 from .expand_broadcast_sites import expand_broadcast_sites
 from .find_sites import find_sites
 from .partition_joint import partition_joint
 from .plan_sites import plan_sites
 from .program import BKProgram, Bundle
+from .prove_sample_independence import prove_sample_independence
 from .trace_model import trace_model
 
 ANALYSIS_PASSES = (
@@ -29,7 +29,7 @@ ANALYSIS_PASSES = (
     find_sites,
     plan_sites,
     emit_aux_outputs,
-    check_sample_independence,
+    prove_sample_independence,
 )
 BUILD_PASSES = (build_joint, partition_joint)
 

@@ -22,7 +22,7 @@ def test_each_pass_logs_its_result_in_order(caplog):
     assert "traced at batch 4" in by_pass["trace_model"]
     assert "3 sites" in by_pass["find_sites"]
     assert by_pass["plan_sites"].count("[linear]") == 3 and "rank-one" in by_pass["plan_sites"]
-    assert "0 problems" in by_pass["check_sample_independence"]
+    assert "0 problems" in by_pass["prove_sample_independence"]
     assert "backward" in by_pass["partition_joint"]
     assert not any(r.name == "fx_bk.graphs" for r in caplog.records)  # its level is separate
 

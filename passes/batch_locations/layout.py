@@ -1,0 +1,153 @@
+"""Ops that move, select or join values without computing: views, slices, indexing, cat."""
+
+from __future__ import annotations
+
+from dataclasses import replace
+
+import sympy
+import torch
+
+from fx_bk._torch_internals import sym_expr
+
+from .lattice import PROBE, Mixed, Sample, Shared, first_tensor, mixed, norm_dim
+
+aten = torch.ops.aten
+
+def cat(node, args, loc, ctx):
+    tensors = args["tensors"]
+    d = args.get("dim", 0)
+    locs = [loc(t) for t in tensors]
+    samples = [(t, lt) for t, lt in zip(tensors, locs) if isinstance(lt, Sample)]
+    if not samples:
+        return Shared(any(lt.batchy for lt in locs))
+    ndim = len(ctx.shape(samples[0][0]))
+    if node.target is aten.stack.default:
+        at = norm_dim(d, ndim + 1)
+        dims = {lt.dim + (lt.dim >= at) for _, lt in samples}
+    else:
+        if norm_dim(d, ndim) in {lt.dim for _, lt in samples}:
+            return mixed(node, "concatenates along the batch dimension")
+        dims = {lt.dim for _, lt in samples}
+    layouts = {lt.layout for _, lt in samples}
+    if len(dims) > 1 or len(layouts) > 1 or any(lt.batchy for lt in locs
+                                                 if isinstance(lt, Shared)):
+        return mixed(node, "joins tensors whose batch dims do not line up")
+    return replace(samples[0][1], dim=dims.pop(), iota=all(lt.iota for _, lt in samples))
+
+
+def reshape(node, args, loc, ctx):
+    """View/reshape. In the flat order the batch sits between ``outer`` blocks before it and
+    ``inner`` elements per sample after it; the output keeps samples apart if one output dim
+    holds the batch with the same blocks before and elements after it."""
+    x = first_tensor(args)
+    lx = loc(x)
+    if not isinstance(lx, Sample):
+        return lx
+    shape_in, shape_out = ctx.shape(x), ctx.shape(node)
+    outer = sympy.Mul(*shape_in[: lx.dim]) * lx.outer
+    inner = lx.fold * sympy.Mul(*shape_in[lx.dim + 1:])
+    for j, size in enumerate(shape_out):
+        outer_j = sympy.simplify(outer / sympy.Mul(*shape_out[:j]))
+        if ctx.has_batch(outer_j) or not outer_j.is_integer:
+            continue
+        fold = ctx.fold_of(size / outer_j)
+        if fold is not None and fold.is_integer and \
+                sympy.simplify(fold * sympy.Mul(*shape_out[j + 1:]) - inner) == 0:
+            return replace(lx, dim=j, fold=fold, outer=outer_j)
+    return mixed(node, "reshapes the batch dimension into or across other dims")
+
+
+def permute(node, args, loc, ctx):
+    lx = loc(first_tensor(args))
+    if not isinstance(lx, Sample):
+        return lx
+    ndim = len(ctx.shape(first_tensor(args)))
+    if node.target is aten.permute.default:
+        order = [norm_dim(d, ndim) for d in args["dims"]]
+    elif node.target is aten.t.default:
+        order = list(range(ndim))[::-1]
+    else:
+        a, b = norm_dim(args["dim0"], ndim), norm_dim(args["dim1"], ndim)
+        order = list(range(ndim))
+        order[a], order[b] = order[b], order[a]
+    return lx.at(order.index(lx.dim))
+
+
+def index_dim(node, args, loc, ctx):
+    """``select``/``slice``/``narrow`` on one dim: on the batch dim only the full slice keeps
+    samples apart."""
+    x = first_tensor(args)
+    lx = loc(x)
+    if not isinstance(lx, Sample):
+        return lx
+    ndim = len(ctx.shape(x))
+    d = norm_dim(args.get("dim", 0), ndim)
+    if d != lx.dim:
+        drop = node.target is aten.select.int and d < lx.dim
+        return lx.at(lx.dim - drop)
+    if node.target is aten.slice.Tensor and ctx.value(args.get("start")) in (None, 0) and \
+            ctx.value(args.get("step", 1)) == 1 and _covers(ctx.value(args.get("end")),
+                                                            ctx.shape(x)[d]):
+        return lx
+    return mixed(node, "selects or slices samples out of the batch")
+
+
+def _covers(end, size) -> bool:
+    if end is None or (isinstance(end, int) and end >= 2**62):
+        return True
+    return sympy.simplify(sym_expr(end) - size) == 0 if isinstance(end, (int, torch.SymInt)) \
+        else False
+
+
+def unsqueeze(node, args, loc, ctx):
+    lx = loc(first_tensor(args))
+    if not isinstance(lx, Sample):
+        return lx
+    d = norm_dim(args["dim"], len(ctx.shape(node)))
+    return lx.at(lx.dim + (d <= lx.dim))
+
+
+def expand(node, args, loc, ctx):
+    lx = loc(first_tensor(args))
+    if not isinstance(lx, Sample):
+        return lx
+    shift = len(ctx.shape(node)) - len(ctx.shape(first_tensor(args)))
+    return lx.at(lx.dim + shift)
+
+
+def split(node, args, loc, ctx):
+    x = first_tensor(args)
+    lx = loc(x)
+    n = len(node.meta.get("val", ()))
+    if isinstance(lx, Sample) and norm_dim(args.get("dim", 0), len(ctx.shape(x))) == lx.dim:
+        return mixed(node, "splits the batch dimension")
+    return [lx] * n
+
+
+def index(node, args, loc, ctx):
+    """``x[i0, i1, ...]`` (advanced indexing). An ``arange(B)`` index at a batch-sized dim of
+    a shared ``x`` selects rows that do not differ (shared stays shared); per-sample data in
+    ``x`` or in an index is proven on the probe."""
+    x = first_tensor(args)
+    lx, shape = loc(x), ctx.shape(x)
+    batchy = isinstance(lx, Shared) and lx.batchy
+    data = isinstance(lx, Sample) and not lx.iota
+    for d, idx in enumerate(args["indices"]):
+        if idx is None:
+            continue
+        li = loc(idx)
+        if isinstance(li, Mixed):
+            return li
+        if isinstance(li, Shared):
+            batchy = batchy or li.batchy
+        elif li.iota:
+            batchy = batchy or not ctx.has_batch(shape[d])
+        else:
+            data = True
+    return PROBE if data else Shared(batchy)
+
+
+def getitem(node, args, loc, ctx):
+    src, i = node.args
+    ls = loc(src)
+    return ls[i] if isinstance(ls, list) else ls

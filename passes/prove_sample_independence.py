@@ -1,0 +1,326 @@
+"""Pass 6: prove, on the traced graph, that no sample's values depend on another sample.
+
+BK's per-sample gradients are exact only if sample i's activations come from sample i alone and
+the loss is a mean (or sum) of per-sample terms. Every value of the forward graph gets a batch
+location (``passes/batch_locations.py``): shared, per-sample along a dim (possibly folded with
+other dims, ``[B*T, d]``), a loss over the batch, or mixed. Each op is checked by its semantics
+(reductions, contractions, slices, concatenations, normalizations along the batch mix samples);
+an op the table does not know is proven on a probe: it runs on the forward's values at a small
+batch, once per sample with that sample's inputs perturbed, and must change that sample's slice
+of its output only. The proof runs on the trace with a symbolic batch size, so it holds for
+every batch, eager and compiled alike.
+
+Accepted: mixing that reaches no output, and outputs that are a loss over the batch whose kind
+matches ``loss_reduction`` (a mean over the labels that are not ``ignore_index`` is a mean of
+per-sample terms only when every sample has as many labels: ``fx_bk::check_labelled_mean``,
+inserted next to the loss, checks that on every call). Rejected, naming the op and the source
+line: every other value that mixes samples and reaches an output or a trainable op.
+"""
+
+from __future__ import annotations
+
+import torch
+
+import fx_bk.losses  # noqa: F401  (registers fx_bk::check_labelled_mean)
+from fx_bk._torch_internals import normalize_call
+from fx_bk.errors import Problem
+
+from .batch_locations import PROBE, SHARED, Context, Loss, Mixed, Sample, Shared, transfer
+from .describe import op_name, where
+from .program import BKProgram
+
+aten = torch.ops.aten
+
+
+def prove_sample_independence(prog: BKProgram) -> None:
+    if any(p.kind in ("batch-size-specialized", "no-batch-input") for p in prog.problems):
+        return
+    gm = prog.forward_graph
+    ctx = Context(prog.mode.batch_symbol, prog.model.training)
+    locs: dict[torch.fx.Node, object] = {}
+    probe = _Probe(prog)
+    n_state = len(prog.param_names) + len(prog.buffer_names)
+    for i, node in enumerate(prog.placeholders()):
+        meta = prog.inputs[i - n_state] if i >= n_state else None
+        locs[node] = Sample(0) if meta is not None and meta.batched else SHARED
+    for node in gm.graph.nodes:
+        if node.op in ("placeholder", "output"):
+            continue
+        if node.op != "call_function":
+            locs[node] = SHARED
+            continue
+        val = node.meta.get("val")
+        if not isinstance(val, (torch.Tensor, tuple, list)):  # a size or a number
+            inputs = [locs[a] for a in node.all_input_nodes]
+            bad = next((v for v in inputs if isinstance(v, (Mixed, Loss))), None)
+            locs[node] = bad if bad is not None else Shared(
+                any(getattr(v, "batchy", False) for v in inputs) or ctx.batch_valued(node))
+            continue
+        loc = transfer(node, locs.__getitem__, ctx)
+        locs[node] = probe(node, locs, ctx) if loc is PROBE else loc
+    prog.batch_locations = locs
+    _report(prog, locs)
+
+
+def _report(prog: BKProgram, locs) -> None:
+    reported = set()
+
+    def mixes(m: Mixed, what: str) -> None:
+        if m.origin in reported:
+            return
+        reported.add(m.origin)
+        prog.problems.append(Problem(
+            "mixes-samples",
+            f"op {op_name(m.origin)}{where(m.origin)} {m.why}, so {what} depends on several "
+            f"samples. Per-sample clipping needs each sample's outputs and loss to depend on "
+            f"that sample only: no batch statistics (BatchNorm -> GroupNorm/LayerNorm), no "
+            f"reductions, softmax, slicing or matrix products over the batch dimension",
+        ))
+
+    by_name = {n.name: n for n in prog.forward_graph.graph.nodes}
+    for site in prog.sites:
+        node = by_name[site.node]
+        for a in node.all_input_nodes:
+            if isinstance(locs.get(a), Mixed):
+                mixes(locs[a], f"the input of trainable op {op_name(node)}{where(node)}")
+    outputs = list(prog.forward_graph.graph.output_node().args[0])[: prog.num_outputs]
+    for k, node in enumerate(outputs):
+        loc = locs.get(node) if isinstance(node, torch.fx.Node) else SHARED
+        if isinstance(loc, Mixed):
+            mixes(loc, f"output {k} of the model")
+        elif isinstance(loc, Loss):
+            _check_loss(prog, k, node, loc)
+
+
+def _check_loss(prog: BKProgram, k: int, node, loss: Loss) -> None:
+    what = f"output {k} (op {op_name(node)}{where(node)})"
+    val = node.meta.get("val")
+    if not isinstance(val, torch.Tensor) or val.numel() != 1 or not val.dtype.is_floating_point:
+        prog.problems.append(Problem(
+            "mixes-samples",
+            f"{what} is reduced over the batch but is not a scalar loss: return per-sample "
+            f"values (batch dim first) and reduce them in the loss",
+        ))
+        return
+    want = prog.config.loss_reduction
+    kind = loss.reduction
+    if kind != want:
+        prog.problems.append(Problem(
+            "loss-not-per-sample",
+            f"{what} is the {kind} over the batch of per-sample losses, but fx_bk was told "
+            f"loss_reduction={want!r}: pass loss_reduction={kind!r} to fx_bk.transform",
+        ))
+    for op in loss.guards:
+        _guard_labelled_mean(prog, op)
+
+
+def _guard_labelled_mean(prog: BKProgram, op: torch.fx.Node) -> None:
+    """Insert ``fx_bk::check_labelled_mean`` on the targets of loss op ``op`` (once)."""
+    if op.name in prog.labelled_losses:
+        return
+    prog.labelled_losses.append(op.name)
+    args = normalize_call(op.target, op.args, op.kwargs)
+    target = args["target"]
+    loc = prog.batch_locations[target]
+    spec = (args.get("ignore_index", -100), int(loc.outer), int(loc.fold))
+    graph = prog.forward_graph.graph
+    with graph.inserting_after(op):
+        check = graph.call_function(torch.ops.fx_bk.check_labelled_mean.default,
+                                    (target, *spec))
+    with prog.mode.fake_mode:
+        check.meta["val"] = torch.ops.fx_bk.check_labelled_mean.default(
+            target.meta["val"], *spec)
+    prog.forward_graph.recompile()
+
+
+PROBE_BATCH = 3
+
+
+def _probe_batch(prog: BKProgram) -> list[torch.Tensor]:
+    """The model's inputs at batch ``PROBE_BATCH``: the first call's samples where real (their
+    integer ids are valid), made up from the input metadata otherwise."""
+    real = prog.example_inputs
+    out = []
+    gen = torch.Generator().manual_seed(0)
+    for i, m in enumerate(prog.inputs):
+        x = real[i] if real is not None else None
+        if not m.batched:
+            out.append(x if x is not None else torch.zeros(m.shape, dtype=m.dtype, device=m.device))
+            continue
+        if x is not None:
+            reps = -(-PROBE_BATCH // x.shape[0])
+            x = x[:PROBE_BATCH].repeat(reps, *([1] * (x.dim() - 1)))[:PROBE_BATCH]
+        else:
+            shape = (PROBE_BATCH, *m.shape[1:])
+            if m.dtype.is_floating_point or m.dtype.is_complex:
+                x = torch.randn(shape, generator=gen).to(m.dtype)
+            elif m.dtype == torch.bool:
+                x = torch.ones(shape, dtype=torch.bool)
+            else:
+                x = torch.randint(0, 2, shape, generator=gen).to(m.dtype)
+        out.append(x.to(m.device).clone())
+    return out
+
+
+class _Recorder(torch.fx.Interpreter):
+    """Runs the forward graph and keeps every node's value."""
+
+    def __init__(self, gm):
+        super().__init__(gm)
+        self.values: dict[torch.fx.Node, object] = {}
+
+    def run_node(self, n):
+        out = super().run_node(n)
+        self.values[n] = out.detach().clone() if isinstance(out, torch.Tensor) else out
+        return out
+
+
+class _Probe:
+    """Proves an op the table does not know, on the forward's values at a small batch."""
+
+    def __init__(self, prog: BKProgram):
+        self.prog = prog
+        self.values = None
+        self.failed: Exception | None = None
+
+    def _run(self):
+        prog = self.prog
+        model = prog.model
+        params, buffers = dict(model.named_parameters()), dict(model.named_buffers())
+        state = [params[n].detach() for n in prog.param_names]
+        state += [buffers[n].detach().clone() for n in prog.buffer_names]
+        rec = _Recorder(prog.forward_graph)
+        try:
+            with torch.random.fork_rng(devices=[]), torch.no_grad():
+                torch.manual_seed(0)
+                rec.run(*state, *_probe_batch(prog))
+        except Exception as e:  # noqa: BLE001 - reported as the op's proof failing
+            self.failed = e
+        self.values = rec.values
+
+    def __call__(self, node, locs, ctx):
+        if self.values is None:
+            self._run()
+        try:
+            return _probe_op(node, locs, ctx, self.values)
+        except Exception as e:  # noqa: BLE001
+            why = self.failed or e
+            return Mixed(node, f"is an op fx_bk has no rule for, and proving it on a probe "
+                               f"failed ({type(why).__name__}: {why}); express it with ops "
+                               f"fx_bk knows, or keep it outside the fx_bk module")
+
+
+PROBE_SAMPLES = (0, 2)
+
+
+def _probe_op(node, locs, ctx, values):
+    def concrete(a):
+        if isinstance(a, torch.fx.Node):
+            return values[a] if a in values else ctx.value(a)
+        return a
+
+    def arg_map(fn):
+        return torch.fx.node.map_aggregate((node.args, node.kwargs), fn)
+
+    def call(args, kwargs):  # one seed for every call: a random op draws the same numbers
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(0)
+            return _as_list(node.target(*args, **kwargs))
+
+    base = call(*arg_map(concrete))
+    metas = _as_list(node.meta.get("val"))
+    moved = [torch.zeros(b.shape, dtype=torch.bool) if isinstance(b, torch.Tensor) else None
+             for b in base]
+    batch = None
+    for j in PROBE_SAMPLES:
+        changed_any = False
+
+        def perturbed(a, j=j):
+            nonlocal changed_any, batch
+            v = concrete(a)
+            lo = locs.get(a) if isinstance(a, torch.fx.Node) else None
+            if not isinstance(lo, Sample) or lo.iota or not isinstance(v, torch.Tensor):
+                return v
+            batch = int(v.shape[lo.dim] // int(lo.fold * lo.outer))
+            changed_any = True
+            return _perturb(v, lo, j)
+
+        args, kwargs = torch.fx.node.map_aggregate((node.args, node.kwargs), perturbed)
+        if not changed_any:
+            break
+        out = call(args, kwargs)
+        result = []
+        for i, (b, o, meta) in enumerate(zip(base, out, metas)):
+            if not isinstance(b, torch.Tensor):
+                result.append(SHARED)
+                continue
+            diff = _differs(b, o)
+            moved[i] = moved[i] | diff
+            result.append(_locate(diff, meta, ctx, j, batch, node))
+        if any(isinstance(r, Mixed) for r in result):
+            return next(r for r in result if isinstance(r, Mixed))
+    final = []
+    for b, m, meta in zip(base, moved, metas):
+        if not isinstance(b, torch.Tensor):
+            final.append(SHARED)
+        elif m is not None and bool(m.any()):
+            final.append(_locate(m, meta, ctx, None, batch, node, j_all=PROBE_SAMPLES))
+        else:
+            final.append(Shared(True))  # no sample moved it: shape-derived, treated as batchy
+    return final if isinstance(node.meta.get("val"), (tuple, list)) else final[0]
+
+
+def _as_list(x) -> list:
+    return list(x) if isinstance(x, (tuple, list)) else [x]
+
+
+def _perturb(v: torch.Tensor, lo: Sample, j: int) -> torch.Tensor:
+    """``v`` with sample ``j``'s entries (located by ``lo``) changed."""
+    out = v.clone()
+    part = out.unflatten(lo.dim, (int(lo.outer), -1, int(lo.fold))).select(lo.dim + 1, j)
+    if v.dtype.is_floating_point or v.dtype.is_complex:
+        g = torch.Generator().manual_seed(17 + j)
+        scale = 3.0 * (1.0 + float(v.abs().max()) if v.numel() else 1.0)
+        part.add_((torch.randn(part.shape, generator=g) * scale).to(v.dtype))
+    elif v.dtype == torch.bool:
+        part.logical_not_()
+    else:
+        hi = int(v.max()) + 1 if v.numel() else 1
+        part.copy_((part + 1) % max(hi, 2))
+    return out
+
+
+def _differs(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    if a.shape != b.shape:
+        return torch.ones(a.shape, dtype=torch.bool)
+    if a.dtype.is_floating_point or a.dtype.is_complex:
+        return ~torch.isclose(a, b, rtol=1e-6, atol=0, equal_nan=True)
+    return a != b
+
+
+def _locate(diff, meta, ctx, j, batch, node, j_all=()):
+    """The output dim whose slice of the perturbed sample(s) holds every change, else Mixed."""
+    if not bool(diff.any()):
+        return SHARED
+    sizes = ctx.shape_of_val(meta)
+    owners_ok = {j} if j is not None else set(j_all)
+    for d, size in enumerate(sizes or ()):
+        per_batch = ctx.fold_of(size)
+        if per_batch is None or batch is None or not per_batch.is_integer:
+            continue
+        rows = diff.movedim(d, 0).reshape(diff.shape[d], -1).any(1).nonzero().flatten()
+        k = int(per_batch)
+        for outer in (o for o in range(1, k + 1) if k % o == 0):  # size = outer * B * fold
+            fold = k // outer
+            if set(((rows // fold) % batch).tolist()) <= owners_ok:
+                return Sample(d, fold, outer=outer)
+    return Mixed(node, "is an op fx_bk has no rule for, and on a probe changing one sample's "
+                       "values changed another's")
+
+
+def summarize(prog: BKProgram) -> str:
+    locs = getattr(prog, "batch_locations", {})
+    kinds: dict[str, int] = {}
+    for v in locs.values():
+        kinds[type(v).__name__] = kinds.get(type(v).__name__, 0) + 1
+    return f"batch locations {kinds}; {len(prog.problems)} problems in total"

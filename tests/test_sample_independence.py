@@ -1,0 +1,255 @@
+"""The static proof of sample independence (passes/prove_sample_independence.py).
+
+Every way of coupling samples is rejected before the first step, eager and compiled, whatever
+the first batch holds; every sample-wise model is accepted, and on it removing one sample moves
+the clipped sum by at most R.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+import fx_bk
+from fx_bk.testing import loop_clipped_sum
+
+R = 0.5
+
+
+class Net(nn.Module):
+    """Linear -> tanh -> ``mid`` -> Linear -> ``head``: coupling ops go in ``mid`` (activations
+    of a trainable op) or ``head`` (the output, i.e. the gradient side)."""
+
+    def __init__(self, mid=None, head=None, d=4, h=6, k=3):
+        super().__init__()
+        self.l1, self.l2 = nn.Linear(d, h), nn.Linear(h, k)
+        self.mid, self.head = mid or (lambda z: z), head or (lambda z: z)
+
+    def forward(self, x):
+        return self.head(self.l2(self.mid(torch.tanh(self.l1(x)))))
+
+
+def _dominated_batch(n=5):
+    """Sample 1 dominates every feature: a first-batch experiment perturbing sample 0 sees no
+    change through ``amax(0)``."""
+    x = torch.randn(n, 4, generator=torch.Generator().manual_seed(0))
+    x[1] = 50.0
+    return x
+
+
+def _group_pool(z):
+    gid = (z[:, :1] > 0).float()  # ids from the sample's own values
+    same = (gid == gid.T).float()  # [B, B]: which samples share a group
+    return same @ z / same.sum(1, keepdim=True)
+
+
+# (name, mid, head): each couples samples; the first batch hides some of them
+COUPLING = [
+    ("last-row", lambda z: z - z[-1:], None),
+    ("triangular-matmul", lambda z: torch.ones(z.shape[0], z.shape[0]).triu() @ z / z.shape[0],
+     None),
+    ("max-over-batch", lambda z: z / z.abs().amax(0), None),
+    ("group-pooling", _group_pool, None),
+    ("mean-over-batch", lambda z: z - z.mean(0), None),
+    ("softmax-over-batch", lambda z: z.softmax(0), None),
+    ("cumsum-over-batch", lambda z: z.cumsum(0), None),
+    ("sort-over-batch", lambda z: z.sort(0).values, None),
+    ("flip", lambda z: z.flip(0), None),
+    ("roll", lambda z: z.roll(1, 0), None),
+    ("cat-along-batch", lambda z: torch.cat([z[1:], z[:1]]), None),
+    ("transposing-reshape", lambda z: z.reshape(z.shape[1], -1).reshape(z.shape[0], -1), None),
+    ("position-scaling", lambda z: z * torch.arange(z.shape[0])[:, None], None),
+    ("batch-size-scaling", lambda z: z / z.shape[0], None),
+    ("pad-along-batch", lambda z: F.pad(z, (0, 0, 1, 0))[:-1], None),
+    ("output-centering", None, lambda o: o - o.mean(0)),
+    ("output-batch-softmax", None, lambda o: o.softmax(0)),
+    ("batch-statistics", None, lambda o: F.batch_norm(o, None, None, training=True)),
+]
+SAMPLEWISE = [
+    ("identity", None, None),
+    ("feature-softmax", lambda z: z.softmax(1), None),
+    ("feature-cumsum", lambda z: z.cumsum(-1), None),
+    ("feature-flip", lambda z: z.flip(1), None),
+    ("reshape-roundtrip", lambda z: z.reshape(z.shape[0], 2, -1).transpose(1, 2)
+     .reshape(z.shape[0], -1), None),
+    ("arange-index", lambda z: z[torch.arange(z.shape[0])], None),
+    ("per-sample-norm", lambda z: z / z.norm(dim=1, keepdim=True), None),
+    ("uniform-mask", lambda z: z * torch.ones(z.shape[0], 1), None),
+]
+
+
+def _loss(out, y):
+    return F.cross_entropy(out, y)
+
+
+def _step(model, x, y, compiled=False):
+    bk = fx_bk.transform(model, max_grad_norm=R)
+    run = torch.compile(bk, fullgraph=True) if compiled else bk
+    _loss(run(x), y).backward()
+
+
+@pytest.mark.parametrize("name,mid,head", COUPLING, ids=[c[0] for c in COUPLING])
+def test_coupling_is_rejected_naming_the_op(name, mid, head):
+    torch.manual_seed(0)
+    x, y = _dominated_batch(), torch.randint(0, 3, (5,))
+    with pytest.raises(fx_bk.UnsupportedModelError, match=r"mixes-samples.*op aten\.") as e:
+        _step(Net(mid, head), x, y)
+    assert "test_sample_independence.py" in str(e.value)  # the user's source line
+
+
+@pytest.mark.parametrize("name,mid,head", COUPLING[:4] + COUPLING[-3:-1],
+                         ids=[c[0] for c in COUPLING[:4] + COUPLING[-3:-1]])
+def test_coupling_is_rejected_compiled_with_the_same_error_type(name, mid, head):
+    torch.manual_seed(0)
+    x, y = _dominated_batch(), torch.randint(0, 3, (5,))
+    with pytest.raises(fx_bk.UnsupportedModelError) as e:
+        _step(Net(mid, head), x, y, compiled=True)
+    assert e.value.problems and e.value.problems[0].kind == "mixes-samples"
+
+
+def _clipped_sum(model, x, y):
+    model.zero_grad()
+    bk = fx_bk.transform(model, max_grad_norm=R, loss_reduction="sum")
+    F.cross_entropy(bk(x), y, reduction="sum").backward()
+    return torch.cat([p.grad.flatten() for p in model.parameters()])
+
+
+@pytest.mark.parametrize("name,mid,head", SAMPLEWISE, ids=[c[0] for c in SAMPLEWISE])
+def test_samplewise_model_is_exact(name, mid, head):
+    torch.manual_seed(0)
+    model = Net(mid, head).double()
+    x, y = torch.randn(6, 4, dtype=torch.float64), torch.randint(0, 3, (6,))
+    got = _clipped_sum(model, x, y)
+    want = loop_clipped_sum(model, (x, y), None, R, loss_of=lambda m, xy: F.cross_entropy(
+        m(xy[0]), xy[1], reduction="sum"))
+    want = torch.cat([want[n].flatten() for n, _ in model.named_parameters()])
+    torch.testing.assert_close(got, want, rtol=1e-9, atol=1e-12)
+
+
+FAMILIES = [c[1] or c[2] for c in COUPLING if c[1] is not None]
+SAFE = [c[1] for c in SAMPLEWISE if c[1] is not None]
+
+
+@settings(max_examples=12, deadline=None, derandomize=True)
+@given(st.lists(st.integers(0, len(SAFE) - 1), min_size=1, max_size=3),
+       st.one_of(st.none(), st.integers(0, len(FAMILIES) - 1)), st.integers(0, 3),
+       st.integers(2, 7))
+def test_random_architectures(safe_ops, coupling, where, batch):
+    """Sample-wise ops in random order, with at most one coupling op at a random place: coupled
+    models are rejected; the others are accepted and removing any one sample moves the clipped
+    sum by at most R."""
+    ops = [SAFE[i] for i in safe_ops]
+    if coupling is not None:
+        ops.insert(min(where, len(ops)), FAMILIES[coupling])
+
+    def mid(z):
+        for op in ops:
+            z = op(z)
+        return z
+
+    torch.manual_seed(batch)
+    model = Net(mid).double()
+    x = torch.randn(batch, 4, dtype=torch.float64) * 3
+    y = torch.randint(0, 3, (batch,))
+    if coupling is not None:
+        with pytest.raises(fx_bk.UnsupportedModelError, match="mixes-samples"):
+            _clipped_sum(model, x, y)
+        return
+    full = _clipped_sum(model, x, y)
+    for i in range(batch):
+        keep = [j for j in range(batch) if j != i]
+        moved = (full - _clipped_sum(model, x[keep], y[keep])).norm()
+        assert moved <= R * (1 + 1e-6)
+
+
+@torch.library.custom_op("fx_bk_test::shift_batch", mutates_args=())
+def shift_batch(x: torch.Tensor) -> torch.Tensor:
+    return x.roll(1, 0)
+
+
+@shift_batch.register_fake
+def _(x):
+    return torch.empty_like(x)
+
+
+@torch.library.custom_op("fx_bk_test::square", mutates_args=())
+def square(x: torch.Tensor) -> torch.Tensor:
+    return x * x
+
+
+@square.register_fake
+def _(x):
+    return torch.empty_like(x)
+
+
+def _square_setup(ctx, inputs, output):
+    ctx.save_for_backward(inputs[0])
+
+
+square.register_autograd(lambda ctx, g: 2 * ctx.saved_tensors[0] * g,
+                         setup_context=_square_setup)
+
+
+def test_unknown_ops_are_proven_on_a_probe():
+    """An op with no rule is run on a probe, sample by sample: a custom op that rolls the batch
+    is rejected, an elementwise one accepted."""
+    x, y = torch.randn(4, 4), torch.randint(0, 3, (4,))
+    with pytest.raises(fx_bk.UnsupportedModelError, match="fx_bk_test.shift_batch"):
+        _step(Net(shift_batch), x, y)
+    _step(Net(square), x, y)
+
+
+def test_loss_inside_the_model_must_be_a_mean_of_per_sample_terms():
+    class WithLoss(Net):
+        def __init__(self, reduce):
+            super().__init__()
+            self.reduce = reduce
+
+        def forward(self, x, y):
+            return self.reduce(super().forward(x), y)
+
+    x, y = torch.randn(4, 4), torch.randint(0, 3, (4,))
+    fx_bk.transform(WithLoss(lambda o, t: F.cross_entropy(o, t)), max_grad_norm=R)(x, y) \
+        .backward()
+    fx_bk.transform(WithLoss(lambda o, t: F.mse_loss(o, F.one_hot(t, 3).float())),
+                    max_grad_norm=R)(x, y).backward()
+    with pytest.raises(fx_bk.UnsupportedModelError, match="loss_reduction='sum'"):
+        fx_bk.transform(WithLoss(lambda o, t: F.cross_entropy(o, t, reduction="sum")),
+                        max_grad_norm=R)(x, y)
+    with pytest.raises(fx_bk.UnsupportedModelError, match="mixes-samples"):
+        fx_bk.transform(WithLoss(lambda o, t: F.cross_entropy(o, t) / o.detach().abs().sum()),
+                        max_grad_norm=R)(x, y)
+    with pytest.raises(fx_bk.UnsupportedModelError, match="class-weighted"):
+        fx_bk.transform(WithLoss(lambda o, t: F.cross_entropy(o, t, weight=torch.ones(3))),
+                        max_grad_norm=R)(x, y)
+
+
+@pytest.mark.parametrize("compiled", [False, True], ids=["eager", "compiled"])
+def test_labelled_mean_is_checked_on_every_call(compiled):
+    """A cross-entropy mean over labels that are not ignore_index is per-sample only while every
+    sample has as many labels: checked by the graph on each call, compiled included."""
+
+    class TokenModel(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.emb, self.out = nn.Embedding(7, 5), nn.Linear(5, 7)
+
+        def forward(self, ids, labels):
+            logits = self.out(self.emb(ids))
+            return F.cross_entropy(logits.flatten(0, 1), labels.flatten())
+
+    bk = fx_bk.transform(TokenModel(), max_grad_norm=R)
+    run = torch.compile(bk, fullgraph=True) if compiled else bk
+    ids = torch.randint(0, 7, (3, 4))
+    run(ids, ids).backward()  # every sample has 4 labels
+    even = ids.clone()
+    even[:, -1] = -100
+    run(ids, even).backward()  # 3 each
+    uneven = ids.clone()
+    uneven[0, 2:] = -100
+    with pytest.raises(fx_bk.UnsupportedModelError, match=r"\[2, 4, 4\]"):
+        run(ids, uneven)
