@@ -25,6 +25,7 @@ from .reductions import along, reduction
 
 aten = torch.ops.aten
 
+
 def transfer(node, loc, ctx):
     """The location of ``node``'s value, ``PROBE`` when the op is not in this table."""
     target = node.target
@@ -60,7 +61,7 @@ def transfer(node, loc, ctx):
         return PROBE
 
 
-_IDENTITY = ["clone", "contiguous", "alias", "detach", "to", "_to_copy", "dropout",
+_ELEMENTWISE = ["clone", "contiguous", "alias", "detach", "to", "_to_copy", "dropout",
              "feature_dropout", "alpha_dropout", "feature_alpha_dropout", "lift_fresh_copy",
              "type_as", "native_dropout", "masked_fill", "fill", "gelu", "silu", "relu",
              "hardtanh", "leaky_relu", "elu", "softplus", "mish", "hardswish", "hardsigmoid",
@@ -69,9 +70,9 @@ _IDENTITY = ["clone", "contiguous", "alias", "detach", "to", "_to_copy", "dropou
 _CREATION = ["ones", "zeros", "full", "empty", "scalar_tensor", "new_ones", "new_zeros",
              "new_full", "new_empty", "ones_like", "zeros_like", "full_like", "empty_like",
              "rand_like", "randn_like", "randint_like", "tensor", "lift_fresh", "empty_strided",
-             "new_empty_strided", "zeros_like", "eye", "sym_size", "sym_numel", "sym_stride"]
+             "new_empty_strided", "eye", "sym_size", "sym_numel", "sym_stride"]
 RULES: dict = {}
-for _name in _IDENTITY:
+for _name in _ELEMENTWISE:
     RULES[getattr(aten, _name)] = pointwise
 RULES[aten.native_dropout] = lambda n, a, loc, c: [loc(a["input"])] * 2
 RULES[aten.dropout] = same_as_input
