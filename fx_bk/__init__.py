@@ -14,7 +14,14 @@ from __future__ import annotations
 import importlib
 
 from .config import BKConfig
-from .errors import ClipOnceError, ConfigError, FxBkError, Problem, UnsupportedModelError
+from .errors import (
+    ClipOnceError,
+    ConfigError,
+    FxBkError,
+    NonFiniteSampleError,
+    Problem,
+    UnsupportedModelError,
+)
 from .losses import sequence_cross_entropy
 from .rules import Rule, register_rule
 from .site import Site, SiteValues, Strategy
@@ -22,6 +29,7 @@ from .site import Site, SiteValues, Strategy
 __all__ = [
     "BKConfig",
     "ClipOnceError",
+    "NonFiniteSampleError",
     "ConfigError",
     "FxBkError",
     "PrivacyEngine",

@@ -18,6 +18,7 @@ def transform(
     loss_reduction: str = "mean",
     clipping: str = "abadi",
     clipping_style: str | Sequence[Sequence[str]] = "all-layer",
+    nonfinite: str = "skip",
 ) -> BKModule:
     """Return a module whose backward leaves per-sample clipped gradient sums in ``p.grad``.
 
@@ -35,6 +36,10 @@ def transform(
     "per-layer" (one norm and bound per module that owns parameters) or a list of groups of
     parameter names (``model.named_parameters()`` names), each with its own norm; then
     ``max_grad_norm`` may be one bound per group.
+
+    ``nonfinite``: a sample whose gradient norm is NaN or infinite contributes exactly zero and
+    a warning names it ("skip"; ``module.nonfinite_samples`` counts them), or the backward
+    raises ``fx_bk.NonFiniteSampleError`` ("raise").
     """
     if not isinstance(model, torch.nn.Module):
         raise ConfigError(f"model must be a torch.nn.Module, got {type(model).__name__}")
@@ -44,6 +49,7 @@ def transform(
         loss_reduction=loss_reduction,
         clipping=clipping,
         clip_groups=clip_groups(model, clipping_style),
+        nonfinite=nonfinite,
     )
     raise_if_any(check_module_tree(model))
     return BKModule(model, config)

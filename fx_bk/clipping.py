@@ -48,7 +48,11 @@ def clipped_gradients(
     c = torch.stack([
         clip_factors(norms[:, k], r, config.clipping) for k, r in enumerate(bounds)
     ], dim=1) * scale
+    finite = torch.isfinite(norms).all(1)  # a NaN/Inf sample contributes exactly zero:
+    c = torch.where(finite[:, None], c, 0.0)  # C = 0; the rules' clipped sums add exactly
+    # zero for it (fx_bk.rules.scale_samples / keep_samples / weighted_sum: 0 * NaN is NaN)
     grads: dict[str, torch.Tensor] = {}
     for (values, handler, k), state in zip(bundles, states):
         grads.update(handler.clipped_grads(values, state, c[:, k]))
     return grads, norms
+

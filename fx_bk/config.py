@@ -9,6 +9,7 @@ from .errors import ConfigError
 
 LOSS_REDUCTIONS = ("mean", "sum")
 CLIPPING_FUNCTIONS = ("abadi", "automatic", "global")
+NONFINITE = ("skip", "raise")
 CLIP_EPS = 1e-6  # C_i = min(1, R / (||grad_i|| + CLIP_EPS)), Opacus's formula
 AUTOMATIC_GAMMA = 0.01  # automatic clipping (Bu et al.): C_i = R / (||grad_i|| + gamma)
 
@@ -41,12 +42,16 @@ class BKConfig:
     clip_groups: ``None``: one norm over all trainable parameters (all-layer clipping). Else a
         partition of the trainable parameter names; each group is clipped by its own norm and
         bound, so a sample's whole gradient has norm at most ``sqrt(sum_k R_k^2)``.
+    nonfinite: a sample whose gradient norm is NaN or infinite (a NaN/Inf in its input, an
+        overflow): "skip" (it contributes exactly zero, the others are unaffected, a warning
+        names it) or "raise" (``fx_bk.NonFiniteSampleError`` in the backward, no gradient).
     """
 
     max_grad_norm: float | tuple[float, ...]
     loss_reduction: str = "mean"
     clipping: str = "abadi"
     clip_groups: tuple[tuple[str, ...], ...] | None = None
+    nonfinite: str = "skip"
 
     def __post_init__(self) -> None:
         r = self.max_grad_norm
@@ -70,6 +75,8 @@ class BKConfig:
             raise ConfigError(
                 f"clipping must be one of {CLIPPING_FUNCTIONS}, got {self.clipping!r}"
             )
+        if self.nonfinite not in NONFINITE:
+            raise ConfigError(f"nonfinite must be one of {NONFINITE}, got {self.nonfinite!r}")
 
     @property
     def group_bounds(self) -> tuple[float, ...]:

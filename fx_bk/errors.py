@@ -40,6 +40,10 @@ class UnsupportedModelError(FxBkError):
         )
 
 
+class NonFiniteSampleError(FxBkError, FloatingPointError):
+    """A sample's gradient norm is NaN or infinite and ``nonfinite="raise"`` was set."""
+
+
 class ClipOnceError(FxBkError):
     """A backward pass would clip some samples of an fx_bk module twice in one step (two
     forward calls feeding one backward, or a second backward through one forward)."""

@@ -49,11 +49,12 @@ from ._torch_internals import (
 )
 from .config import BKConfig
 from .deferred_error import Rejected
+from .empty_batch import EmptyBatch
 from .errors import FxBkError, UnsupportedModelError
 from .layout import flatten, unflatten
 from .module_state import module_signature
 from .site import InputMeta
-from .step_guard import forget, last_norms, record_norms, register, step_token
+from .step_guard import forget, last_norms, nonfinite_count, register
 
 
 class BKFunction(torch.autograd.Function):
@@ -192,7 +193,7 @@ class BKModule(torch.nn.Module):
         layout = flatten(out, leaves)
         floats = [i for i, t in enumerate(leaves) if t.is_floating_point()]
         k = 1 if self.bk_config.clip_groups is None else len(self.bk_config.clip_groups)
-        connected = _EmptyBatch.apply(self._bk_id, k, len(trainable), *trainable,
+        connected = EmptyBatch.apply(self._bk_id, k, len(trainable), *trainable,
                                       *[leaves[i] for i in floats])
         for i, t in zip(floats, connected):
             leaves[i] = t
@@ -286,6 +287,11 @@ class BKModule(torch.nn.Module):
         return norms[:, 0]
 
     @property
+    def nonfinite_samples(self) -> int:
+        """How many samples were skipped so far for a NaN or infinite gradient norm."""
+        return nonfinite_count(self._bk_id)
+
+    @property
     def programs(self) -> list[CompiledProgram]:
         """Every BK program built so far (one per input signature and batch-size region)."""
         return [p for r in self._regions.values() for p in r.programs.values()]
@@ -317,26 +323,6 @@ class _BatchRegions:
 
 def _batch_size(leaves: list):
     return next((x.shape[0] for x in leaves if isinstance(x, torch.Tensor) and x.dim() > 0), None)
-
-
-class _EmptyBatch(torch.autograd.Function):
-    """Outputs of an empty batch, wired so that every trainable parameter gets a zero grad."""
-
-    @staticmethod
-    def forward(ctx, key, num_groups, n_params, *tensors):
-        token = step_token(tensors[0], key) if n_params else None
-        ctx.save_for_backward(*tensors[:n_params], token)
-        ctx.key, ctx.num_groups = key, num_groups
-        return tuple(t.clone() for t in tensors[n_params:])
-
-    @staticmethod
-    def backward(ctx, *grads):
-        *params, token = ctx.saved_tensors
-        zeros = [torch.zeros_like(p) for p in params]
-        if zeros:
-            empty = params[0].new_zeros((0, ctx.num_groups), dtype=torch.float32)
-            zeros[0] = zeros[0] + record_norms(empty, ctx.key, token).to(zeros[0].dtype)
-        return (None, None, None, *zeros, *[None] * len(grads))
 
 
 def _check_call_signature(module: torch.nn.Module, layout, inputs) -> None:

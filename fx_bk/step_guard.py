@@ -28,18 +28,20 @@ copy per step.
 from __future__ import annotations
 
 import itertools
+import warnings
 from collections import OrderedDict
 
 import torch
 
 from ._torch_internals import current_graph_task_id, keep_in_forward
-from .errors import ClipOnceError
+from .errors import ClipOnceError, NonFiniteSampleError
 
 MAX_PENDING = 4096  # tokens of forwards awaiting their backward, per module
 _LAST: dict[int, torch.Tensor] = {}
 _PENDING: dict[int, OrderedDict] = {}  # key -> tokens of forwards not yet backpropagated
 _TASK: dict[int, int] = {}  # key -> autograd graph task of the module's last backward
 _LIVE: set[int] = set()  # keys of modules not yet garbage collected
+_NONFINITE: dict[int, int] = {}  # key -> samples skipped for a NaN/Inf norm
 _tokens = itertools.count(1)
 
 
@@ -64,7 +66,8 @@ keep_in_forward(torch.ops.fx_bk.step_token.default)
 
 
 @torch.library.custom_op("fx_bk::record_norms", mutates_args=())
-def record_norms(norms: torch.Tensor, key: int, token: torch.Tensor) -> torch.Tensor:
+def record_norms(norms: torch.Tensor, key: int, token: torch.Tensor,
+                 raise_nonfinite: bool) -> torch.Tensor:
     task = current_graph_task_id()
     if task >= 0 and _TASK.get(key) == task:
         raise ClipOnceError(
@@ -82,6 +85,7 @@ def record_norms(norms: torch.Tensor, key: int, token: torch.Tensor) -> torch.Te
             "and added twice (sensitivity 2R). Sum the losses and call backward() once per "
             "forward call. The gradients of this step are invalid: zero them"
         )
+    _check_finite(norms, key, raise_nonfinite)
     if key in _LIVE:
         _TASK[key] = task
         _LAST[key] = norms.detach().clone()
@@ -91,8 +95,30 @@ def record_norms(norms: torch.Tensor, key: int, token: torch.Tensor) -> torch.Te
 
 
 @record_norms.register_fake
-def _record_norms_fake(norms: torch.Tensor, key: int, token: torch.Tensor) -> torch.Tensor:
+def _record_norms_fake(norms: torch.Tensor, key: int, token: torch.Tensor,
+                       raise_nonfinite: bool) -> torch.Tensor:
     return norms.new_empty(())
+
+
+def _check_finite(norms: torch.Tensor, key: int, raise_nonfinite: bool) -> None:
+    """Samples whose norm is NaN/Inf were skipped by the clipping (``fx_bk/clipping.py``): say
+    which, count them, or raise (``nonfinite="raise"``)."""
+    bad = (~torch.isfinite(norms).all(1)).nonzero().flatten().tolist()
+    if not bad:
+        return
+    what = (f"{len(bad)} of {norms.shape[0]} samples have a NaN or infinite gradient norm "
+            f"(batch indices {bad[:20]}{' ...' if len(bad) > 20 else ''})")
+    if raise_nonfinite:
+        raise NonFiniteSampleError(
+            f"fx_bk: {what}. Check these samples' inputs and labels, or let fx_bk skip such "
+            f"samples (nonfinite='skip'). The gradients of this step are invalid: zero them")
+    _NONFINITE[key] = _NONFINITE.get(key, 0) + len(bad)
+    warnings.warn(f"fx_bk: {what}; they contribute zero to this step, the other samples are "
+                  f"unaffected (module.nonfinite_samples counts them)", stacklevel=2)
+
+
+def nonfinite_count(key: int) -> int:
+    return _NONFINITE.get(key, 0)
 
 
 def last_norms(key: int) -> torch.Tensor | None:
@@ -109,6 +135,7 @@ def forget(key: int) -> None:
     run (``fx_bk.transform(m)(x).sum().backward()`` frees the module before the backward)."""
     _LIVE.discard(key)
     _LAST.pop(key, None)
+    _NONFINITE.pop(key, None)
     _TASK.pop(key, None)
     if not _PENDING.get(key):
         _PENDING.pop(key, None)

@@ -113,7 +113,8 @@ def make_joint_function(prog: BKProgram):
         if grads:  # the recorder's zero keeps it live (see fx_bk/step_guard.py); added to the
             # smallest gradient: on a weight, Inductor turns it into an addmm bias + a copy
             k = min(range(len(grads)), key=lambda i: grads[i].numel())
-            done = record_norms(norms, prog.record_key, token)
+            done = record_norms(norms, prog.record_key, token,
+                                prog.config.nonfinite == "raise")
             grads[k] = grads[k] + done.to(grads[k].dtype)
         return [o.detach() if isinstance(o, torch.Tensor) else o for o in outs] + grads
 

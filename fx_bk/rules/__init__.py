@@ -15,9 +15,11 @@ from .base import (
     Rule,
     accumulation_dtype,
     fallback_rule,
+    keep_samples,
     register_rule,
     register_tie_handler,
     rule_for,
+    scale_samples,
     set_fallback_rule,
     squared_norm,
     unregister_rule,
@@ -41,6 +43,8 @@ __all__ = [
     "squared_norm",
     "supported_ops_table",
     "unregister_rule",
+    "keep_samples",
+    "scale_samples",
     "weighted_sum",
 ]
 

@@ -246,9 +246,25 @@ def accumulation_dtype(t: torch.Tensor) -> torch.dtype:
     return torch.float32 if t.dtype in (torch.float16, torch.bfloat16) else t.dtype
 
 
+def scale_samples(c: torch.Tensor, per_sample: torch.Tensor) -> torch.Tensor:
+    """``c_i * per_sample[i]`` (batch dim 0), exactly zero where ``c_i = 0`` even if the sample
+    holds NaN/Inf (a skipped non-finite sample: ``0 * NaN`` would be NaN). One fused
+    elementwise pass under Inductor."""
+    cv = c.to(per_sample.dtype).reshape(-1, *[1] * (per_sample.dim() - 1))
+    return torch.where(cv != 0, per_sample * cv, 0.0)
+
+
+def keep_samples(c: torch.Tensor, per_sample: torch.Tensor) -> torch.Tensor:
+    """``per_sample`` with the samples whose ``c_i = 0`` set to exactly zero: the unscaled
+    factor of a clipped GEMM ``(c g)^T a`` (a skipped NaN sample in ``a`` would poison it)."""
+    cv = c.reshape(-1, *[1] * (per_sample.dim() - 1))
+    return torch.where(cv != 0, per_sample, 0.0)
+
+
 def weighted_sum(c: torch.Tensor, per_sample: torch.Tensor) -> torch.Tensor:
-    """``sum_i c_i * per_sample[i]``; c: [B], per_sample: [B, *shape] -> [*shape]."""
-    return torch.tensordot(c.to(per_sample.dtype), per_sample, dims=1)
+    """``sum_i c_i * per_sample[i]``; c: [B], per_sample: [B, *shape] -> [*shape]; samples with
+    ``c_i = 0`` add exactly zero (``scale_samples``). Inductor fuses it into one reduction."""
+    return scale_samples(c, per_sample).sum(0)
 
 
 def squared_norm(per_sample: torch.Tensor) -> torch.Tensor:

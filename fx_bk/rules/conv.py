@@ -31,7 +31,14 @@ from fx_bk.cost_model import gemm_strategy
 from fx_bk.kernels.ghost_norm import ghost_norm
 from fx_bk.site import Strategy
 
-from .base import Rule, register_rule, squared_norm, weighted_sum
+from .base import (
+    Rule,
+    keep_samples,
+    register_rule,
+    scale_samples,
+    squared_norm,
+    weighted_sum,
+)
 from .linear import scale_smaller
 
 aten = torch.ops.aten
@@ -201,8 +208,8 @@ class ConvRule(Rule):
                 w = conv_weight_grad(x, cg, site, per_sample=False,
                                      transposed=self.is_transposed(site))
                 if w is None:  # im2col path: one batched GEMM over the groups
-                    a, g = state.a, state.g
-                    cg = g * c.to(g.dtype)[:, None, None, None]
+                    g, a = state.g, keep_samples(c, state.a)
+                    cg = scale_samples(c, g)  # NaN-safe: skipped samples add exactly zero
                     groups = a.shape[1]
                     lhs = cg.permute(1, 3, 0, 2).reshape(groups, g.shape[-1], -1)  # [g, p, B L]
                     rhs = a.permute(1, 0, 2, 3).reshape(groups, -1, a.shape[-1])  # [g, B L, k]

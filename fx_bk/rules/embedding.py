@@ -17,7 +17,7 @@ from fx_bk.cost_model import embedding_cost
 from fx_bk.kernels.embedding_grad import embedding_weight_grad
 from fx_bk.site import Strategy
 
-from .base import Rule, accumulation_dtype, register_rule
+from .base import Rule, accumulation_dtype, register_rule, scale_samples
 
 aten = torch.ops.aten
 
@@ -77,7 +77,7 @@ class EmbeddingRule(Rule):
         x, g = state.indices, state.grad
         name = values[0].site.params["weight"]
         vocab = values[0].site.shapes["weight"][0]
-        cg = (g * c.to(g.dtype)[:, None, None]).reshape(-1, g.shape[-1])  # [B*T, d]
+        cg = scale_samples(c, g).reshape(-1, g.shape[-1])  # [B*T, d]
         return {name: embedding_weight_grad(cg, x.reshape(-1), vocab)}
 
     def per_sample_grads(self, value):

@@ -30,7 +30,15 @@ from fx_bk.cost_model import gemm_strategy, positions
 from fx_bk.kernels.ghost_norm import ghost_norm
 from fx_bk.site import SiteValues, Strategy
 
-from .base import Rule, accumulation_dtype, register_rule, squared_norm, weighted_sum
+from .base import (
+    Rule,
+    accumulation_dtype,
+    keep_samples,
+    register_rule,
+    scale_samples,
+    squared_norm,
+    weighted_sum,
+)
 
 aten = torch.ops.aten
 
@@ -59,8 +67,8 @@ def scale_smaller(a: torch.Tensor, g: torch.Tensor, c: torch.Tensor):
     """``(a, c * g)`` or ``(c * a, g)``, whichever scales fewer elements: ``sum_i c_i g_i^T a_i``
     is bilinear, so the clip factors ``c: [B]`` may go on either factor (both batch-first)."""
     if math.prod(g.shape[1:]) <= math.prod(a.shape[1:]):  # per-sample sizes: static
-        return a, g * c.to(g.dtype).reshape(-1, *[1] * (g.dim() - 1))
-    return a * c.to(a.dtype).reshape(-1, *[1] * (a.dim() - 1)), g
+        return keep_samples(c, a), scale_samples(c, g)
+    return scale_samples(c, a), keep_samples(c, g)
 
 
 @register_rule(aten.linear.default)
