@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Sequence
 
 import torch
@@ -19,6 +20,7 @@ def transform(
     clipping: str = "abadi",
     clipping_style: str | Sequence[Sequence[str]] = "all-layer",
     nonfinite: str = "skip",
+    unbatched: Sequence[str] = (),
 ) -> BKModule:
     """Return a module whose backward leaves per-sample clipped gradient sums in ``p.grad``.
 
@@ -40,6 +42,11 @@ def transform(
     ``nonfinite``: a sample whose gradient norm is NaN or infinite contributes exactly zero and
     a warning names it ("skip"; ``module.nonfinite_samples`` counts them), or the backward
     raises ``fx_bk.NonFiniteSampleError`` ("raise").
+
+    ``unbatched``: names of ``forward`` arguments whose tensors are shared by all samples (a
+    table, class weights): never taken as per-sample data. Any other tensor whose dim 0 equals
+    the batch size is batched; an argument that is batched in one call and not in another is an
+    error asking for this declaration.
     """
     if not isinstance(model, torch.nn.Module):
         raise ConfigError(f"model must be a torch.nn.Module, got {type(model).__name__}")
@@ -50,9 +57,23 @@ def transform(
         clipping=clipping,
         clip_groups=clip_groups(model, clipping_style),
         nonfinite=nonfinite,
+        unbatched=_forward_arguments(model, unbatched),
     )
     raise_if_any(check_module_tree(model))
     return BKModule(model, config)
+
+
+def _forward_arguments(model: torch.nn.Module, names) -> tuple[str, ...]:
+    """``names``, checked against ``model.forward``'s parameters."""
+    names = (names,) if isinstance(names, str) else tuple(names)
+    params = inspect.signature(model.forward).parameters
+    if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values()):
+        return names
+    unknown = [n for n in names if n not in params]
+    if unknown:
+        raise ConfigError(f"unbatched names {unknown}, which are not arguments of "
+                          f"{type(model).__name__}.forward{inspect.signature(model.forward)}")
+    return names
 
 
 def check_module_tree(model: torch.nn.Module) -> list[Problem]:

@@ -42,6 +42,8 @@ class BKConfig:
     clip_groups: ``None``: one norm over all trainable parameters (all-layer clipping). Else a
         partition of the trainable parameter names; each group is clipped by its own norm and
         bound, so a sample's whole gradient has norm at most ``sqrt(sum_k R_k^2)``.
+    unbatched: names of forward arguments whose tensors are shared by all samples (never
+        taken as batched, whatever their size).
     nonfinite: a sample whose gradient norm is NaN or infinite (a NaN/Inf in its input, an
         overflow): "skip" (it contributes exactly zero, the others are unaffected, a warning
         names it) or "raise" (``fx_bk.NonFiniteSampleError`` in the backward, no gradient).
@@ -52,6 +54,7 @@ class BKConfig:
     clipping: str = "abadi"
     clip_groups: tuple[tuple[str, ...], ...] | None = None
     nonfinite: str = "skip"
+    unbatched: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
         r = self.max_grad_norm

@@ -54,12 +54,13 @@ class PrivacyEngine:
         clipping_style="all-layer",
         noise_generator: torch.Generator | None = None,
         nonfinite: str = "skip",
+        unbatched=(),
     ):
         """Return ``(module, optimizer, data_loader)``: the fx_bk-transformed module (compiled
         with ``torch.compile(fullgraph=True, **compile)`` when ``compile`` is true or a dict of
         options), the DP optimizer wrapping ``optimizer`` and the Poisson-sampling loader.
 
-        ``max_grad_norm``, ``clipping``, ``clipping_style`` and ``nonfinite`` are
+        ``max_grad_norm``, ``clipping``, ``clipping_style``, ``nonfinite`` and ``unbatched`` are
         ``fx_bk.transform``'s; the
         noise standard deviation is ``noise_multiplier`` times the clipped gradient's bound
         (``sqrt(sum_k R_k^2)`` with clipping groups).
@@ -70,7 +71,8 @@ class PrivacyEngine:
             raise ConfigError(f"noise_multiplier must be >= 0, got {noise_multiplier}")
         world = _world_size()
         bk = transform(module, max_grad_norm=max_grad_norm, loss_reduction=loss_reduction,
-                       clipping=clipping, clipping_style=clipping_style, nonfinite=nonfinite)
+                       clipping=clipping, clipping_style=clipping_style, nonfinite=nonfinite,
+                       unbatched=unbatched)
         sample_rate = 1 / len(data_loader)
         expected_batch_size = int(len(data_loader.dataset) * sample_rate) / world
         if poisson_sampling:

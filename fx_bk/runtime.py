@@ -44,16 +44,14 @@ from ._torch_internals import (
     disable_proxy_modes_tracing,
     escape_outer_tracing,
     is_fake,
-    statically_known_true,
-    sym_hint,
 )
+from .batch_inputs import BatchHistory, input_metas, leaf_arguments
 from .config import BKConfig
 from .deferred_error import Rejected
 from .empty_batch import EmptyBatch
 from .errors import FxBkError, UnsupportedModelError
 from .layout import flatten, unflatten
 from .module_state import module_signature
-from .site import InputMeta
 from .step_guard import forget, last_norms, nonfinite_count, register
 
 
@@ -136,6 +134,8 @@ class BKModule(torch.nn.Module):
         self._regions: OrderedDict = OrderedDict()  # input signature -> _BatchRegions, LRU
         self._output_layouts: dict = {}  # (input layout, training) -> output layout, last used
         self._warned_eviction = False
+        self._batch_history = BatchHistory()
+        self._leaf_names: dict = {}  # input layout -> forward argument of each tensor leaf
         self._bk_id = next(_ids)
         register(self._bk_id)
         weakref.finalize(self, forget, self._bk_id)
@@ -146,7 +146,8 @@ class BKModule(torch.nn.Module):
         behind: they hold fake tensors and graphs of the original's parameters. A copy traces
         its own at its first call."""
         state = super().__getstate__()
-        for key in ("_regions", "_output_layouts", "_bk_id", "_warned_eviction"):
+        for key in ("_regions", "_output_layouts", "_bk_id", "_warned_eviction",
+                    "_batch_history", "_leaf_names"):
             state.pop(key, None)
         return state
 
@@ -210,7 +211,10 @@ class BKModule(torch.nn.Module):
                 "or detach the input"
             )
         with disable_proxy_modes_tracing():
-            batch, metas = input_metas(inputs)
+            names = self._leaf_arguments(layout, len(inputs))
+            declared = tuple(n in self.bk_config.unbatched for n in names)
+            batch, metas = input_metas(inputs, declared)
+            self._batch_history.check(names, metas, batch)
             trainable = tuple(p.requires_grad for p in params)
             autocast = amp.current_state(amp.device_types([*params, *inputs]))
             key = (
@@ -254,6 +258,11 @@ class BKModule(torch.nn.Module):
                 f"{[str(g.expr) for g in prog.batch_guards]}); avoid code that branches on it"
             )
         return found
+
+    def _leaf_arguments(self, layout, n: int) -> tuple[str, ...]:
+        if layout not in self._leaf_names:
+            self._leaf_names[layout] = leaf_arguments(self._module, layout, n)
+        return self._leaf_names[layout]
 
     def _region(self, key) -> _BatchRegions:
         """The programs of one input signature; beyond ``MAX_SIGNATURES`` the least recently
@@ -331,37 +340,6 @@ def _check_call_signature(module: torch.nn.Module, layout, inputs) -> None:
         inspect.signature(module.forward).bind(*args, **kwargs)
     except TypeError as e:
         raise TypeError(f"{type(module).__name__}.forward() called through fx_bk: {e}") from None
-
-
-def input_metas(inputs: list[torch.Tensor]):
-    """The batch size (int, or SymInt under torch.compile) and concrete metadata per input.
-
-    Under ``torch.compile(dynamic=True)`` every dim may be symbolic: the non-batch dims are
-    specialized here (``int()`` adds a guard, so a new sequence length recompiles), the batch
-    dim stays symbolic and its hint sizes the trace. Tensors whose dim 0 equals the first
-    tensor's are batched.
-    """
-    batch = next((x.shape[0] for x in inputs if x.dim() > 0), None)
-    metas = []
-    for x in inputs:
-        batched = x.dim() > 0 and _same_size(x.shape[0], batch)
-        shape = [sym_hint(s) if batched and i == 0 else int(s) for i, s in enumerate(x.shape)]
-        metas.append(InputMeta(tuple(shape), x.dtype, x.device, batched))
-    return batch, metas
-
-
-def _same_size(a, b) -> bool:
-    """Eager: equal ints. Under torch.compile Dynamo gives each input its own batch symbol
-    (``input_ids: [s0, T]``, ``labels: [s1]``): equal hints mean the same batch, and
-    ``torch._check`` makes that a guard (a call where they differ recompiles)."""
-    if isinstance(a, torch.SymInt) or isinstance(b, torch.SymInt):
-        if statically_known_true(a == b):
-            return True
-        if sym_hint(a) != sym_hint(b):
-            return False
-        torch._check(a == b)
-        return True
-    return a == b
 
 
 MAX_SIGNATURES = 16  # input signatures whose BK programs a module keeps (LRU)

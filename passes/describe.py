@@ -19,6 +19,14 @@ def op_name(node: torch.fx.Node) -> str:
     return op_display_name(node.target)
 
 
+def shared_input_hint(prog) -> str:
+    """For problems a shared input mistaken for a batched one would cause."""
+    if sum(m.batched for m in prog.inputs) < 2:
+        return ""
+    return (". An input shared by all samples whose dim 0 equals the batch size is taken as "
+            "batched unless declared: fx_bk.transform(..., unbatched=['<argument>'])")
+
+
 def module_of(param: str) -> str:
     """The module path of a parameter name (``"<root>"`` for the model's own)."""
     return param.rpartition(".")[0] or "<root>"

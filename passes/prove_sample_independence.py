@@ -26,7 +26,7 @@ from fx_bk._torch_internals import normalize_call
 from fx_bk.errors import Problem
 
 from .batch_locations import PROBE, SHARED, Context, Loss, Mixed, Sample, Shared, transfer
-from .describe import op_name, where
+from .describe import op_name, shared_input_hint, where
 from .program import BKProgram
 
 aten = torch.ops.aten
@@ -64,6 +64,7 @@ def prove_sample_independence(prog: BKProgram) -> None:
 
 def _report(prog: BKProgram, locs) -> None:
     reported = set()
+    shared_hint = shared_input_hint(prog)
 
     def mixes(m: Mixed, what: str) -> None:
         if m.origin in reported:
@@ -74,7 +75,8 @@ def _report(prog: BKProgram, locs) -> None:
             f"op {op_name(m.origin)}{where(m.origin)} {m.why}, so {what} depends on several "
             f"samples. Per-sample clipping needs each sample's outputs and loss to depend on "
             f"that sample only: no batch statistics (BatchNorm -> GroupNorm/LayerNorm), no "
-            f"reductions, softmax, slicing or matrix products over the batch dimension",
+            f"reductions, softmax, slicing or matrix products over the batch dimension"
+            f"{shared_hint}",
         ))
 
     by_name = {n.name: n for n in prog.forward_graph.graph.nodes}

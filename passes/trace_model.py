@@ -31,7 +31,7 @@ from fx_bk.module_state import swapped_state
 from fx_bk.site import BatchGuard
 from fx_bk.user_code import user_frame
 
-from .describe import op_name, where
+from .describe import op_name, shared_input_hint, where
 from .program import BKProgram
 
 
@@ -122,7 +122,8 @@ def _check_batch_guards(prog: BKProgram) -> None:
         prog.problems.append(Problem(
             "batch-size-specialized",
             f"the forward only works for batch size {fixed} (e.g. a reshape "
-            f"to a fixed batch size); use -1 or x.shape[0] for the batch dimension",
+            f"to a fixed batch size); use -1 or x.shape[0] for the batch dimension"
+            f"{shared_input_hint(prog)}",
         ))
         return
     for expr in prog.mode.guard_exprs():

@@ -23,7 +23,7 @@ LAYERS = (
     ("fx_bk.rules",),
     ("fx_bk.clipping",),
     ("passes",),
-    ("fx_bk.runtime",),
+    ("fx_bk.runtime", "fx_bk.batch_inputs"),
     ("fx_bk.api", "fx_bk.explain", "fx_bk.privacy_engine"),
     ("fx_bk.testing", "fx_bk.demo"),
 )
