@@ -39,6 +39,7 @@ __all__ = [
     "SiteValues",
     "Strategy",
     "UnsupportedModelError",
+    "checked_criterion",
     "explain",
     "register_rule",
     "sequence_cross_entropy",
@@ -47,7 +48,7 @@ __all__ = [
 __version__ = "0.1.0"
 
 _LAZY = {"transform": ".api", "explain": ".explain", "BKModule": ".runtime",
-         "PrivacyEngine": ".privacy_engine"}
+         "PrivacyEngine": ".privacy_engine", "checked_criterion": ".criterion"}
 
 
 def __getattr__(name: str):

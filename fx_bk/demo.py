@@ -120,23 +120,23 @@ class Variant:
 def _fx_bk_variant(model, loader, args, noise_seed) -> tuple[Variant, DataLoader]:
     engine = fx_bk.PrivacyEngine(accountant=args.accountant)
     opt = torch.optim.Adam(model.parameters(), lr=args.lr)
-    common = dict(module=model, optimizer=opt, data_loader=loader,
+    common = dict(module=model, optimizer=opt, data_loader=loader, criterion=F.cross_entropy,
                   max_grad_norm=args.max_grad_norm, compile=args.compile,
                   noise_generator=torch.Generator().manual_seed(noise_seed))
     if args.target_epsilon is not None:
         epochs = args.steps / len(loader)  # Opacus's search runs int(epochs * len) steps
         while int(epochs * len(loader)) < args.steps:
             epochs = math.nextafter(epochs, math.inf)
-        module, dp_opt, dp_loader = engine.make_private_with_epsilon(
+        module, dp_opt, criterion, dp_loader = engine.make_private_with_epsilon(
             target_epsilon=args.target_epsilon, target_delta=args.delta, epochs=epochs, **common)
     else:
-        module, dp_opt, dp_loader = engine.make_private(
+        module, dp_opt, criterion, dp_loader = engine.make_private(
             noise_multiplier=args.noise_multiplier, **common)
 
     def step(x, y):
         dp_opt.zero_grad(set_to_none=True)
         logits = module(x)  # [b, n_classes]; b varies (Poisson), may be 0
-        loss = F.cross_entropy(logits, y)  # mean over the b samples (NaN if b == 0)
+        loss = criterion(logits, y)  # proven mean over the b samples (NaN if b == 0)
         loss.backward()  # p.grad = sum_i C_i grad l_i: clipped sum, one backward
         dp_opt.step()  # + N(0, (sigma R)^2), / expected B, Adam; accountant records the step
         return loss.detach(), logits.detach()

@@ -27,6 +27,7 @@ from opacus.optimizers import DPOptimizerFastGradientClipping
 
 from ._torch_internals import mark_batch_dynamic, set_opacus_noise_per_rank
 from .api import transform
+from .criterion import checked_criterion
 from .errors import ConfigError
 from .runtime import BKModule
 
@@ -55,10 +56,15 @@ class PrivacyEngine:
         noise_generator: torch.Generator | None = None,
         nonfinite: str = "skip",
         unbatched=(),
+        criterion=None,
     ):
         """Return ``(module, optimizer, data_loader)``: the fx_bk-transformed module (compiled
         with ``torch.compile(fullgraph=True, **compile)`` when ``compile`` is true or a dict of
         options), the DP optimizer wrapping ``optimizer`` and the Poisson-sampling loader.
+        With ``criterion`` (``nn.CrossEntropyLoss()``, a loss function), it returns
+        ``(module, optimizer, criterion, data_loader)`` as Opacus's ghost clipping does; the
+        criterion is ``fx_bk.checked_criterion(criterion, loss_reduction)``, proven at its first
+        call to be the ``loss_reduction`` of per-sample losses.
 
         ``max_grad_norm``, ``clipping``, ``clipping_style``, ``nonfinite`` and ``unbatched`` are
         ``fx_bk.transform``'s; the
@@ -94,6 +100,9 @@ class PrivacyEngine:
             options = compile if isinstance(compile, dict) else {}
             out_module = torch.compile(bk, fullgraph=True, **options)
             data_loader = DynamicBatchLoader(data_loader)
+        if criterion is not None:
+            return out_module, dp_optimizer, checked_criterion(criterion, loss_reduction), \
+                data_loader
         return out_module, dp_optimizer, data_loader
 
     def make_private_with_epsilon(

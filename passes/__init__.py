@@ -32,8 +32,10 @@ ANALYSIS_PASSES = (
     prove_sample_independence,
 )
 BUILD_PASSES = (build_joint, partition_joint)
+CRITERION_PASSES = (trace_model, prove_sample_independence)  # a loss function alone
 
-__all__ = ["ANALYSIS_PASSES", "BUILD_PASSES", "BKProgram", "Bundle", "run_passes"]
+__all__ = ["ANALYSIS_PASSES", "BUILD_PASSES", "CRITERION_PASSES", "BKProgram", "Bundle",
+           "run_passes"]
 
 log = logging.getLogger("fx_bk")
 graph_log = logging.getLogger("fx_bk.graphs")
@@ -41,9 +43,9 @@ if graph_log.level == logging.NOTSET:  # graph code is long: opt in separately f
     graph_log.setLevel(logging.INFO)
 
 
-def run_passes(prog: BKProgram, *, build: bool = True) -> BKProgram:
-    """Run the analysis passes, raise every problem found at once, then build the graphs."""
-    for p in ANALYSIS_PASSES:
+def run_passes(prog: BKProgram, *, build: bool = True, passes=ANALYSIS_PASSES) -> BKProgram:
+    """Run the analysis ``passes``, raise every problem found at once, then build the graphs."""
+    for p in passes:
         _run_logged(p, prog)
     raise_if_any(prog.problems)
     if build:

@@ -24,7 +24,7 @@ LAYERS = (
     ("fx_bk.clipping",),
     ("passes",),
     ("fx_bk.runtime", "fx_bk.batch_inputs"),
-    ("fx_bk.api", "fx_bk.explain", "fx_bk.privacy_engine"),
+    ("fx_bk.api", "fx_bk.explain", "fx_bk.privacy_engine", "fx_bk.criterion"),
     ("fx_bk.testing", "fx_bk.demo"),
 )
 MAX_LINES = 400
