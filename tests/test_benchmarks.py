@@ -4,13 +4,16 @@ FLOP-floor and variant modules it uses."""
 from __future__ import annotations
 
 import ast
+import contextlib
 import json
 import math
+import warnings
 from pathlib import Path
 
 import pytest
 import torch
 
+import fx_bk
 from benchmarks import flops, memory, report, step, variants
 
 pytest.importorskip("opacus")
@@ -160,3 +163,31 @@ def test_benchmarks_never_import_tests():
             names = ([a.name for a in node.names] if isinstance(node, ast.Import) else
                      [node.module or ""] if isinstance(node, ast.ImportFrom) else [])
             assert not any(n.split(".")[0] == "tests" for n in names), (path.name, names)
+
+
+def test_nonfinite_cost_tiny_run(capsys):
+    """The masked and plain programs differ (the plain one lets a NaN sample poison the sum),
+    and the table has one ratio per model."""
+    from benchmarks import nonfinite_cost
+    from fx_bk.testing.models import MLP
+
+    threads = torch.get_num_threads()
+    try:
+        nonfinite_cost.main(["--quick", "--models", "mlp", "--rounds", "2",
+                             "--steps-per-round", "1"])
+    finally:
+        torch.set_num_threads(threads)
+    row = [ln for ln in capsys.readouterr().out.splitlines() if ln.startswith("| mlp |")]
+    assert len(row) == 1 and float(row[0].split("|")[4].split()[0]) > 0
+    x = torch.randn(4, 12)
+    x[1, 0] = float("nan")
+    grads = {}
+    for masked in (True, False):
+        model = MLP()
+        bk = fx_bk.transform(model, max_grad_norm=1.0)
+        with contextlib.nullcontext() if masked else nonfinite_cost.unmasked(), \
+                warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            bk(x).sum().backward()
+        grads[masked] = model.net[0].weight.grad
+    assert torch.isfinite(grads[True]).all() and not torch.isfinite(grads[False]).all()
