@@ -231,8 +231,7 @@ def _probe_op(node, locs, ctx, values):
 
     base = call(*arg_map(concrete))
     metas = _as_list(node.meta.get("val"))
-    moved = [torch.zeros(b.shape, dtype=torch.bool) if isinstance(b, torch.Tensor) else None
-             for b in base]
+    diffs: list[dict[int, torch.Tensor]] = [{} for _ in base]  # output -> sample -> changed
     batch = None
     for j in PROBE_SAMPLES:
         changed_any = False
@@ -250,23 +249,19 @@ def _probe_op(node, locs, ctx, values):
         args, kwargs = torch.fx.node.map_aggregate((node.args, node.kwargs), perturbed)
         if not changed_any:
             break
-        out = call(args, kwargs)
-        result = []
-        for i, (b, o, meta) in enumerate(zip(base, out, metas)):
-            if not isinstance(b, torch.Tensor):
-                result.append(SHARED)
-                continue
-            diff = _differs(b, o)
-            moved[i] = moved[i] | diff
-            result.append(_locate(diff, meta, ctx, j, batch, node))
-        if any(isinstance(r, Mixed) for r in result):
-            return next(r for r in result if isinstance(r, Mixed))
+        for i, (b, o) in enumerate(zip(base, call(args, kwargs))):
+            if isinstance(b, torch.Tensor):
+                diffs[i][j] = _differs(b, o)
     final = []
-    for b, m, meta in zip(base, moved, metas):
+    for b, per_sample, meta in zip(base, diffs, metas):
         if not isinstance(b, torch.Tensor):
             final.append(SHARED)
-        elif m is not None and bool(m.any()):
-            final.append(_locate(m, meta, ctx, None, batch, node, j_all=PROBE_SAMPLES))
+        elif any(bool(d.any()) for d in per_sample.values()):
+            found = _locate(per_sample, meta, ctx, batch)
+            if found is None:
+                return Mixed(node, "is an op fx_bk has no rule for, and on a probe changing "
+                                   "one sample's values changed another's")
+            final.append(found)
         else:
             final.append(Shared(True))  # no sample moved it: shape-derived, treated as batchy
     return final if isinstance(node.meta.get("val"), (tuple, list)) else final[0]
@@ -300,24 +295,21 @@ def _differs(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     return a != b
 
 
-def _locate(diff, meta, ctx, j, batch, node, j_all=()):
-    """The output dim whose slice of the perturbed sample(s) holds every change, else Mixed."""
-    if not bool(diff.any()):
-        return SHARED
-    sizes = ctx.shape_of_val(meta)
-    owners_ok = {j} if j is not None else set(j_all)
-    for d, size in enumerate(sizes or ()):
+def _locate(per_sample: dict, meta, ctx, batch) -> Sample | None:
+    """One layout (dim, outer, fold) of the output under which perturbing sample ``j`` changed
+    sample ``j``'s entries only, for every probed ``j``; None if there is none."""
+    for d, size in enumerate(ctx.shape_of_val(meta) or ()):
         per_batch = ctx.fold_of(size)
         if per_batch is None or batch is None or not per_batch.is_integer:
             continue
-        rows = diff.movedim(d, 0).reshape(diff.shape[d], -1).any(1).nonzero().flatten()
+        rows = {j: diff.movedim(d, 0).reshape(diff.shape[d], -1).any(1).nonzero().flatten()
+                for j, diff in per_sample.items()}
         k = int(per_batch)
         for outer in (o for o in range(1, k + 1) if k % o == 0):  # size = outer * B * fold
             fold = k // outer
-            if set(((rows // fold) % batch).tolist()) <= owners_ok:
+            if all(set(((r // fold) % batch).tolist()) <= {j} for j, r in rows.items()):
                 return Sample(d, fold, outer=outer)
-    return Mixed(node, "is an op fx_bk has no rule for, and on a probe changing one sample's "
-                       "values changed another's")
+    return None
 
 
 def summarize(prog: BKProgram) -> str:

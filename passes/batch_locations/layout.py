@@ -13,6 +13,7 @@ from .lattice import PROBE, Mixed, Sample, Shared, first_tensor, mixed, norm_dim
 
 aten = torch.ops.aten
 
+
 def cat(node, args, loc, ctx):
     tensors = args["tensors"]
     d = args.get("dim", 0)

@@ -10,6 +10,7 @@ from .lattice import SHARED, Loss, Mixed, Sample, Shared, arg_nodes, arg_values,
 
 aten = torch.ops.aten
 
+
 def loss_op(node, args, loc, ctx):
     """``cross_entropy``/``nll_loss``/``mse_loss``...: reduction none keeps the batch; sum is a
     sum of per-sample terms; mean over equally many terms per sample is their mean, and with an

@@ -8,6 +8,7 @@ from .lattice import Loss, Sample, Shared, first_tensor, mixed, norm_dims
 
 aten = torch.ops.aten
 
+
 def reduction(dim_arg: str | None = "dim", keep: str | None = "keepdim"):
     """Reduces ``dim_arg`` (all dims when absent): over the batch it mixes samples -- unless it
     reduces everything, which the loss rules may accept."""
