@@ -16,7 +16,8 @@ change gives a fresh trace. Under torch.compile the compiled graph runs without 
 ``program_for`` runs only while Dynamo traces: Dynamo's guards on what ``forward`` reads (the
 module tree walked by ``named_parameters``, parameter metadata) recompile on a replaced
 submodule or parameter, which reaches ``program_for`` and a fresh trace; a plain attribute or
-a hook changed after compiling is not guarded (``torch.compiler.reset()`` after such a change).
+a hook changed after compiling is not guarded, so the compiled graph checks the signature at
+every call and raises (``fx_bk/change_guard.py``; ``torch.compiler.reset()`` after a change).
 
 NOTE [autocast]: a program is traced for one autocast state (enabled and dtype per device type
 of the params and inputs; ``fx_bk/autocast.py``), which is part of its cache key: the same module
@@ -40,6 +41,7 @@ import torch
 from passes import BKProgram, run_passes
 
 from . import autocast as amp
+from . import change_guard
 from ._torch_internals import (
     disable_proxy_modes_tracing,
     escape_outer_tracing,
@@ -359,6 +361,8 @@ def bk_graph_call(module_id, layout, training, n_params, n_buffers, *flat):
     buffers = list(flat[n_params : n_params + n_buffers])
     inputs = list(flat[n_params + n_buffers :])
     compiled = module.program_for(layout, training, params, buffers, inputs)
+    if inputs and is_fake(inputs[0]):  # torch.compile traces this call: see change_guard
+        torch.ops.fx_bk.check_unchanged(inputs[0], change_guard.record(module._module))
     if isinstance(compiled, Rejected):
         return tuple(compiled.outputs(inputs))
     return BKFunction.apply(compiled, *params, *buffers, *inputs)

@@ -224,3 +224,21 @@ def test_a_submodule_replaced_after_compiling_gives_a_fresh_trace():
     _change(model, "submodule")
     got = fx_bk_grads(step, model, x, y, "mean")
     assert max_rel_err(got, fx_bk.testing.vmap_clipped_sum(model, x, y, 0.1)) <= 1e-10
+
+
+@pytest.mark.parametrize("what", ["attribute", "forward hook"])
+def test_a_change_dynamo_does_not_guard_is_an_error_after_compiling(what):
+    """A plain attribute or a hook changed after compiling: Dynamo does not recompile, so the
+    compiled graph's fx_bk::check_unchanged raises instead of running the stale program; after
+    torch.compiler.reset() the new module is traced and exact."""
+    torch.manual_seed(0)
+    model = Changeable().double()
+    step = torch.compile(fx_bk.transform(model, max_grad_norm=0.1), fullgraph=True)
+    x, y = _batch()
+    fx_bk_grads(step, model, x, y, "mean")
+    _change(model, what)
+    with pytest.raises(fx_bk.FxBkError, match=r"changed after torch.compile traced it"):
+        fx_bk_grads(step, model, x, y, "mean")
+    torch.compiler.reset()
+    got = fx_bk_grads(step, model, x, y, "mean")
+    assert max_rel_err(got, fx_bk.testing.vmap_clipped_sum(model, x, y, 0.1)) <= 1e-10
