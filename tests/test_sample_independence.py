@@ -130,21 +130,20 @@ def test_samplewise_model_is_exact(name, mid, head):
     torch.testing.assert_close(got, want, rtol=1e-9, atol=1e-12)
 
 
-FAMILIES = [c[1] or c[2] for c in COUPLING if c[1] is not None]
+FAMILIES = [c[1] for c in COUPLING if c[1] is not None]  # forward side (activations)
+HEADS = [c[2] for c in COUPLING if c[2] is not None]  # output / loss side (gradients)
 SAFE = [c[1] for c in SAMPLEWISE if c[1] is not None]
 
 
-@settings(max_examples=12, deadline=None, derandomize=True)
-@given(st.lists(st.integers(0, len(SAFE) - 1), min_size=1, max_size=3),
-       st.one_of(st.none(), st.integers(0, len(FAMILIES) - 1)), st.integers(0, 3),
-       st.integers(2, 7))
-def test_random_architectures(safe_ops, coupling, where, batch):
-    """Sample-wise ops in random order, with at most one coupling op at a random place: coupled
-    models are rejected; the others are accepted and removing any one sample moves the clipped
-    sum by at most R."""
+def _random_model(safe_ops, coupling, where, batch):
+    """Sample-wise ops in the given order with at most one coupling op: ``coupling`` indexes
+    FAMILIES then HEADS (a head couples on the output side)."""
     ops = [SAFE[i] for i in safe_ops]
-    if coupling is not None:
+    head = None
+    if coupling is not None and coupling < len(FAMILIES):
         ops.insert(min(where, len(ops)), FAMILIES[coupling])
+    elif coupling is not None:
+        head = HEADS[coupling - len(FAMILIES)]
 
     def mid(z):
         for op in ops:
@@ -152,7 +151,20 @@ def test_random_architectures(safe_ops, coupling, where, batch):
         return z
 
     torch.manual_seed(batch)
-    model = Net(mid).double()
+    return Net(mid, head).double()
+
+
+ARCHITECTURES = (st.lists(st.integers(0, len(SAFE) - 1), min_size=1, max_size=3),
+                 st.one_of(st.none(), st.integers(0, len(FAMILIES) + len(HEADS) - 1)),
+                 st.integers(0, 3), st.integers(2, 7))
+
+
+@settings(max_examples=16, deadline=None, derandomize=True)
+@given(*ARCHITECTURES)
+def test_random_architectures(safe_ops, coupling, where, batch):
+    """Coupled models are rejected; the others are accepted, and removing any one sample moves
+    the clipped sum by at most R."""
+    model = _random_model(safe_ops, coupling, where, batch)
     x = torch.randn(batch, 4, dtype=torch.float64) * 3
     y = torch.randint(0, 3, (batch,))
     if coupling is not None:
@@ -164,6 +176,19 @@ def test_random_architectures(safe_ops, coupling, where, batch):
         keep = [j for j in range(batch) if j != i]
         moved = (full - _clipped_sum(model, x[keep], y[keep])).norm()
         assert moved <= R * (1 + 1e-6)
+
+
+@settings(max_examples=4, deadline=None, derandomize=True)
+@given(*ARCHITECTURES)
+def test_random_architectures_compiled(safe_ops, coupling, where, batch):
+    """The same verdicts under torch.compile, with fx_bk's own exception type."""
+    model = _random_model(safe_ops, coupling, where, batch).float()
+    x, y = torch.randn(batch, 4) * 3, torch.randint(0, 3, (batch,))
+    if coupling is not None:
+        with pytest.raises(fx_bk.UnsupportedModelError, match="mixes-samples"):
+            _step(model, x, y, compiled=True)
+    else:
+        _step(model, x, y, compiled=True)
 
 
 @torch.library.custom_op("fx_bk_test::shift_batch", mutates_args=())
