@@ -53,14 +53,16 @@ def test_sequential_accumulation_is_allowed(compiled):
 
 
 @pytest.mark.parametrize("compiled", COMPILED, ids=["eager", "compiled"])
-def test_a_second_backward_through_one_forward_is_an_error(compiled, monkeypatch):
+def test_a_second_backward_through_one_forward_is_an_error(compiled):
     # compiled, PyTorch refuses a second backward itself where the backward donates buffers;
-    # without donation (this config, or a graph with nothing to donate) fx_bk's guard does
-    monkeypatch.setattr(torch._functorch.config, "donated_buffer", False)
-    model, fwd, x, y = _setup(compiled)
-    out = fwd(x)
-    F.cross_entropy(out, y).backward(retain_graph=True)
-    with pytest.raises(fx_bk.ClipOnceError, match="second backward pass through the same"):
-        out.sum().backward()
-    model.zero_grad()
-    F.cross_entropy(fwd(x), y).backward()
+    # without donation (this config, or a graph with nothing to donate) fx_bk's guard does.
+    # config.patch, not monkeypatch.setattr: pytest 9.2 does not see a config module's
+    # attributes and, undoing, deletes the option for every later compile
+    with torch._functorch.config.patch(donated_buffer=False):
+        model, fwd, x, y = _setup(compiled)
+        out = fwd(x)
+        F.cross_entropy(out, y).backward(retain_graph=True)
+        with pytest.raises(fx_bk.ClipOnceError, match="second backward pass through the same"):
+            out.sum().backward()
+        model.zero_grad()
+        F.cross_entropy(fwd(x), y).backward()
