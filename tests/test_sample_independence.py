@@ -65,6 +65,8 @@ COUPLING = [
     ("position-scaling", lambda z: z * torch.arange(z.shape[0])[:, None], None),
     ("batch-size-scaling", lambda z: z / z.shape[0], None),
     ("pad-along-batch", lambda z: F.pad(z, (0, 0, 1, 0))[:-1], None),
+    ("per-sample-conv-filters",  # filter j is sample j's: out_i = sum_j <z_i, z_j>
+     lambda z: F.conv1d(z[:, :, None], z[:, :, None]).sum(1) * torch.ones(1, z.shape[1]), None),
     ("output-centering", None, lambda o: o - o.mean(0)),
     ("output-batch-softmax", None, lambda o: o.softmax(0)),
     ("batch-statistics", None, lambda o: F.batch_norm(o, None, None, training=True)),

@@ -10,21 +10,22 @@ from .lattice import SHARED, Mixed, Sample, Shared, mixed
 
 
 def batch_first(*tensor_args: str, out: int = 1, why: str = "its batch dim must be dim 0"):
-    """Ops whose inputs carry the batch in dim 0 (convolutions, group norm, SDPA, ...); other
-    tensor arguments (weights) must be shared."""
+    """Ops whose first input carries the batch in dim 0 (convolutions, group and instance norm,
+    prelu); the other tensor arguments (weights, statistics) apply to every sample alike, so
+    they must be shared and not depend on the batch size."""
 
     def rule(node, args, loc, ctx):
         first = args.get(tensor_args[0])
         lx = loc(first)
         if isinstance(lx, Mixed):
             return lx
-        for name in tensor_args[1:]:
+        for name in tensor_args[1:]:  # weights, biases, running statistics
             lo = loc(args.get(name)) if isinstance(args.get(name), torch.fx.Node) else SHARED
             if isinstance(lo, Mixed):
                 return lo
-            if isinstance(lo, Sample) and (not isinstance(lx, Sample) or lo.dim != lx.dim):
-                return mixed(node, f"takes per-sample '{name}' that does not line up with the "
-                                   f"batch")
+            if isinstance(lo, Sample) or lo.batchy:  # one filter or scale for every sample
+                return mixed(node, f"takes '{name}' computed from samples' values or the batch "
+                                   f"size: every sample would use it")
         if isinstance(lx, Shared):
             return [lx] * out if out > 1 else lx
         if lx.dim != 0:
