@@ -29,9 +29,9 @@ from .site import Site, SiteValues, Strategy
 __all__ = [
     "BKConfig",
     "ClipOnceError",
-    "NonFiniteSampleError",
     "ConfigError",
     "FxBkError",
+    "NonFiniteSampleError",
     "PrivacyEngine",
     "Problem",
     "Rule",

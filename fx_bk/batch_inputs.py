@@ -69,6 +69,14 @@ def input_metas(inputs: list[torch.Tensor], declared: tuple[bool, ...]):
     return batch, metas
 
 
+def batch_free_signature(metas: list[InputMeta]) -> tuple:
+    """What one traced program assumes of its inputs: every size but the batch, dtypes,
+    devices, which are batched (a key of the programs, ``fx_bk/runtime.py`` and
+    ``fx_bk/criterion.py``)."""
+    return tuple((m.shape[1:] if m.batched else m.shape, m.dtype, m.device, m.batched)
+                 for m in metas)
+
+
 def _same_size(a, b) -> bool:
     """Eager: equal ints. Under torch.compile Dynamo gives each input its own batch symbol
     (``input_ids: [s0, T]``, ``labels: [s1]``): equal hints mean the same batch, and

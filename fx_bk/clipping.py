@@ -55,4 +55,3 @@ def clipped_gradients(
     for (values, handler, k), state in zip(bundles, states):
         grads.update(handler.clipped_grads(values, state, c[:, k]))
     return grads, norms
-

@@ -18,7 +18,7 @@ from passes import CRITERION_PASSES, BKProgram, run_passes
 from passes.batch_locations import Loss
 
 from ._torch_internals import escape_outer_tracing, is_fake
-from .batch_inputs import input_metas
+from .batch_inputs import batch_free_signature, input_metas
 from .config import BKConfig
 from .errors import Problem, UnsupportedModelError
 from .layout import flatten, unflatten
@@ -46,9 +46,8 @@ class CheckedCriterion:
         layout = flatten((args, kwargs), leaves)
         if not torch.is_grad_enabled():
             return self.criterion(*args, **kwargs)
-        batch, metas = input_metas(leaves, (False,) * len(leaves))
-        key = (layout, tuple((m.shape[1:] if m.batched else m.shape, m.dtype, m.device,
-                              m.batched) for m in metas))
+        _, metas = input_metas(leaves, (False,) * len(leaves))
+        key = (layout, batch_free_signature(metas))
         if key not in self._graphs:
             self._graphs[key] = self._prove(layout, metas, leaves)
         graph, out_layout = self._graphs[key]

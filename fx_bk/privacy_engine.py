@@ -67,9 +67,8 @@ class PrivacyEngine:
         call to be the ``loss_reduction`` of per-sample losses.
 
         ``max_grad_norm``, ``clipping``, ``clipping_style``, ``nonfinite`` and ``unbatched`` are
-        ``fx_bk.transform``'s; the
-        noise standard deviation is ``noise_multiplier`` times the clipped gradient's bound
-        (``sqrt(sum_k R_k^2)`` with clipping groups).
+        ``fx_bk.transform``'s; the noise standard deviation is ``noise_multiplier`` times the
+        clipped gradient's bound (``sqrt(sum_k R_k^2)`` with clipping groups).
         """
         if isinstance(module, BKModule):
             raise ConfigError("make_private takes the plain model; it applies fx_bk.transform")

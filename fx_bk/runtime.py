@@ -47,7 +47,7 @@ from ._torch_internals import (
     escape_outer_tracing,
     is_fake,
 )
-from .batch_inputs import BatchHistory, input_metas, leaf_arguments
+from .batch_inputs import BatchHistory, batch_free_signature, input_metas, leaf_arguments
 from .config import BKConfig
 from .deferred_error import Rejected
 from .empty_batch import EmptyBatch
@@ -221,8 +221,7 @@ class BKModule(torch.nn.Module):
             autocast = amp.current_state(amp.device_types([*params, *inputs]))
             key = (
                 layout, training, module_signature(module), trainable, autocast,
-                tuple((m.shape[1:] if m.batched else m.shape, m.dtype, m.device, m.batched)
-                      for m in metas),
+                batch_free_signature(metas),
             )
             region = self._region(key)
             found = region.lookup(batch)

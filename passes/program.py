@@ -57,7 +57,7 @@ class BKProgram:
     differentiable_outputs: list[bool] = field(default_factory=list)
     graded_params: list[str] = field(default_factory=list)  # trainable params with a site
     batch_locations: dict = field(default_factory=dict)  # node -> passes.batch_locations value
-    labelled_losses: list[str] = field(default_factory=list)  # outputs: means over labels
+    labelled_losses: list[str] = field(default_factory=list)  # loss ops given a label check
 
     @property
     def trainable_names(self) -> list[str]:

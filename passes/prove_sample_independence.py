@@ -36,7 +36,7 @@ def prove_sample_independence(prog: BKProgram) -> None:
     if any(p.kind in ("batch-size-specialized", "no-batch-input") for p in prog.problems):
         return
     gm = prog.forward_graph
-    ctx = Context(prog.mode.batch_symbol, prog.model.training)
+    ctx = Context(prog.mode.batch_symbol)
     locs: dict[torch.fx.Node, object] = {}
     probe = _Probe(prog)
     n_state = len(prog.param_names) + len(prog.buffer_names)

@@ -36,15 +36,15 @@ __all__ = [
     "accumulation_dtype",
     "bundle_handler",
     "fallback_rule",
+    "keep_samples",
     "register_rule",
     "register_tie_handler",
     "rule_for",
+    "scale_samples",
     "set_fallback_rule",
     "squared_norm",
     "supported_ops_table",
     "unregister_rule",
-    "keep_samples",
-    "scale_samples",
     "weighted_sum",
 ]
 

@@ -8,7 +8,7 @@ import torch
 
 from fx_bk._torch_internals import sym_expr
 
-from .lattice import SHARED, Sample, Shared, arg_nodes, arg_values, mixed, tensor_args
+from .lattice import Sample, Shared, arg_nodes, arg_values, mixed
 
 
 def pointwise(node, args, loc, ctx):
@@ -40,11 +40,6 @@ def pointwise(node, args, loc, ctx):
         return mixed(node, "combines samples' values with a value that depends on the batch "
                            "size or on a sample's position in the batch")
     return replace(found, iota=False)
-
-
-def same_as_input(node, args, loc, ctx):
-    first = next(iter(tensor_args(node, args)), None)
-    return loc(first) if first is not None else SHARED
 
 
 def creation(node, args, loc, ctx):

@@ -55,9 +55,8 @@ PROBE = object()  # "this table does not know the op: prove it on a probe"
 class Context:
     """What the transfer functions need besides the inputs' locations."""
 
-    def __init__(self, symbol, training: bool):
+    def __init__(self, symbol):
         self.symbol = symbol
-        self.training = training
 
     def shape(self, node) -> list | None:
         return self.shape_of_val(node.meta.get("val") if isinstance(node, torch.fx.Node)
@@ -105,10 +104,6 @@ def norm_dims(dims, ndim: int) -> list[int]:
 def first_tensor(args):
     """The op's first tensor (schema name ``self``; normalized calls name it ``input``)."""
     return args.get("input", args.get("self"))
-
-
-def tensor_args(node, args) -> list:
-    return [a for a in args.values() if isinstance(a, torch.fx.Node)]
 
 
 def arg_nodes(args) -> list:

@@ -6,31 +6,24 @@ from dataclasses import replace
 
 import torch
 
-from .lattice import SHARED, Mixed, Sample, Shared, mixed
+from .lattice import SHARED, Sample, Shared, mixed
 
 
-def batch_first(*tensor_args: str, out: int = 1, why: str = "its batch dim must be dim 0"):
+def batch_first(*tensor_args: str):
     """Ops whose first input carries the batch in dim 0 (convolutions, group and instance norm,
     prelu); the other tensor arguments (weights, statistics) apply to every sample alike, so
     they must be shared and not depend on the batch size."""
 
-    def rule(node, args, loc, ctx):
-        first = args.get(tensor_args[0])
-        lx = loc(first)
-        if isinstance(lx, Mixed):
-            return lx
+    def rule(node, args, loc, ctx):  # (transfer already returned a mixed input's origin)
         for name in tensor_args[1:]:  # weights, biases, running statistics
             lo = loc(args.get(name)) if isinstance(args.get(name), torch.fx.Node) else SHARED
-            if isinstance(lo, Mixed):
-                return lo
             if isinstance(lo, Sample) or lo.batchy:  # one filter or scale for every sample
                 return mixed(node, f"takes '{name}' computed from samples' values or the batch "
                                    f"size: every sample would use it")
-        if isinstance(lx, Shared):
-            return [lx] * out if out > 1 else lx
-        if lx.dim != 0:
-            return mixed(node, why)
-        return [lx] * out if out > 1 else lx
+        lx = loc(args.get(tensor_args[0]))
+        if isinstance(lx, Sample) and lx.dim != 0:
+            return mixed(node, "its batch dim must be dim 0")
+        return lx
 
     return rule
 

@@ -9,7 +9,7 @@ import torch
 
 from fx_bk._torch_internals import sym_expr
 
-from .lattice import PROBE, Mixed, Sample, Shared, first_tensor, mixed, norm_dim
+from .lattice import PROBE, Sample, Shared, first_tensor, mixed, norm_dim
 
 aten = torch.ops.aten
 
@@ -137,8 +137,6 @@ def index(node, args, loc, ctx):
         if idx is None:
             continue
         li = loc(idx)
-        if isinstance(li, Mixed):
-            return li
         if isinstance(li, Shared):
             batchy = batchy or li.batchy
         elif li.iota:

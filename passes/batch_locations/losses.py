@@ -6,7 +6,7 @@ import torch
 
 from fx_bk._torch_internals import sym_expr
 
-from .lattice import SHARED, Loss, Mixed, Sample, Shared, arg_nodes, arg_values, first_tensor, mixed
+from .lattice import SHARED, Loss, Sample, Shared, arg_nodes, arg_values, first_tensor, mixed
 
 aten = torch.ops.aten
 
@@ -18,9 +18,6 @@ def loss_op(node, args, loc, ctx):
     x = first_tensor(args)
     target = args.get("target")
     lx, lt = loc(x), loc(target) if isinstance(target, torch.fx.Node) else SHARED
-    for lo in (lx, lt):
-        if isinstance(lo, Mixed):
-            return lo
     if isinstance(loc(args.get("weight")) if isinstance(args.get("weight"), torch.fx.Node)
                   else SHARED, Sample):
         return mixed(node, "weights the loss with per-sample weights")

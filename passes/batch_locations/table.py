@@ -16,7 +16,7 @@ from .contractions import (
     linear_spec,
     matmul_spec,
 )
-from .elementwise import arange, creation, pointwise, same_as_input
+from .elementwise import arange, creation, pointwise
 from .lattice import PROBE, Loss, Mixed, Sample, Shared, UnknownForm, arg_nodes, arg_values
 from .layers import batch_first, batch_norm, embedding, leading_batch
 from .layout import cat, expand, getitem, index, index_dim, permute, reshape, split, unsqueeze
@@ -63,7 +63,7 @@ def transfer(node, loc, ctx):
 
 _ELEMENTWISE = ["clone", "contiguous", "alias", "detach", "to", "_to_copy", "dropout",
              "feature_dropout", "alpha_dropout", "feature_alpha_dropout", "lift_fresh_copy",
-             "type_as", "native_dropout", "masked_fill", "fill", "gelu", "silu", "relu",
+             "type_as", "masked_fill", "fill", "gelu", "silu", "relu",
              "hardtanh", "leaky_relu", "elu", "softplus", "mish", "hardswish", "hardsigmoid",
              "sigmoid", "tanh", "logit", "clamp", "clamp_min", "clamp_max", "__and__", "__or__",
              "__xor__", "where", "rsub", "copy", "lerp", "addcmul", "addcdiv", "bitwise_not"]
@@ -75,7 +75,6 @@ RULES: dict = {}
 for _name in _ELEMENTWISE:
     RULES[getattr(aten, _name)] = pointwise
 RULES[aten.native_dropout] = lambda n, a, loc, c: [loc(a["input"])] * 2
-RULES[aten.dropout] = same_as_input
 for _name in _CREATION:
     RULES[getattr(aten, _name)] = creation
 RULES[aten.arange] = arange
