@@ -49,13 +49,6 @@ def prove_sample_independence(prog: BKProgram) -> None:
         if node.op != "call_function":
             locs[node] = SHARED
             continue
-        val = node.meta.get("val")
-        if not isinstance(val, (torch.Tensor, tuple, list)):  # a size or a number
-            inputs = [locs[a] for a in node.all_input_nodes]
-            bad = next((v for v in inputs if isinstance(v, (Mixed, Loss))), None)
-            locs[node] = bad if bad is not None else Shared(
-                any(getattr(v, "batchy", False) for v in inputs) or ctx.batch_valued(node))
-            continue
         loc = transfer(node, locs.__getitem__, ctx)
         locs[node] = probe(node, locs, ctx) if loc is PROBE else loc
     prog.batch_locations = locs

@@ -258,6 +258,43 @@ def test_loss_inside_the_model_must_be_a_mean_of_per_sample_terms():
                         max_grad_norm=R)(x, y)
 
 
+def test_loss_pairing_outputs_and_targets_of_different_samples_is_rejected():
+    """Logits flattened batch-outer (``[B*T]``) against targets flattened batch-inner
+    (``[T*B]``): row r's logits and target belong to different samples."""
+
+    class Misaligned(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.emb, self.out = nn.Embedding(7, 5), nn.Linear(5, 7)
+
+        def forward(self, ids, labels):
+            return F.cross_entropy(self.out(self.emb(ids)).flatten(0, 1), labels.t().flatten())
+
+    ids = torch.randint(0, 7, (3, 4))
+    with pytest.raises(fx_bk.UnsupportedModelError, match="pairs inputs and targets of different"):
+        fx_bk.transform(Misaligned(), max_grad_norm=R)(ids, ids)
+
+
+def test_a_python_callable_on_sample_data_is_proven_not_assumed():
+    """A graph node whose target is not an aten op (a Python callable) and computes tensors
+    from samples goes to the probe; only sizes and numbers are taken as shared."""
+    from fx_bk._torch_internals import SymbolicBatchMode
+    from passes.batch_locations import PROBE, SHARED, Context, Sample, transfer
+
+    mode = SymbolicBatchMode()
+    fake = mode.fake(torch.randn(3, 4), batched=True)
+    graph = torch.fx.Graph()
+    x = graph.placeholder("x")
+    x.meta["val"] = fake
+    flipped = graph.call_function(lambda t: t.flip(0), (x,))
+    with mode.fake_mode:
+        flipped.meta["val"] = fake.flip(0)
+    locs = {x: Sample(0)}
+    assert transfer(flipped, locs.__getitem__, Context(mode.batch_symbol)) is PROBE
+    locs = {x: SHARED}
+    assert transfer(flipped, locs.__getitem__, Context(mode.batch_symbol)) == SHARED
+
+
 @pytest.mark.parametrize("compiled", [False, True], ids=["eager", "compiled"])
 def test_labelled_mean_is_checked_on_every_call(compiled):
     """A cross-entropy mean over labels that are not ignore_index is per-sample only while every

@@ -24,7 +24,8 @@ def loss_op(node, args, loc, ctx):
     sample = lx if isinstance(lx, Sample) else lt
     if not isinstance(sample, Sample):
         return SHARED
-    if isinstance(lx, Sample) and isinstance(lt, Sample) and lx.dim != lt.dim:
+    if isinstance(lx, Sample) and isinstance(lt, Sample) and (lx.dim, lx.layout) != (
+            lt.dim, lt.layout):  # [B*T] logits with [T*B] targets pair different samples
         return mixed(node, "pairs inputs and targets of different samples")
     if sample.dim != 0:
         return mixed(node, "its batch dim must be dim 0")

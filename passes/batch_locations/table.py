@@ -6,7 +6,7 @@ import operator
 
 import torch
 
-from fx_bk._torch_internals import is_op_overload, normalize_call, sym_expr
+from fx_bk._torch_internals import is_op_overload, normalize_call
 
 from .contractions import (
     addmm_spec,
@@ -17,7 +17,7 @@ from .contractions import (
     matmul_spec,
 )
 from .elementwise import arange, creation, pointwise
-from .lattice import PROBE, Loss, Mixed, Sample, Shared, UnknownForm, arg_nodes, arg_values
+from .lattice import PROBE, Loss, Mixed, Sample, Shared, UnknownForm, arg_values, mixed
 from .layers import batch_first, batch_norm, embedding, leading_batch
 from .layout import cat, expand, getitem, index, index_dim, permute, reshape, split, unsqueeze
 from .losses import loss_op, on_loss
@@ -31,20 +31,21 @@ def transfer(node, loc, ctx):
     target = node.target
     if target is operator.getitem:
         return getitem(node, {}, loc, ctx)
-    if not is_op_overload(target):
-        vals = [loc(a) for a in node.all_input_nodes]
-        mixed_in = next((v for v in vals if isinstance(v, Mixed)), None)
-        if mixed_in is not None:
-            return mixed_in
-        val = node.meta.get("val")
-        return Shared(isinstance(val, torch.SymInt) and ctx.has_batch(sym_expr(val)))
-    args = normalize_call(target, node.args, node.kwargs)
-    if not args and (node.args or node.kwargs):
-        return PROBE
-    inputs = [loc(a) for a in arg_nodes(args)]
+    inputs = [loc(a) for a in node.all_input_nodes]
     first_mixed = next((v for v in inputs if isinstance(v, Mixed)), None)
     if first_mixed is not None:
         return first_mixed
+    batchy = any(isinstance(v, Shared) and v.batchy for v in inputs)
+    if not isinstance(node.meta.get("val"), (torch.Tensor, tuple, list)):  # a size, a number
+        loss = next((v for v in inputs if isinstance(v, Loss)), None)
+        return loss if loss is not None else Shared(batchy or ctx.batch_valued(node))
+    if not is_op_overload(target):  # a Python callable computing tensors: never assumed
+        if any(isinstance(v, Loss) for v in inputs):
+            return mixed(node, "uses the loss in a call fx_bk cannot follow")
+        return PROBE if any(isinstance(v, Sample) for v in inputs) else Shared(batchy)
+    args = normalize_call(target, node.args, node.kwargs)
+    if not args and (node.args or node.kwargs):
+        return PROBE
     if any(isinstance(v, Loss) for v in inputs):
         return on_loss(node, args, loc, ctx)
     rule = RULES.get(target) or RULES.get(target.overloadpacket)
@@ -52,8 +53,7 @@ def transfer(node, loc, ctx):
         if torch.Tag.pointwise in target.tags:
             return pointwise(node, args, loc, ctx)
         if not any(isinstance(v, Sample) for v in inputs):  # no sample data reaches it
-            return Shared(any(isinstance(v, Shared) and v.batchy for v in inputs)
-                          or any(ctx.batch_valued(v) for v in arg_values(args)))
+            return Shared(batchy or any(ctx.batch_valued(v) for v in arg_values(args)))
         return PROBE
     try:
         return rule(node, args, loc, ctx)
