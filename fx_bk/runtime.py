@@ -193,7 +193,7 @@ class BKModule(torch.nn.Module):
         with torch.no_grad():
             out = self._module(*args, **kwargs)
         leaves: list = []
-        layout = flatten(out, leaves)
+        layout = flatten(out, leaves, outputs=True)
         floats = [i for i, t in enumerate(leaves) if t.is_floating_point()]
         k = 1 if self.bk_config.clip_groups is None else len(self.bk_config.clip_groups)
         connected = EmptyBatch.apply(self._bk_id, k, len(trainable), *trainable,

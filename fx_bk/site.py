@@ -34,6 +34,7 @@ class Strategy(str, enum.Enum):
     BIAS_ONLY = "bias-only"  # only the bias trains
     VMAP_VJP = "vmap(vjp)"  # the fallback rule: vmap of the op's vjp, instantiated
     SHARED = "instantiate (shared parameter)"  # a parameter shared by sites of different rules
+    DERIVED = "instantiate, vmap(vjp) to the parameters"  # a value computed from parameters
 
     __hash__ = str.__hash__  # equal to its string, in sets and dicts too
 
@@ -65,6 +66,25 @@ class Site:
     bundle_note: str = ""  # how a parameter shared with other sites is handled, if it is
     batch_layout: tuple | None = None  # see find_sites._unfold_batch; None: batch-first
     aux: dict[str, int] = field(default_factory=dict)  # role/"out" -> index among aux outputs
+
+
+@dataclass(frozen=True)
+class DerivedValue:
+    """A value computed from trainable parameters alone (``1 + w``, ``w.reshape(1, -1, 1, 1)``,
+    a standardized conv weight, a bias table indexed by constant indices) where it meets
+    batched data. Sites name it ``name`` in ``Site.params``; its per-sample gradient maps back
+    to the ``sources`` through the vjp of the parameter-only ops (``passes/find_derived_params``).
+
+    ``isometric``: the ops from its single source keep the norm (views, permutes, adding a
+    constant): the site's own norm is the source's, and only the clipped sum goes through the
+    vjp. Otherwise the per-sample gradients are instantiated and mapped by ``vmap(vjp)``.
+    """
+
+    name: str  # the name sites use: a source's, or "<module>.<node>" (not a parameter name)
+    node: str  # its node in the forward graph
+    sources: tuple[str, ...]  # the trainable parameters it is computed from
+    chain: tuple[str, ...]  # the ops from the sources to it, in graph order
+    isometric: bool
 
 
 @dataclass

@@ -16,6 +16,7 @@ from fx_bk.errors import raise_if_any
 from .build_joint import build_joint
 from .emit_aux_outputs import emit_aux_outputs
 from .expand_broadcast_sites import expand_broadcast_sites
+from .find_derived_params import find_derived_params
 from .find_sites import find_sites
 from .partition_joint import partition_joint
 from .plan_sites import plan_sites
@@ -26,6 +27,7 @@ from .trace_model import trace_model
 ANALYSIS_PASSES = (
     trace_model,
     expand_broadcast_sites,
+    find_derived_params,
     find_sites,
     plan_sites,
     emit_aux_outputs,

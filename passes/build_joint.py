@@ -1,4 +1,4 @@
-"""Pass 7: trace the joint graph: forward, output gradients, per-sample norms, clipped grads.
+"""Pass 8: trace the joint graph: forward, output gradients, per-sample norms, clipped grads.
 
 ``joint(primals, tangents) -> (*outputs, *clipped_grads)`` where ``primals`` are the forward
 graph's inputs (params, buffers, tensor inputs) and ``tangents`` the gradients of the float
@@ -24,6 +24,7 @@ from fx_bk.autocast import disabled, entered
 from fx_bk.clipping import clipped_gradients
 from fx_bk.errors import FxBkError, Problem, UnsupportedModelError
 from fx_bk.rules import accumulation_dtype
+from fx_bk.rules.derived import DerivedBundle
 from fx_bk.site import Site, SiteValues
 from fx_bk.step_guard import record_norms, step_token
 
@@ -81,7 +82,8 @@ def make_joint_function(prog: BKProgram):
     trainable = prog.trainable
     batched_input = prog.first_batched_input()
     diff = prog.differentiable_outputs
-    graded = [n for n in prog.trainable_names if any(n in s.params.values() for s in prog.sites)]
+    reached = {n for s in prog.sites for p in s.params.values() for n in prog.sources_of(p)}
+    graded = [n for n in prog.trainable_names if n in reached]
 
     def joint(primals, tangents):
         with disabled(prog.autocast):
@@ -106,7 +108,8 @@ def make_joint_function(prog: BKProgram):
         batch = primals[batched_input].shape[0]
         values = [site_values(s, aux, o, g, batch)
                   for s, o, g in zip(prog.sites, site_outs, grads_out)]
-        bundles = [([values[i] for i in b.sites], b.handler, b.clip_group) for b in prog.bundles]
+        bundles = [([values[i] for i in b.sites], _bound(b.handler, primals), b.clip_group)
+                   for b in prog.bundles]
         grads, norms = clipped_gradients(bundles, prog.config, batch)
         param_of = dict(zip(prog.param_names, primals[:n_p]))
         grads = [grads[n].to(param_of[n].dtype) for n in graded]
@@ -120,6 +123,13 @@ def make_joint_function(prog: BKProgram):
 
     prog.graded_params = graded
     return joint
+
+
+def _bound(handler, primals):
+    """A derived-value handler gets the tensors its parameter-only ops read."""
+    if isinstance(handler, DerivedBundle):
+        return handler.bind([primals[k] for k in handler.derivation.inputs])
+    return handler
 
 
 def site_values(site: Site, aux: list, out: torch.Tensor, grad: torch.Tensor,

@@ -1,4 +1,4 @@
-"""Pass 3: find every op that consumes a trainable parameter and give it a rule.
+"""Pass 4: find every op that consumes a trainable parameter and give it a rule.
 
 A trainable parameter must reach ops only as a parameter argument of an op that has a rule
 (``fx_bk.rules``); any other use (an op without a rule, a view of the parameter, the parameter in
@@ -50,8 +50,13 @@ def find_sites(prog: BKProgram) -> None:
         for i, (name, t) in enumerate(zip(prog.param_names, prog.trainable))
         if t
     }
+    by_name = {n.name: n for n in prog.forward_graph.graph.nodes}
+    trainable.update({by_name[node]: d.name for node, d in prog.derived.items()})
+    derivation = {by_name[n] for n in prog.derivation_nodes}
     claimed: set[tuple[torch.fx.Node, torch.fx.Node]] = set()  # (param node, user node)
     for node in prog.forward_graph.graph.nodes:
+        if node in derivation:
+            continue  # an op on parameters alone: a derived value's vjp, not a site
         if node.op != "call_function":
             continue
         uses = [a for a in node.all_input_nodes if a in trainable]
@@ -76,7 +81,7 @@ def find_sites(prog: BKProgram) -> None:
         for user in p_node.users:
             if user.op == "output":
                 msg = f"the model returns trainable parameter '{name}' as an output"
-            elif (p_node, user) in claimed:
+            elif (p_node, user) in claimed or user in derivation:
                 continue
             else:
                 msg = (

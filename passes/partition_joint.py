@@ -1,4 +1,4 @@
-"""Pass 8: split the joint graph into a forward graph and a backward graph.
+"""Pass 9: split the joint graph into a forward graph and a backward graph.
 
 PyTorch's min-cut partitioner decides what the forward saves and what the backward recomputes.
 Forward graph: ``primals -> (*outputs, *saved_tensors, *saved_symints)``; backward graph:

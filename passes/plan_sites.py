@@ -1,4 +1,4 @@
-"""Pass 4: bundle the sites that share a parameter and let each handler pick its strategy.
+"""Pass 5: bundle the sites that share a parameter and let each handler pick its strategy.
 
 Sites sharing any trainable parameter (tied weights, a module called twice) form one *bundle*:
 its per-sample gradient is the sum over its sites, so its norm needs the cross terms. Which
@@ -13,13 +13,21 @@ from __future__ import annotations
 
 from fx_bk.errors import Problem
 from fx_bk.rules import bundle_handler
+from fx_bk.rules.derived import DerivedBundle
+from fx_bk.rules.generic import MAX_PER_SAMPLE_NUMEL
+from fx_bk.site import per_sample_numel
 
+from .describe import module_of
+from .find_derived_params import derivation_for
 from .program import BKProgram, Bundle
 
 
-def bundle_sites(prog: BKProgram) -> list[list[int]]:
-    """Site indices, partitioned by shared trainable parameters (union-find)."""
-    parent = list(range(len(prog.sites)))
+def bundle_sites(prog: BKProgram, sites=None, names=None) -> list[list[int]]:
+    """Site indices, partitioned by shared trainable parameters (union-find): the sources of
+    the derived values the sites name, or (``names=lambda name: (name,)``) the names alone."""
+    sites = prog.sites if sites is None else sites
+    names = names or prog.sources_of
+    parent = list(range(len(sites)))
 
     def find(i: int) -> int:
         while parent[i] != i:
@@ -28,14 +36,14 @@ def bundle_sites(prog: BKProgram) -> list[list[int]]:
         return i
 
     owner: dict[str, int] = {}
-    for i, site in enumerate(prog.sites):
-        for name in site.params.values():
+    for i, site in enumerate(sites):
+        for name in (n for p in site.params.values() for n in names(p)):
             if name in owner:
                 parent[find(i)] = find(owner[name])
             else:
                 owner[name] = i
     bundles: dict[int, list[int]] = {}
-    for i in range(len(prog.sites)):
+    for i in range(len(sites)):
         bundles.setdefault(find(i), []).append(i)
     return list(bundles.values())
 
@@ -44,9 +52,35 @@ def plan_sites(prog: BKProgram) -> None:
     prog.bundles = []
     for indices in bundle_sites(prog):
         sites = [prog.sites[i] for i in indices]
-        handler = bundle_handler(sites)
+        handler = _derived_handler(prog, sites) or bundle_handler(sites)
         handler.plan(sites)
         prog.bundles.append(Bundle(indices, handler, clip_group_of(prog, sites)))
+
+
+def _derived_handler(prog: BKProgram, sites) -> DerivedBundle | None:
+    """The handler of a bundle with sites on derived values (``fx_bk/rules/derived.py``)."""
+    by_name = {d.name: d for d in prog.derived.values() if d.name not in d.sources}
+    names = list(dict.fromkeys(n for s in sites for n in s.params.values()))
+    values = [by_name[n] for n in names if n in by_name]
+    if not values:
+        return None
+    groups = tuple((tuple(g), bundle_handler([sites[i] for i in g]))
+                   for g in bundle_sites(prog, sites, names=lambda n: (n,)))
+    reached = [src for n in names for src in prog.sources_of(n)]
+    isometric = (all(v.isometric for v in values) and len(reached) == len(set(reached)))
+    if not isometric:
+        numel = sum(per_sample_numel(s.shapes[r]) for s in sites for r in s.params)
+        numel += sum(prog.trainable_shape(n).numel() for n in set(reached))
+        if numel > MAX_PER_SAMPLE_NUMEL:
+            v = values[0]
+            prog.problems.append(Problem("unsupported-op", (
+                f"trainable parameter(s) {sorted(set(reached))} of module "
+                f"'{module_of(v.sources[0])}' reach the batch through "
+                f"{' -> '.join(v.chain)}, which is not an isometry of one parameter: fx_bk "
+                f"would instantiate {numel:,} gradient elements per sample (limit "
+                f"{MAX_PER_SAMPLE_NUMEL:,}). Apply the parameter to the batch directly (e.g. "
+                f"F.linear(x, w) rather than x @ w.t() next to another use of w)")))
+    return DerivedBundle(derivation_for(prog, values), groups, isometric)
 
 
 def clip_group_of(prog: BKProgram, sites) -> int:
@@ -54,7 +88,7 @@ def clip_group_of(prog: BKProgram, sites) -> int:
     if groups is None:
         return 0
     index = {name: k for k, group in enumerate(groups) for name in group}
-    params = sorted({n for s in sites for n in s.params.values()})
+    params = sorted({n for s in sites for p in s.params.values() for n in prog.sources_of(p)})
     outside = [n for n in params if n not in index]
     if outside:  # trainable now, frozen when transform() resolved the clipping groups
         prog.problems.append(Problem(

@@ -14,7 +14,7 @@ import torch
 from fx_bk.config import BKConfig
 from fx_bk.errors import Problem
 from fx_bk.rules import BundleHandler
-from fx_bk.site import BatchGuard, InputMeta, Site
+from fx_bk.site import BatchGuard, DerivedValue, InputMeta, Site
 
 
 @dataclass
@@ -47,6 +47,8 @@ class BKProgram:
     trace_batch: int = 0  # the batch size the trace was made with (the symbol's hint)
     batch_guards: list[BatchGuard] = field(default_factory=list)
     fake_inputs: list[torch.Tensor] = field(default_factory=list)  # the forward graph's inputs
+    derivation_nodes: set[str] = field(default_factory=set)  # parameter-only ops' nodes
+    derived: dict[str, DerivedValue] = field(default_factory=dict)  # node -> value at the batch
     sites: list[Site] = field(default_factory=list)
     bundles: list[Bundle] = field(default_factory=list)
     problems: list[Problem] = field(default_factory=list)
@@ -58,6 +60,17 @@ class BKProgram:
     graded_params: list[str] = field(default_factory=list)  # trainable params with a site
     batch_locations: dict = field(default_factory=dict)  # node -> passes.batch_locations value
     labelled_losses: list[str] = field(default_factory=list)  # loss ops given a label check
+
+    def sources_of(self, name: str) -> tuple[str, ...]:
+        """The trainable parameters behind a site's parameter name (a derived value's
+        sources, or the parameter itself)."""
+        for d in self.derived.values():
+            if d.name == name:
+                return d.sources
+        return (name,)
+
+    def trainable_shape(self, name: str) -> torch.Size:
+        return self.fake_inputs[self.param_names.index(name)].shape
 
     @property
     def trainable_names(self) -> list[str]:

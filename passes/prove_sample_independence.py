@@ -1,4 +1,4 @@
-"""Pass 6: prove, on the traced graph, that no sample's values depend on another sample.
+"""Pass 7: prove, on the traced graph, that no sample's values depend on another sample.
 
 BK's per-sample gradients are exact only if sample i's activations come from sample i alone and
 the loss is a mean (or sum) of per-sample terms. Every value of the forward graph gets a batch

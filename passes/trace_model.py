@@ -61,7 +61,7 @@ def trace_model(prog: BKProgram) -> None:
         with swapped_state(model, state):  # also modules registered under two names
             out = model(*args, **kwargs)
         leaves: list = []
-        out_layout.append(flatten(out, leaves))
+        out_layout.append(flatten(out, leaves, outputs=True))
         functions.extend(custom_functions(leaves))  # the autograd graph tracing recorded
         return leaves
 

@@ -67,6 +67,9 @@ COUPLING = [
     ("pad-along-batch", lambda z: F.pad(z, (0, 0, 1, 0))[:-1], None),
     ("per-sample-conv-filters",  # filter j is sample j's: out_i = sum_j <z_i, z_j>
      lambda z: F.conv1d(z[:, :, None], z[:, :, None]).sum(1) * torch.ones(1, z.shape[1]), None),
+    ("unbind-before-batch",  # pieces of [2, B, d/2]: b.sum(0) is over the batch
+     lambda z: (lambda a, b: torch.cat([a + b.sum(0, keepdim=True), b], 1))(
+         *z.reshape(z.shape[0], 2, -1).transpose(0, 1)), None),
     ("output-centering", None, lambda o: o - o.mean(0)),
     ("output-batch-softmax", None, lambda o: o.softmax(0)),
     ("batch-statistics", None, lambda o: F.batch_norm(o, None, None, training=True)),
@@ -81,6 +84,8 @@ SAMPLEWISE = [
     ("arange-index", lambda z: z[torch.arange(z.shape[0])], None),
     ("per-sample-norm", lambda z: z / z.norm(dim=1, keepdim=True), None),
     ("uniform-mask", lambda z: z * torch.ones(z.shape[0], 1), None),
+    ("unbind-before-batch", lambda z: torch.cat(
+        z.reshape(z.shape[0], 2, -1).transpose(0, 1).unbind(0), 1), None),
 ]
 
 

@@ -109,7 +109,15 @@ def unsqueeze(node, args, loc, ctx):
 
 
 def expand(node, args, loc, ctx):
+    """A per-sample tensor keeps its layout. A shared value whose entries do not depend on the
+    batch, expanded to the batch size at one dim, is per-sample there: every sample gets the
+    same rows, computed from no sample (``buffer.expand(B, -1)``: HF token type ids)."""
     lx = loc(first_tensor(args))
+    if isinstance(lx, Shared) and not lx.batchy:
+        shape = ctx.shape(node) or []
+        dims = [d for d, s in enumerate(shape) if ctx.has_batch(s)]
+        if len(dims) == 1 and sympy.simplify(shape[dims[0]] - ctx.symbol) == 0:
+            return Sample(dims[0])
     if not isinstance(lx, Sample):
         return lx
     shift = len(ctx.shape(node)) - len(ctx.shape(first_tensor(args)))
@@ -117,12 +125,18 @@ def expand(node, args, loc, ctx):
 
 
 def split(node, args, loc, ctx):
+    """``split``/``chunk`` keep every dim; ``unbind`` removes its dim, so a batch after it
+    moves one dim down in the pieces."""
     x = first_tensor(args)
     lx = loc(x)
     n = len(node.meta.get("val", ()))
-    if isinstance(lx, Sample) and norm_dim(args.get("dim", 0), len(ctx.shape(x))) == lx.dim:
+    if not isinstance(lx, Sample):
+        return [lx] * n
+    d = norm_dim(args.get("dim", 0), len(ctx.shape(x)))
+    if d == lx.dim:
         return mixed(node, "splits the batch dimension")
-    return [lx] * n
+    removed = node.target is aten.unbind.int and d < lx.dim
+    return [lx.at(lx.dim - removed)] * n
 
 
 def index(node, args, loc, ctx):

@@ -1,9 +1,10 @@
 """Every private (or unstable) PyTorch API fx_bk uses, behind one named helper each.
 
 fx_bk is tested on the torch version ``pyproject.toml`` pins (2.13). When a torch upgrade breaks
-something, this is the file to look at first; ``tests/test_torch_internals.py`` has one smoke
-test per helper and checks that no other module of ``fx_bk/`` or ``passes/`` reaches for
-``torch._*`` internals (``torch._check`` aside: documented), ``op._schema``, ``SymInt.node`` or
+something, this package is the place to look at first (``autograd_graph.py`` holds the helpers
+that read the autograd graph and hooks); ``tests/test_torch_internals.py`` has one smoke test per
+helper and checks that no other module of ``fx_bk/`` or ``passes/`` reaches for ``torch._*``
+internals (``torch._check`` aside: documented), ``op._schema``, ``SymInt.node`` or
 ``Graph._codegen``.
 
 ``PRIVATE_APIS`` below is the table: helper -> (private API, what fx_bk uses it for, versions
@@ -33,7 +34,12 @@ from torch.utils._python_dispatch import _disable_current_modes
 from torch.utils._sympy.interp import sympy_interp
 from torch.utils._sympy.reference import PythonReferenceAnalysis
 
-from .user_code import user_frame
+from .autograd_graph import (
+    backward_hooks,
+    current_graph_task_id,
+    custom_functions,
+    recording_tensor_hooks,
+)
 
 __all__ = [
     "SymbolicBatchMode",
@@ -41,6 +47,7 @@ __all__ = [
     "current_graph_task_id",
     "custom_functions",
     "data_dependent_errors",
+    "decompose_to_core_aten",
     "disable_proxy_modes_tracing",
     "escape_outer_tracing",
     "evaluate_batch_condition",
@@ -103,6 +110,10 @@ PRIVATE_APIS = {
     "set_flat_codegen": (
         "Graph._codegen = torch.fx.graph.CodeGen()",
         "flat placeholders instead of make_fx's pytree wrapping", "torch 2.13"),
+    "decompose_to_core_aten": (
+        "torch._decomp.core_aten_decompositions, make_fx(decomposition_table=...)",
+        "parameter-only ops as core aten, whose vmap batch rules keep the batch symbolic",
+        "torch 2.13"),
     "is_op_overload / op_schema / op_display_name": (
         "torch._ops.OpOverload, OpOverload._schema",
         "rule lookup, the fallback rule's op filter, error messages", "torch 2.13"),
@@ -270,6 +281,26 @@ def set_flat_codegen(gm: torch.fx.GraphModule) -> None:
     gm.recompile()
 
 
+_VMAP_UNSAFE = [  # op packets whose vmap batch rules read the (symbolic) batch size as an int
+    torch.ops.aten.embedding, torch.ops.aten.native_batch_norm,
+    torch.ops.aten._native_batch_norm_legit, torch.ops.aten._native_batch_norm_legit_no_training,
+    torch.ops.aten._native_batch_norm_legit_functional, torch.ops.aten.native_layer_norm,
+    torch.ops.aten.native_group_norm,
+]
+
+
+def decompose_to_core_aten(gm: torch.fx.GraphModule, fake_inputs, fake_mode):
+    """``gm`` re-traced as core aten ops (e.g. ``embedding`` -> ``index``, ``_weight_norm``
+    -> norms and divisions): some composite ops' vmap batch rules read concrete sizes."""
+    from torch._decomp import core_aten_decompositions, get_decompositions
+
+    table = {**core_aten_decompositions(), **get_decompositions(_VMAP_UNSAFE)}
+    with fake_mode:
+        out = make_fx(gm, decomposition_table=table)(*fake_inputs)
+    set_flat_codegen(out)
+    return out
+
+
 def is_op_overload(target) -> bool:
     """Is ``target`` an op overload such as ``aten.linear.default``?"""
     return isinstance(target, torch._ops.OpOverload)
@@ -296,68 +327,6 @@ def normalize_call(target, args, kwargs) -> dict:
 def propagate_fake_values(gm: torch.fx.GraphModule, fake_mode, fake_inputs) -> None:
     """Recompute every node's ``meta["val"]`` from ``fake_inputs`` (after a graph edit)."""
     FakeTensorProp(gm, fake_mode).propagate_dont_convert_inputs(*fake_inputs)
-
-
-def current_graph_task_id() -> int:
-    """The id of the autograd graph task (one ``backward()`` / ``autograd.grad`` call) running
-    the caller, -1 outside a backward pass."""
-    return torch._C._current_graph_task_id()
-
-
-def backward_hooks(model: torch.nn.Module) -> list[str]:
-    """Module paths with backward hooks (``register_full_backward_hook``,
-    ``register_full_backward_pre_hook``, ``register_backward_hook``), ``"<global>"`` for
-    hooks registered on every module."""
-    from torch.nn.modules import module as nn_module
-
-    found = [name or "<root>" for name, m in model.named_modules()
-             if m._backward_hooks or m._backward_pre_hooks]
-    if nn_module._global_backward_hooks or nn_module._global_backward_pre_hooks:
-        found.append("<global>")
-    return found
-
-
-_HOOK_FUNCTION = "torch.nn.modules._functions.BackwardHookFunction"
-
-
-def custom_functions(outputs) -> list[str]:
-    """Qualified names of the Python ``autograd.Function`` classes in the autograd graph that
-    produced ``outputs``. Left out: the Functions ``torch.library`` generates for custom ops
-    (the op stays one node of the trace and its registered backward is used), and module
-    backward hooks' own Function (``backward_hooks`` reports them by module)."""
-    found, seen = {}, set()
-    todo = [t.grad_fn for t in outputs if isinstance(t, torch.Tensor) and t.grad_fn is not None]
-    while todo:
-        node = todo.pop()
-        if node is None or node in seen:
-            continue
-        seen.add(node)
-        cls = getattr(node, "_forward_cls", None)
-        if cls is not None:
-            name = f"{cls.__module__}.{cls.__qualname__}"
-            if cls.__module__ != "torch._library.autograd" and name != _HOOK_FUNCTION:
-                found[name] = None
-        todo.extend(child for child, _ in node.next_functions)
-    return list(found)
-
-
-@contextlib.contextmanager
-def recording_tensor_hooks(found: list):
-    """While tracing, record every ``Tensor.register_hook`` call (its user frame into
-    ``found``): a hook that changes a gradient is not part of the traced forward."""
-    tensor_hook = torch.Tensor.register_hook
-
-    def register_hook(self, hook):
-        found.append(user_frame())
-        return tensor_hook(self, hook)
-
-    torch.Tensor.register_hook = register_hook
-    try:
-        yield found
-    finally:
-        torch.Tensor.register_hook = tensor_hook
-
-
 
 
 def data_dependent_errors() -> tuple[type, ...]:

@@ -1,0 +1,362 @@
+"""The model zoo: architectures from Hugging Face transformers (and local modules written the
+way timm and torchvision write theirs), built from tiny configs with random weights, each with
+its inputs and a per-sample loss. ``tests/test_zoo.py`` checks fx_bk on every one against the
+per-sample loop oracle; ``python -m tests.zoo`` prints the README's table.
+
+An entry is ``Arch(name, family, build)``; ``build()`` returns ``(model, make_input, loss)``:
+``make_input(generator, batch)`` gives a tensor or a tuple of tensors (sliced together per
+sample) and ``loss(output, x)`` one loss per sample.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+V, T, D = 40, 6, 16  # vocabulary, sequence length, hidden size
+
+
+@dataclass(frozen=True)
+class Arch:
+    name: str
+    family: str  # what the architecture exercises
+    build: Callable
+    ci: bool = True  # in the default test run (the rest: -m zoo_full)
+    expect: str = "exact"  # or "rejected: <what the error names>"
+
+
+def _hf():
+    import transformers
+
+    transformers.logging.set_verbosity_error()
+    return transformers
+
+
+def _ids(g, b, t=T, low=1):
+    return torch.randint(low, V, (b, t), generator=g)
+
+
+def _lm_loss(out, x):
+    logits = out.logits[:, :-1]
+    return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), x[:, 1:].reshape(-1),
+                           reduction="none").view(x.shape[0], -1).mean(1)
+
+
+def _cls_loss(out, x):
+    x = x[0] if isinstance(x, tuple) else x
+    label = (x.flatten(1)[:, 0] > x.flatten(1)[:, 1]).long() if x.is_floating_point() \
+        else x[:, 0] % 3
+    return F.cross_entropy(out.logits.float() if out.logits.dtype != torch.float64
+                           else out.logits, label, reduction="none")
+
+
+def _text(cls_name: str, config_name: str, loss=_cls_loss, **cfg):
+    def build():
+        tf = _hf()
+        config = getattr(tf, config_name)(**cfg)
+        model = getattr(tf, cls_name)(config)
+        return model, _ids, loss
+    return build
+
+
+_SMALL = dict(hidden_size=D, num_hidden_layers=2, num_attention_heads=2, intermediate_size=32,
+              vocab_size=V, max_position_embeddings=32)
+_DECODER = dict(_SMALL, num_key_value_heads=1, pad_token_id=0, bos_token_id=1, eos_token_id=2)
+_ENCODER = dict(_SMALL, num_labels=3, hidden_dropout_prob=0.0,
+                attention_probs_dropout_prob=0.0, pad_token_id=0)
+
+
+def _causal(config_name, cls_name, **extra):
+    return _text(cls_name, config_name, _lm_loss, **{**_DECODER, **extra})
+
+
+def _encoder(config_name, cls_name, **extra):
+    return _text(cls_name, config_name, _cls_loss, **{**_ENCODER, **extra})
+
+
+# ---- local modules written the way timm / torchvision write theirs --------------------------
+
+class LayerScaleBlock(nn.Module):
+    """ConvNeXt: depthwise conv, LayerNorm over channels, MLP, ``gamma`` layer scale."""
+
+    def __init__(self, c=8):
+        super().__init__()
+        self.dw = nn.Conv2d(c, c, 3, padding=1, groups=c)
+        self.norm = nn.LayerNorm(c)
+        self.fc1, self.fc2 = nn.Linear(c, 2 * c), nn.Linear(2 * c, c)
+        self.gamma = nn.Parameter(torch.full((c,), 0.5))
+
+    def forward(self, x):
+        h = self.dw(x).permute(0, 2, 3, 1)
+        h = self.fc2(F.gelu(self.fc1(self.norm(h)))).permute(0, 3, 1, 2)
+        return x + h * self.gamma.reshape(1, -1, 1, 1)
+
+
+class ConvNeXtLike(nn.Module):
+    def __init__(self, c=8):
+        super().__init__()
+        self.stem = nn.Conv2d(3, c, 2, stride=2)
+        self.blocks = nn.Sequential(LayerScaleBlock(c), LayerScaleBlock(c))
+        self.head = nn.Linear(c, 3)
+
+    def forward(self, x):
+        return self.head(self.blocks(self.stem(x)).mean((2, 3)))
+
+
+class StdConv2d(nn.Conv2d):
+    """timm's ``StdConv2d``: the weight standardized per output channel at every call."""
+
+    def forward(self, x):
+        w = F.batch_norm(self.weight.reshape(1, self.out_channels, -1), None, None,
+                         training=True, momentum=0.0, eps=1e-6).reshape_as(self.weight)
+        return F.conv2d(x, w, self.bias, self.stride, self.padding)
+
+
+class ResNetV2Like(nn.Module):
+    def __init__(self, c=8):
+        super().__init__()
+        self.stem = StdConv2d(3, c, 3, padding=1)
+        self.norm = nn.GroupNorm(2, c)
+        self.conv = StdConv2d(c, c, 3, padding=1)
+        self.head = nn.Linear(c, 3)
+
+    def forward(self, x):
+        h = self.stem(x)
+        h = h + self.conv(F.relu(self.norm(h)))
+        return self.head(h.mean((2, 3)))
+
+
+class WindowAttention(nn.Module):
+    """Swin: attention in windows of ``w x w`` tokens with a relative-position bias table
+    gathered by a constant index buffer."""
+
+    def __init__(self, c=8, heads=2, w=2):
+        super().__init__()
+        self.heads, self.w = heads, w
+        self.qkv, self.proj = nn.Linear(c, 3 * c), nn.Linear(c, c)
+        self.table = nn.Parameter(torch.randn((2 * w - 1) ** 2, heads) * 0.1)
+        coords = torch.stack(torch.meshgrid(torch.arange(w), torch.arange(w), indexing="ij"))
+        rel = (coords.flatten(1)[:, :, None] - coords.flatten(1)[:, None, :]) + (w - 1)
+        self.register_buffer("index", rel[0] * (2 * w - 1) + rel[1], persistent=False)
+
+    def forward(self, x):  # x: [B*nW, N, C]
+        bw, n, c = x.shape
+        q, k, v = self.qkv(x).reshape(bw, n, 3, self.heads, -1).permute(2, 0, 3, 1, 4)
+        bias = self.table[self.index.view(-1)].view(n, n, -1).permute(2, 0, 1)
+        attn = ((q @ k.transpose(-2, -1)) * (c // self.heads) ** -0.5 + bias).softmax(-1)
+        return self.proj((attn @ v).transpose(1, 2).reshape(bw, n, c))
+
+
+class SwinLike(nn.Module):
+    def __init__(self, c=8, w=2):
+        super().__init__()
+        self.w = w
+        self.embed = nn.Conv2d(3, c, 2, stride=2)
+        self.norm = nn.LayerNorm(c)
+        self.attn = WindowAttention(c, w=w)
+        self.head = nn.Linear(c, 3)
+
+    def forward(self, x):
+        h = self.embed(x).permute(0, 2, 3, 1)  # [B, H, W, C]
+        b, hh, ww, c = h.shape
+        win = h.view(b, hh // self.w, self.w, ww // self.w, self.w, c).permute(0, 1, 3, 2, 4, 5)
+        win = win.reshape(-1, self.w * self.w, c)  # [B*nW, N, C]
+        out = self.attn(self.norm(win)).view(b, -1, c)
+        return self.head(out.mean(1))
+
+
+class WeightNormConv(nn.Module):
+    """wav2vec2's positional conv: ``weight_norm`` parametrization of a grouped Conv1d."""
+
+    def __init__(self, c=8):
+        super().__init__()
+        self.inp = nn.Linear(4, c)
+        conv = nn.Conv1d(c, c, 3, padding=1, groups=2)
+        self.conv = nn.utils.parametrizations.weight_norm(conv, name="weight", dim=2)
+        self.head = nn.Linear(c, 3)
+
+    def forward(self, x):  # [B, T, 4]
+        h = self.inp(x)
+        h = h + F.gelu(self.conv(h.transpose(1, 2))).transpose(1, 2)
+        return self.head(h.mean(1))
+
+
+class GemmaNormLike(nn.Module):
+    """Gemma's RMSNorm: ``x * (1 + w)`` with ``w`` cast to the activation dtype."""
+
+    def __init__(self, d=D):
+        super().__init__()
+        self.emb = nn.Embedding(V, d)
+        self.w = nn.Parameter(torch.zeros(d))
+        self.head = nn.Linear(d, 3)
+
+    def forward(self, ids):
+        h = self.emb(ids)
+        h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + 1e-6)
+        return self.head((h * (1.0 + self.w.to(h.dtype))).mean(1))
+
+
+class ManualTiedLM(nn.Module):
+    """A GPT-style head written ``h @ wte.weight.T`` (no F.linear)."""
+
+    def __init__(self, d=D):
+        super().__init__()
+        self.wte = nn.Embedding(V, d)
+        self.mlp = nn.Linear(d, d)
+
+    def forward(self, ids):
+        return torch.tanh(self.mlp(self.wte(ids))) @ self.wte.weight.T
+
+
+def _local(cls, make_input, loss):
+    def build():
+        return cls(), make_input, loss
+    return build
+
+
+class _Logits:
+    def __init__(self, logits):
+        self.logits = logits
+
+
+def _wrap(loss):
+    return lambda out, x: loss(_Logits(out), x)
+
+
+def _images(g, b):
+    return torch.randn(b, 3, 8, 8, generator=g)
+
+
+ZOO: list[Arch] = [
+    # decoders (LLM families)
+    Arch("gpt2", "tied embedding + Conv1D", _causal(
+        "GPT2Config", "GPT2LMHeadModel", n_layer=2, n_embd=D, n_head=2, n_positions=32,
+        use_cache=False, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)),
+    Arch("llama", "RMSNorm, rotary, GQA", _causal("LlamaConfig", "LlamaForCausalLM")),
+    Arch("mistral", "sliding-window GQA", _causal("MistralConfig", "MistralForCausalLM")),
+    Arch("qwen2", "biased q/k/v", _causal("Qwen2Config", "Qwen2ForCausalLM")),
+    Arch("gemma", "RMSNorm (1 + w): parameter-derived", _causal(
+        "GemmaConfig", "GemmaForCausalLM", head_dim=8)),
+    Arch("gpt_neox", "parallel residual, partial rotary", _causal(
+        "GPTNeoXConfig", "GPTNeoXForCausalLM", rotary_pct=0.5)),
+    Arch("phi3", "fused qkv, partial rotary", _causal(
+        "Phi3Config", "Phi3ForCausalLM", partial_rotary_factor=0.5, pad_token_id=0)),
+    Arch("opt", "learned positions with offset", _causal(
+        "OPTConfig", "OPTForCausalLM", ffn_dim=32, word_embed_proj_dim=D, dropout=0.0,
+        attention_dropout=0.0), expect="rejected: aten.layer_norm (on [B*T, d])"),
+    # encoders
+    Arch("bert", "absolute positions, token types", _encoder("BertConfig",
+                                                             "BertForSequenceClassification")),
+    Arch("roberta", "padding-offset positions", _encoder(
+        "RobertaConfig", "RobertaForSequenceClassification", pad_token_id=1)),
+    Arch("distilbert", "sinusoid-free positions", _text(
+        "DistilBertForSequenceClassification", "DistilBertConfig", vocab_size=V, dim=D,
+        n_layers=2, n_heads=2, hidden_dim=32, num_labels=3, dropout=0.0, attention_dropout=0.0,
+        max_position_embeddings=32, seq_classif_dropout=0.0)),
+    Arch("albert", "shared layers (reused weights)", _encoder(
+        "AlbertConfig", "AlbertForSequenceClassification", embedding_size=8,
+        classifier_dropout_prob=0.0)),
+    Arch("electra", "embedding projection", _encoder(
+        "ElectraConfig", "ElectraForSequenceClassification", embedding_size=8)),
+    Arch("deberta_v2", "disentangled relative attention", _encoder(
+        "DebertaV2Config", "DebertaV2ForSequenceClassification", relative_attention=True,
+        position_buckets=4, max_relative_positions=8, pos_att_type=["p2c", "c2p"],
+        pooler_dropout=0.0, pooler_hidden_size=D), ci=False,
+         expect="rejected: aten.repeat (relative embeddings repeated over batch x heads)"),
+    Arch("convbert", "span-based dynamic convolution", _encoder(
+        "ConvBertConfig", "ConvBertForSequenceClassification", embedding_size=D,
+        conv_kernel_size=3, head_ratio=2), ci=False,
+         expect="rejected: aten.add_ (an in-place bias add)"),
+    # vision (local, timm-style)
+    Arch("convnext_like", "layer scale gamma.reshape(1,-1,1,1)", _local(
+        ConvNeXtLike, _images, _wrap(_cls_loss))),
+    Arch("resnetv2_stdconv_like", "weight standardization (StdConv2d)", _local(
+        ResNetV2Like, _images, _wrap(_cls_loss))),
+    Arch("swin_like", "window partition + relative-position bias table", _local(
+        SwinLike, _images, _wrap(_cls_loss)),
+         expect="rejected: aten.layer_norm (on windows [B*nW, N, C])"),
+    Arch("weight_norm_conv", "weight_norm parametrization (wav2vec2 pos-conv)", _local(
+        WeightNormConv, lambda g, b: torch.randn(b, T, 4, generator=g), _wrap(_cls_loss))),
+    Arch("gemma_norm_like", "x * (1 + w.to(dtype))", _local(
+        GemmaNormLike, _ids, _wrap(_cls_loss))),
+    Arch("manual_tied_lm", "h @ wte.weight.T next to the embedding", _local(
+        ManualTiedLM, _ids, _wrap(_lm_loss))),
+]
+
+
+def by_name(name: str) -> Arch:
+    return next(a for a in ZOO if a.name == name)
+
+
+def _cast(x, dtype):
+    """Floating inputs (a tensor or a tuple of them) in ``dtype``; ids stay integers."""
+    if isinstance(x, tuple):
+        return tuple(_cast(t, dtype) for t in x)
+    return x.to(dtype) if x.is_floating_point() else x
+
+
+def model_floor(arch: Arch, *, batch: int = 3, seed: int = 0) -> float:
+    """How far the model's own float64 gradient of a batch is from the sum of its per-sample
+    gradients (non-private): nonzero where the model computes parts in float32 whatever its
+    dtype (Gemma's RMSNorm), which rounds differently for a batch than for one sample."""
+    torch.manual_seed(seed)
+    model, make_input, loss = arch.build()
+    model = model.double().eval()
+    x = make_input(torch.Generator().manual_seed(seed + batch), batch)
+    x = _cast(x, torch.float64)
+    call = (lambda m, xi: m(*xi)) if isinstance(x, tuple) else (lambda m, xi: m(xi))
+    params = [p for p in model.parameters() if p.requires_grad]
+    batched = torch.autograd.grad(loss(call(model, x), x).sum(), params, allow_unused=True,
+                                  materialize_grads=True)
+    rows = [tuple(t[i:i + 1] for t in x) if isinstance(x, tuple) else x[i:i + 1]
+            for i in range(batch)]
+    looped = [torch.autograd.grad(loss(call(model, r), r).sum(), params, allow_unused=True,
+                                  materialize_grads=True) for r in rows]
+    summed = [sum(gs) for gs in zip(*looped)]
+    return max(float((a - b).abs().max() / b.abs().max().clamp_min(1e-300))
+               for a, b in zip(batched, summed))
+
+
+def check(arch: Arch, *, dtype=torch.float64, compiled: bool = False, batch: int = 3,
+          max_grad_norm: float = 0.05, seed: int = 0) -> float:
+    """fx_bk's clipped sum vs the per-sample loop: the largest relative error per parameter.
+
+    The loss is summed over the batch (``loss_reduction="sum"``): several of these models
+    compute parts of the forward in float32 whatever the parameters' dtype (Llama's RMSNorm,
+    rotary tables), so a mean's 1/B in the output gradient is rounded there and a float64
+    comparison with a mean differs at float32 precision from the loop's unscaled losses —
+    the model's own rounding, not fx_bk's."""
+    import fx_bk
+    from fx_bk.testing import loop_clipped_sum, max_rel_err
+
+    torch.manual_seed(seed)
+    model, make_input, loss = arch.build()
+    model = model.to(dtype).eval()  # dropout off; no BatchNorm in the zoo
+    x = make_input(torch.Generator().manual_seed(seed + batch), batch)
+    x = _cast(x, dtype)
+    call = (lambda m, xi: m(*xi)) if isinstance(x, tuple) else (lambda m, xi: m(xi))
+    bk = fx_bk.transform(model, max_grad_norm=max_grad_norm, loss_reduction="sum")
+    if compiled:
+        bk = torch.compile(bk, fullgraph=True)
+    model.zero_grad(set_to_none=True)
+    loss(call(bk, x), x).sum().backward()
+    got = {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
+    ref = loop_clipped_sum(model, x, loss, max_grad_norm,
+                           loss_of=lambda m, xi: loss(call(m, xi), xi).sum())
+    return max_rel_err(got, ref)
+
+
+if __name__ == "__main__":
+    import sys
+
+    names = sys.argv[1:] or [a.name for a in ZOO]
+    for name in names:
+        try:
+            print(f"{name:24s} f64 eager rel err {check(by_name(name)):.1e}", flush=True)
+        except Exception as e:  # noqa: BLE001  (a survey: report and go on)
+            msg = str(e).replace("\n", " ")
+            print(f"{name:24s} {type(e).__name__}: {msg[:600]}", flush=True)
