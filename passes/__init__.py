@@ -27,11 +27,11 @@ from .trace_model import trace_model
 ANALYSIS_PASSES = (
     trace_model,
     expand_broadcast_sites,
+    prove_sample_independence,
     find_derived_params,
     find_sites,
     plan_sites,
     emit_aux_outputs,
-    prove_sample_independence,
 )
 BUILD_PASSES = (build_joint, partition_joint)
 CRITERION_PASSES = (trace_model, prove_sample_independence)  # a loss function alone

@@ -60,6 +60,16 @@ def build_joint(prog: BKProgram) -> None:
                 f"another fallback site) specializes the batch size; freeze its parameters or "
                 f"express the layer with a supported op",
             ) for s in fallback])
+        derived = [d for b in prog.bundles if isinstance(b.handler, DerivedBundle)
+                   and not b.handler.isometric for d in b.handler.derivation.values]
+        if derived:
+            raise UnsupportedModelError([Problem(
+                "unsupported-op",
+                f"the per-sample gradients of {d.name} (computed from parameters "
+                f"{list(d.sources)} by {' -> '.join(d.chain)}) are mapped back by vmap(vjp), "
+                f"and an op of that chain (or another such chain) specializes the batch size "
+                f"under vmap; freeze those parameters or apply them to the batch directly",
+            ) for d in derived])
         raise FxBkError(
             "fx_bk internal error: a per-sample rule specialized the batch size while tracing "
             "the joint graph; please report this with the model"
@@ -151,8 +161,19 @@ def site_values(site: Site, aux: list, out: torch.Tensor, grad: torch.Tensor,
             continue
         if t.is_floating_point() and out.is_floating_point():
             t = wide(t.to(out.dtype) if out.dtype.itemsize < t.dtype.itemsize else t)
-        tensors[role] = t
-    return SiteValues(site, tensors, wide(grad.detach()), batch)
+        tensors[role] = _batch_first(t, site, batch) if role not in site.params else t
+    return SiteValues(site, tensors, _batch_first(wide(grad.detach()), site, batch), batch)
+
+
+def _batch_first(t: torch.Tensor, site: Site, batch) -> torch.Tensor:
+    """A batched site tensor in ``site.batch_layout`` (see ``find_sites._unfold_batch``) as
+    ``[B, T, *rest]``; unchanged when the site is batch-first."""
+    if site.batch_layout is None:
+        return t
+    prefix, k, n_lead = site.batch_layout
+    sizes = [batch if d == "B" else d for d in prefix]
+    t = t.reshape(*sizes, *t.shape[n_lead:]).movedim(k, 0)
+    return t.reshape(batch, -1, *t.shape[len(prefix):])
 
 
 LOGGED_GRAPHS = ("joint_graph",)

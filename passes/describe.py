@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 
 from fx_bk._torch_internals import op_display_name
+from fx_bk.errors import Problem
 
 
 def where(node: torch.fx.Node) -> str:
@@ -30,3 +31,19 @@ def shared_input_hint(prog) -> str:
 def module_of(param: str) -> str:
     """The module path of a parameter name (``"<root>"`` for the model's own)."""
     return param.rpartition(".")[0] or "<root>"
+
+
+def report_mixing(prog, mixed, what: str) -> None:
+    """A ``mixes-samples`` problem for ``mixed`` (a ``batch_locations.Mixed``) reaching
+    ``what``; once per op that mixed."""
+    if mixed.origin.name in prog.mixing_reported:
+        return
+    prog.mixing_reported.add(mixed.origin.name)
+    prog.problems.append(Problem(
+        "mixes-samples",
+        f"op {op_name(mixed.origin)}{where(mixed.origin)} {mixed.why}, so {what} depends on "
+        f"several samples. Per-sample clipping needs each sample's outputs and loss to depend "
+        f"on that sample only: no batch statistics (BatchNorm -> GroupNorm/LayerNorm), no "
+        f"reductions, softmax, slicing or matrix products over the batch dimension"
+        f"{shared_input_hint(prog)}",
+    ))

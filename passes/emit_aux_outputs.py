@@ -1,4 +1,4 @@
-"""Pass 6: make the forward graph also return every site's activations and output.
+"""Pass 7: make the forward graph also return every site's activations and output.
 
 After this pass the forward graph returns ``(*user_outputs, *aux)``; ``site.aux`` maps each of the
 site's roles (``"input"``, ``"indices"``, …, and ``"out"`` for the op's output ``s``) to its index

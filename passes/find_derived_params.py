@@ -1,4 +1,4 @@
-"""Pass 3: find the values computed from trainable parameters alone.
+"""Pass 4: find the values computed from trainable parameters alone.
 
 A model often transforms a parameter before it meets the batch: ``w.to(dtype)``, ``1 + w``
 (Gemma's RMSNorm), ``gamma.reshape(1, -1, 1, 1)`` (layer scale), weight standardization,

@@ -1,4 +1,4 @@
-"""Pass 4: find every op that consumes a trainable parameter and give it a rule.
+"""Pass 5: find every op that consumes a trainable parameter and give it a rule.
 
 A trainable parameter must reach ops only as a parameter argument of an op that has a rule
 (``fx_bk.rules``); any other use (an op without a rule, a view of the parameter, the parameter in
@@ -7,7 +7,6 @@ an activation slot) is a problem reported with the op, parameter, module and sou
 
 from __future__ import annotations
 
-import sympy
 import torch
 
 from fx_bk._torch_internals import normalize_call, sym_expr
@@ -15,7 +14,8 @@ from fx_bk.errors import Problem
 from fx_bk.rules import RULES, fallback_rule, rule_for
 from fx_bk.site import Site
 
-from .describe import module_of, op_name, where
+from .batch_locations import Mixed, Sample
+from .describe import module_of, op_name, report_mixing, where
 from .program import BKProgram
 
 aten = torch.ops.aten
@@ -69,8 +69,12 @@ def find_sites(prog: BKProgram) -> None:
         if site is None or not rule.applies(site):
             continue
         if rule.folds_batch:
-            _unfold_batch(site, node, prog.mode.batch_symbol)
+            _unfold_batch(site, node, prog.batch_locations)
         claimed.update((p, node) for p in uses if trainable[p] in site.params.values())
+        for a in node.all_input_nodes:
+            if isinstance(prog.batch_locations.get(a), Mixed):
+                report_mixing(prog, prog.batch_locations[a],
+                              f"the input of trainable op {op_name(node)}{where(node)}")
         reason = rule.layout_problem(site) or rule.validate(site)
         if reason:
             prog.problems.append(Problem("unsupported-op", _describe(site, node, reason)))
@@ -97,56 +101,49 @@ _VIEWS = {aten.view.default, aten.reshape.default, aten._unsafe_view.default,
           aten.flatten.using_ints, aten.contiguous.default, aten.clone.default}
 
 
-def _unfold_batch(site: Site, node: torch.fx.Node, batch_symbol) -> None:
-    """For rules that accept it, read an input whose batch is not (only) dim 0 as batch-first.
+def _unfold_batch(site: Site, node: torch.fx.Node, locs: dict) -> None:
+    """For row-wise rules (``Rule.folds_batch``), read a row tensor whose batch is not (only)
+    dim 0 as batch-first, from the batch location the proof gave it
+    (``passes/batch_locations``: ``Sample(dim, fold, outer)``, dim ``dim`` of size
+    ``outer * B * fold``):
 
-    * batch at dim k (``[T, B, d]``, e.g. ``nn.MultiheadAttention``): move it to dim 0;
-    * batch folded into dim 0 by a row-major reshape (``[B*T, d]`` from ``[B, T, d]``, HF
-      ``Conv1D``; ``[T*B, d]`` from ``[T, B, d]``): view dim 0 as the source's leading dims,
-      then move the batch to dim 0.
-    Sets ``site.batch_layout = (prefix, k, n_lead)``: a tensor ``t`` of the site is read as
-    ``t.reshape(*prefix, *t.shape[n_lead:]).movedim(k, 0)`` (``"B"`` in ``prefix`` = batch).
-    The op's output rows follow its input rows (row-wise ops only).
+    * batch at dim k (``[T, B, d]``, e.g. ``nn.MultiheadAttention``);
+    * batch folded with other sizes into one dim (``[B*T, d]``, HF ``Conv1D`` and OPT;
+      ``[T*B, d]``; Swin's windows ``[B*nW, N, C]``, permuted before they were folded).
+
+    Only dims the op treats as rows may hold the batch (all but ``rule.core_dims`` trailing
+    ones), and the op's output must carry the batch the same way. Sets
+    ``site.batch_layout = (prefix, k, n_lead)``: every batched tensor ``t`` of the site (the
+    row tensor, the output and its gradient) is read as
+    ``t.reshape(*prefix, *t.shape[n_lead:]).movedim(k, 0)`` flattened to ``[B, T, *rest]``
+    (``"B"`` in ``prefix`` = batch) by ``build_joint.site_values``.
     """
-    shape = site.shapes.get("input", ())
-    if "input" not in site.tensor_args or not shape:
+    role = site.rule.row_role(site)
+    shape = site.shapes.get(role, ())
+    args = normalize_call(node.target, node.args, node.kwargs)
+    roles = site.rule.roles(node.target)
+    row = next((v for k, v in args.items() if roles.get(k, k) == role), None)
+    loc = locs.get(row) if isinstance(row, torch.fx.Node) else None
+    if not isinstance(loc, Sample) or loc.iota or locs.get(node) != loc:
         return
-    if shape[0] == "B" and "B" not in shape[1:]:
+    if loc.dim == 0 and loc.fold == 1 and loc.outer == 1:
         return  # already batch-first
-    if isinstance(shape[0], str) and shape[0] != "B":  # folded into dim 0
-        if any(isinstance(d, str) for d in shape[1:]):
-            return
-        src = next(a for a in node.all_input_nodes if a.name == site.tensor_args["input"])
-        prefix, n_lead = _fold_source(src, batch_symbol), 1
-    else:  # the batch at some dim k
-        if "B" not in shape or any(isinstance(d, str) and d != "B" for d in shape):
-            return
-        prefix, n_lead = shape[: shape.index("B") + 1], shape.index("B") + 1
-    if prefix is None or prefix.count("B") != 1:
-        return
+    try:
+        outer, fold = int(loc.outer), int(loc.fold)
+    except TypeError:
+        return  # sizes that depend on the batch: not a layout fx_bk reads
+    n_lead = loc.dim + 1
+    if n_lead > len(shape) - site.rule.core_dims(site):
+        return  # the batch sits in dims the op mixes: the layout error stays
+    prefix = (*shape[:loc.dim], *([outer] if outer != 1 else []), "B",
+              *([fold] if fold != 1 else []))
     site.batch_layout = (prefix, prefix.index("B"), n_lead)
     positions = 1
     for d in prefix:
         positions *= 1 if d == "B" else d
-    for role in ("input", "out"):
-        site.shapes[role] = ("B", positions, *site.shapes[role][n_lead:])
-
-
-def _fold_source(node: torch.fx.Node, batch_symbol):
-    """Leading dims of the tensor a row-major reshape chain folded into ``folded``."""
-    target = sym_expr(node.meta["val"].shape[0])
-    while node.op == "call_function" and node.target in _VIEWS:
-        node = node.args[0]
-        shape = _shape(node.meta.get("val"), batch_symbol)
-        if "B" in shape and not any(isinstance(d, str) and d != "B" for d in shape):
-            prod = 1
-            for m, d in enumerate(shape):
-                prod = prod * (batch_symbol if d == "B" else d)
-                if sympy.simplify(prod - target) == 0:
-                    prefix = shape[: m + 1]
-                    return prefix if "B" in prefix else None
-            return None
-    return None
+    for r, sh in list(site.shapes.items()):
+        if r == role or r == "out":
+            site.shapes[r] = ("B", positions, *sh[n_lead:])
 
 
 def _make_site(node, rule, trainable, batch_symbol) -> Site | None:

@@ -1,4 +1,4 @@
-"""Pass 5: bundle the sites that share a parameter and let each handler pick its strategy.
+"""Pass 6: bundle the sites that share a parameter and let each handler pick its strategy.
 
 Sites sharing any trainable parameter (tied weights, a module called twice) form one *bundle*:
 its per-sample gradient is the sum over its sites, so its norm needs the cross terms. Which

@@ -59,6 +59,7 @@ class BKProgram:
     differentiable_outputs: list[bool] = field(default_factory=list)
     graded_params: list[str] = field(default_factory=list)  # trainable params with a site
     batch_locations: dict = field(default_factory=dict)  # node -> passes.batch_locations value
+    mixing_reported: set[str] = field(default_factory=set)  # ops named in mixes-samples problems
     labelled_losses: list[str] = field(default_factory=list)  # loss ops given a label check
 
     def sources_of(self, name: str) -> tuple[str, ...]:

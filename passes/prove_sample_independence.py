@@ -1,4 +1,4 @@
-"""Pass 7: prove, on the traced graph, that no sample's values depend on another sample.
+"""Pass 3: prove, on the traced graph, that no sample's values depend on another sample.
 
 BK's per-sample gradients are exact only if sample i's activations come from sample i alone and
 the loss is a mean (or sum) of per-sample terms. Every value of the forward graph gets a batch
@@ -26,7 +26,7 @@ from fx_bk._torch_internals import normalize_call
 from fx_bk.errors import Problem
 
 from .batch_locations import PROBE, SHARED, Context, Loss, Mixed, Sample, Shared, transfer
-from .describe import op_name, shared_input_hint, where
+from .describe import op_name, report_mixing, where
 from .program import BKProgram
 
 aten = torch.ops.aten
@@ -56,33 +56,13 @@ def prove_sample_independence(prog: BKProgram) -> None:
 
 
 def _report(prog: BKProgram, locs) -> None:
-    reported = set()
-    shared_hint = shared_input_hint(prog)
-
-    def mixes(m: Mixed, what: str) -> None:
-        if m.origin in reported:
-            return
-        reported.add(m.origin)
-        prog.problems.append(Problem(
-            "mixes-samples",
-            f"op {op_name(m.origin)}{where(m.origin)} {m.why}, so {what} depends on several "
-            f"samples. Per-sample clipping needs each sample's outputs and loss to depend on "
-            f"that sample only: no batch statistics (BatchNorm -> GroupNorm/LayerNorm), no "
-            f"reductions, softmax, slicing or matrix products over the batch dimension"
-            f"{shared_hint}",
-        ))
-
-    by_name = {n.name: n for n in prog.forward_graph.graph.nodes}
-    for site in prog.sites:
-        node = by_name[site.node]
-        for a in node.all_input_nodes:
-            if isinstance(locs.get(a), Mixed):
-                mixes(locs[a], f"the input of trainable op {op_name(node)}{where(node)}")
+    """Mixed values at the model's outputs, and losses of the wrong kind (a site's input is
+    checked by ``find_sites``, which runs next)."""
     outputs = list(prog.forward_graph.graph.output_node().args[0])[: prog.num_outputs]
     for k, node in enumerate(outputs):
         loc = locs.get(node) if isinstance(node, torch.fx.Node) else SHARED
         if isinstance(loc, Mixed):
-            mixes(loc, f"output {k} of the model")
+            report_mixing(prog, loc, f"output {k} of the model")
         elif isinstance(loc, Loss):
             _check_loss(prog, k, node, loc)
 

@@ -8,6 +8,7 @@ import torch.nn as nn
 
 import fx_bk
 from fx_bk.errors import ConfigError, UnsupportedModelError
+from fx_bk.testing import loop_clipped_sum, max_rel_err
 
 
 def _model():
@@ -162,7 +163,9 @@ def test_frozen_unsupported_op_is_fine():
         (nn.Embedding(10, 4, sparse=True), "sparse=True"),
         (nn.Embedding(10, 4, scale_grad_by_freq=True), "scale_grad_by_freq=True"),
         # max_norm renormalizes the weight in place, under no_grad, from the batch's tokens
-        (nn.Embedding(10, 4, max_norm=1.0), "aten.detach consumes trainable parameter '0.weight'"),
+        (nn.Embedding(10, 4, max_norm=1.0),
+         r"updates parameter '0\.weight' in place(.|\n)*aten\.detach.*'0\.weight'.*written in "
+         r"place with batched data"),
     ],
 )
 def test_embedding_options_rejected(emb, reason):
@@ -211,7 +214,8 @@ def test_forward_branching_on_batch_size_gets_one_program_per_branch():
 
 
 class ReducedPositions(nn.Module):
-    """A positional lookup of arange(T) reduced over T before use: no per-sample view exists."""
+    """A positional lookup of arange(T) reduced over T before use: a value derived from the
+    parameter alone, broadcast into the batch."""
 
     def __init__(self):
         super().__init__()
@@ -223,7 +227,7 @@ class ReducedPositions(nn.Module):
 
 
 class SeqFirst(nn.Module):
-    """LayerNorm on [T, B, 4] (Linear accepts that layout; the norm rules do not, yet)."""
+    """LayerNorm on [T, B, 4]: the batch at dim 1, a row of the norm."""
 
     def __init__(self):
         super().__init__()
@@ -233,20 +237,40 @@ class SeqFirst(nn.Module):
         return self.ln(x.transpose(0, 1)).transpose(0, 1).sum(1)
 
 
-@pytest.mark.parametrize(
-    "model, match",
-    [
-        (ReducedPositions(), r"'pos.weight'.*'indices' has shape \[8\].*arange\(T\).expand"),
-        (SeqFirst(), r"'ln.weight'.*argument 'input' has shape \[6, 'B', 4\]"),
-    ],
-    ids=["reduced-positions", "seq-first"],
-)
-def test_site_without_leading_batch_dim_rejected(model, match):
-    """Without the batch as dim 0 the rule cannot separate samples: reject, never guess."""
-    t = 6 if isinstance(model, SeqFirst) else 8
-    for b in (5, t):  # B == T: a size coincidence must not hide the problem
-        with pytest.raises(UnsupportedModelError, match=match):
-            fx_bk.transform(model, max_grad_norm=1.0)(torch.randn(b, t, 4))
+class FoldedConv(nn.Module):
+    """A conv on [B*2, C, H/2, W]: its rule reads the batch at dim 0 only."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(4, 2, 1)
+
+    def forward(self, x):  # [B, 4, 6, 6]
+        b = x.shape[0]
+        return self.conv(x.reshape(b * 2, 4, 3, 6)).reshape(b, -1)
+
+
+@pytest.mark.parametrize("model, t", [(ReducedPositions(), 8), (SeqFirst(), 6)],
+                         ids=["reduced-positions", "seq-first"])
+def test_derived_and_seq_first_layouts_are_exact(model, t):
+    """Formerly rejected: a value of the parameter alone, and a batch at dim 1 of a norm."""
+    model = model.double()
+    for b in (5, t):  # B == T: a size coincidence must not confuse the layouts
+        x = torch.randn(b, t, 4, dtype=torch.float64)
+        bk = fx_bk.transform(model, max_grad_norm=0.05, loss_reduction="sum")
+        model.zero_grad(set_to_none=True)
+        bk(x).pow(2).sum().backward()
+        got = {n: p.grad for n, p in model.named_parameters()}
+        ref = loop_clipped_sum(model, x, lambda o, xi: o.pow(2).flatten(1).sum(1), 0.05)
+        assert max_rel_err(got, ref) <= 1e-12
+
+
+def test_site_with_an_unreadable_batch_layout_rejected():
+    """Without the batch where the rule reads it, the rule cannot separate samples: reject,
+    naming the op, the parameter and the layout, never guess."""
+    for b in (5, 8):
+        with pytest.raises(UnsupportedModelError,
+                           match=r"'conv.weight'.*argument 'input' has shape \['2\*s\d+', 4, 3"):
+            fx_bk.transform(FoldedConv(), max_grad_norm=1.0)(torch.randn(b, 4, 6, 6))
 
 
 class ReturnsBatchMean(nn.Module):

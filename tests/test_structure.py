@@ -17,7 +17,7 @@ LAYERS = (
     ("fx_bk.errors", "fx_bk.config", "fx_bk._torch_internals", "fx_bk.layout", "fx_bk.autocast",
      "fx_bk.deferred_error", "fx_bk.empty_batch", "fx_bk.change_guard",
      "fx_bk.step_guard", "fx_bk.losses", "fx_bk.models", "fx_bk.module_state",
-     "fx_bk.user_code"),
+     "fx_bk.user_code", "fx_bk.recurrent"),
     ("fx_bk.site",),
     ("fx_bk.cost_model", "fx_bk.kernels"),
     ("fx_bk.rules",),

@@ -285,7 +285,7 @@ _VMAP_UNSAFE = [  # op packets whose vmap batch rules read the (symbolic) batch 
     torch.ops.aten.embedding, torch.ops.aten.native_batch_norm,
     torch.ops.aten._native_batch_norm_legit, torch.ops.aten._native_batch_norm_legit_no_training,
     torch.ops.aten._native_batch_norm_legit_functional, torch.ops.aten.native_layer_norm,
-    torch.ops.aten.native_group_norm,
+    torch.ops.aten.native_group_norm, torch.ops.aten.index_select,
 ]
 
 

@@ -43,6 +43,7 @@ class AffineNorm:
     summed_dims: Callable  # (x, const_args) -> dims of x the parameters are broadcast along
     strategies: str
     reject: Callable | None = None  # (const_args) -> reason or None
+    trailing: bool = False  # normalizes the last dims only: the leading ones are rows
 
 
 def _trailing(args) -> int:
@@ -54,7 +55,7 @@ AFFINE_NORMS = (
         "layer_norm", aten.layer_norm.default, ("weight", "bias"),
         lambda x, a: F.layer_norm(x, list(a["normalized_shape"]), None, None, a.get("eps", 1e-5)),
         lambda x, a: tuple(range(1, x.dim() - _trailing(a))),
-        "instantiated (weight and/or bias)",
+        "instantiated (weight and/or bias)", trailing=True,
     ),
     AffineNorm(
         "group_norm", aten.group_norm.default, ("weight", "bias"),
@@ -74,7 +75,7 @@ AFFINE_NORMS = (
         "rms_norm", aten.rms_norm.default, ("weight",),
         lambda x, a: F.rms_norm(x, list(a["normalized_shape"]), None, a.get("eps")),
         lambda x, a: tuple(range(1, x.dim() - _trailing(a))),
-        "instantiated",
+        "instantiated", trailing=True,
     ),
 )
 
@@ -87,6 +88,10 @@ class AffineNormRule(Rule):
     def __init__(self, spec: AffineNorm):
         self.spec = spec
         self.name, self.param_args, self.strategies = spec.name, spec.param_args, spec.strategies
+        self.folds_batch = spec.trailing
+
+    def core_dims(self, site: Site) -> int:
+        return _trailing(site.const_args)
 
     def validate(self, site: Site) -> str | None:
         return self.spec.reject(site.const_args) if self.spec.reject else None

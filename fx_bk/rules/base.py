@@ -63,9 +63,11 @@ class Rule(abc.ABC):
     Class attributes: ``param_args`` / ``tensor_args`` name the op's schema arguments that may
     hold a trainable parameter / whose values the rule needs at run time (``roles(op)`` renames
     schema arguments, e.g. ``mat2`` -> ``weight``); ``strategies`` is the rule's line in the
-    README's op table; ``folds_batch``: the rule reads ``[B*T, ...]`` tensors folded by a
-    row-major reshape (``site.batch_layout``); ``fallback``: the rule handles ops without a
-    dedicated rule.
+    README's op table; ``folds_batch``: the op treats every dim of its row tensor
+    (``row_role``) before the last ``core_dims(site)`` as independent rows, so a batch at any of
+    those dims, or folded into them by a row-major reshape (``[B*T, d]``, ``[T, B, d]``, Swin's
+    windows ``[B*nW, N, C]``), is read batch-first (``site.batch_layout``: the rule then gets
+    ``[B, T, *rest]``); ``fallback``: the rule handles ops without a dedicated rule.
 
     The default ``plan`` / ``norm_sq`` / ``clipped_grads`` instantiate ``per_sample_grads``:
     norm ``sum_p ||G_i,p||^2``, clipped sum ``sum_i c_i G_i,p``. Override them for a cheaper
@@ -100,6 +102,14 @@ class Rule(abc.ABC):
     def applies(self, site: Site) -> bool:
         """False: the use is not a site of this rule (it gets the unsupported-op error)."""
         return True
+
+    def row_role(self, site: Site) -> str:
+        """The argument whose leading dims are the op's rows (``folds_batch`` rules)."""
+        return "input"
+
+    def core_dims(self, site: Site) -> int:
+        """How many trailing dims of the row tensor the op mixes (``folds_batch`` rules)."""
+        return 1
 
     def layout_problem(self, site: Site) -> str | None:
         """Rules read the batch at dim 0 of the op's tensors, and nowhere else."""

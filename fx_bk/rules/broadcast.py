@@ -30,6 +30,17 @@ def reduce_to_param(h: torch.Tensor, shape: tuple) -> torch.Tensor:
 class _BroadcastRule(Rule):
     param_args = ("input", "other")
     strategies = "instantiated (vjp summed over the broadcast dims)"
+    folds_batch = True  # elementwise: the dims the parameter is broadcast along are rows
+
+    def row_role(self, site):
+        """The batched operand (the other one is the parameter)."""
+        return next((r for r in ("input", "other") if r not in site.params), "input")
+
+    def core_dims(self, site):
+        """The parameter's dims, leading size-1 dims aside (they broadcast too)."""
+        dims = [list(site.shapes.get(r, ())) for r in site.params]
+        return max((len(d) - next((i for i, n in enumerate(d) if n != 1), len(d))
+                    for d in dims), default=0)
 
     def _vjp(self, value, role: str) -> torch.Tensor:
         """The op's vjp w.r.t. the argument in ``role``, before the broadcast is summed."""
@@ -74,6 +85,7 @@ class ExpandRule(_BroadcastRule):
     name = "expand"
     param_args = ("input",)
     tensor_args = ()
+    folds_batch = False
 
     def _vjp(self, value, role):
         return value.grad

@@ -37,6 +37,14 @@ class EmbeddingRule(Rule):
     strategies = "ghost over positions, `padding_idx` excluded; no one-hot"
     tensor_args = ("indices",)
 
+    folds_batch = True  # every index is a row
+
+    def row_role(self, site):
+        return "indices"
+
+    def core_dims(self, site):
+        return 0
+
     def validate(self, site):
         if site.const_args.get("sparse"):
             return "sparse=True is not supported; use nn.Embedding(..., sparse=False)"

@@ -54,12 +54,8 @@ class LinearState:
 
 
 def batch_first(t: torch.Tensor, value: SiteValues) -> torch.Tensor:
-    """A site tensor as ``[B, T, last]`` (see ``site.batch_layout`` for other layouts)."""
-    layout = value.site.batch_layout
-    if layout is not None:
-        prefix, k, n_lead = layout
-        sizes = [value.batch if d == "B" else d for d in prefix]
-        t = t.reshape(*sizes, *t.shape[n_lead:]).movedim(k, 0)
+    """A site tensor (batch-first: ``site_values`` unfolded any other layout) as
+    ``[B, T, last]``."""
     return t.reshape(value.batch, -1, t.shape[-1])
 
 

@@ -1,0 +1,91 @@
+"""Fused RNNs (``nn.LSTM``, ``nn.GRU``, ``nn.RNN``) traced as their cells
+(``fx_bk/recurrent.py``): exact against the per-sample loop, every option combination."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn as nn
+
+import fx_bk
+from fx_bk.testing import loop_clipped_sum, max_rel_err
+
+
+class Tagger(nn.Module):
+    """A recurrent layer and a Linear head on its outputs, mean over time."""
+
+    def __init__(self, cls, **kw):
+        super().__init__()
+        self.rnn = cls(4, 5, **kw)
+        width = kw.get("proj_size") or 5
+        self.head = nn.Linear(width * (2 if kw.get("bidirectional") else 1), 3)
+        self.batch_first = kw.get("batch_first", False)
+
+    def forward(self, x):  # x: [B, T, 4]
+        out = self.rnn(x if self.batch_first else x.transpose(0, 1))[0]
+        return self.head(out if self.batch_first else out.transpose(0, 1)).mean(1)
+
+
+CASES = [
+    (nn.LSTM, dict(batch_first=True)),
+    (nn.LSTM, dict(num_layers=2, bidirectional=True)),
+    (nn.LSTM, dict(proj_size=3, batch_first=True)),
+    (nn.GRU, dict(batch_first=True, num_layers=2)),
+    (nn.GRU, dict(bias=False)),
+    (nn.RNN, dict(bidirectional=True, batch_first=True)),
+    (nn.RNN, dict(nonlinearity="relu")),
+]
+
+
+def _loss(out, x):
+    return out.pow(2).sum(1)
+
+
+def _err(cls, kw, dtype, compiled=False, batch=4, reduction="sum"):
+    torch.manual_seed(0)
+    model = Tagger(cls, **kw).to(dtype)
+    x = torch.randn(batch, 6, 4, dtype=dtype)
+    bk = fx_bk.transform(model, max_grad_norm=0.05, loss_reduction=reduction)
+    if compiled:
+        torch._dynamo.reset()
+        bk = torch.compile(bk, fullgraph=True)
+    model.zero_grad(set_to_none=True)
+    losses = _loss(bk(x), x)
+    (losses.sum() if reduction == "sum" else losses.mean()).backward()
+    got = {n: p.grad for n, p in model.named_parameters()}
+    return max_rel_err(got, loop_clipped_sum(model, x, _loss, 0.05))
+
+
+@pytest.mark.parametrize("cls, kw", CASES, ids=[f"{c.__name__}-{k}" for c, k in CASES])
+def test_recurrent_layers_are_exact(cls, kw):
+    assert _err(cls, kw, torch.float64) <= 1e-12
+
+
+def test_lstm_compiled_float32_and_mean_reduction():
+    """Dynamo refuses RNN modules unless ``allow_rnn`` (torch's own switch, for any RNN under
+    torch.compile); with it, one graph, exact."""
+    with torch._dynamo.config.patch(allow_rnn=True):
+        assert _err(nn.LSTM, dict(batch_first=True, num_layers=2), torch.float32,
+                    compiled=True) <= 2e-5
+    assert _err(nn.GRU, dict(batch_first=True), torch.float64, batch=1,
+                reduction="mean") <= 1e-12
+
+
+def test_hidden_weight_is_one_merged_linear_bundle():
+    """The T hidden projections of W_hh are one bundle: one norm term with cross terms."""
+    model = Tagger(nn.LSTM, batch_first=True)
+    bk = fx_bk.transform(model, max_grad_norm=1.0)
+    bk(torch.randn(2, 6, 4))
+    prog = bk.programs[-1].prog
+    hh = [s for s in prog.sites if "rnn.weight_hh_l0" in s.params.values()]
+    assert len(hh) == 6
+    bundles = [b for b in prog.bundles if set(b.sites) & {prog.sites.index(s) for s in hh}]
+    assert len(bundles) == 1 and len(bundles[0].sites) == 6
+
+
+def test_eval_without_grad_keeps_the_fused_op():
+    model = Tagger(nn.GRU, batch_first=True).eval()
+    bk = fx_bk.transform(model, max_grad_norm=1.0)
+    x = torch.randn(3, 6, 4)
+    with torch.no_grad():
+        torch.testing.assert_close(bk(x), model(x))
