@@ -81,6 +81,16 @@ def trace_model(prog: BKProgram) -> None:
             f"follow it. Compute both branches and select with torch.where, or move the "
             f"decision out of forward",
         )]) from e
+    except RuntimeError as e:  # a kernel's shape/dtype rules refused the traced tensors
+        first = (str(e).strip().splitlines() or [type(e).__name__])[0].rstrip(".")
+        raise UnsupportedModelError([Problem(
+            "trace-failed",
+            f"tracing the forward with a symbolic batch failed at {user_frame(e)}: {first}. "
+            f"fx_bk traces one program for every batch size on fake tensors; an op whose meta "
+            f"kernel rejects these inputs (e.g. the grouped matmul of mixture-of-experts "
+            f"layers) cannot be traced. If the model runs with these inputs without fx_bk, "
+            f"that op is not supported: freeze its module or replace it",
+        )]) from e
     prog.problems.extend(_custom_gradient_problems(model, functions, hooks))
     set_flat_codegen(gm)  # flat placeholders, no pytree wrapping
     prog.mode = mode
