@@ -47,8 +47,20 @@ def build_joint(prog: BKProgram) -> None:
             for v, d in zip(vals, prog.differentiable_outputs) if d
         ]
     joint = make_joint_function(prog)
-    with prog.mode.fake_mode:
-        gm = make_fx(functionalize(joint))(list(prog.fake_inputs), tangents)
+    try:
+        with prog.mode.fake_mode:
+            gm = make_fx(functionalize(joint))(list(prog.fake_inputs), tangents)
+    except RuntimeError as e:  # vmap refuses an op of a parameter-only chain
+        derived = _instantiated_derivations(prog)
+        if not derived:
+            raise
+        raise UnsupportedModelError([Problem(
+            "unsupported-op",
+            f"the per-sample gradients of {d.name} (computed from parameters "
+            f"{list(d.sources)} by {' -> '.join(d.chain)}) are mapped back by vmap(vjp), "
+            f"which failed: {str(e).strip().splitlines()[0]}. Freeze those parameters or "
+            f"apply them to the batch directly",
+        ) for d in derived]) from e
     _name_placeholders(gm, len(prog.fake_inputs))
     if prog.mode.specialized_batch() is not None:
         fallback = [s for s in prog.sites if s.rule.fallback]
@@ -60,8 +72,7 @@ def build_joint(prog: BKProgram) -> None:
                 f"another fallback site) specializes the batch size; freeze its parameters or "
                 f"express the layer with a supported op",
             ) for s in fallback])
-        derived = [d for b in prog.bundles if isinstance(b.handler, DerivedBundle)
-                   and not b.handler.isometric for d in b.handler.derivation.values]
+        derived = _instantiated_derivations(prog)
         if derived:
             raise UnsupportedModelError([Problem(
                 "unsupported-op",
@@ -75,6 +86,12 @@ def build_joint(prog: BKProgram) -> None:
             "the joint graph; please report this with the model"
         )
     prog.joint_graph = gm
+
+
+def _instantiated_derivations(prog: BKProgram) -> list:
+    """The derived values whose per-sample gradients go through ``vmap(vjp)``."""
+    return [d for b in prog.bundles if isinstance(b.handler, DerivedBundle)
+            and not b.handler.isometric for d in b.handler.derivation.values]
 
 
 def _name_placeholders(gm: torch.fx.GraphModule, num_primals: int) -> None:

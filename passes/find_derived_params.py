@@ -229,4 +229,8 @@ def derivation_for(prog: BKProgram, values: list[DerivedValue]) -> Derivation:
     module = decompose_to_core_aten(torch.fx.GraphModule(prog.forward_graph, graph),
                                     [prog.fake_inputs[index[n]] for n in inputs],
                                     prog.mode.fake_mode)
+    for n in module.graph.nodes:  # vmap copies in the default layouts only; values are equal
+        if n.target is aten.clone.default and "memory_format" in n.kwargs:
+            n.kwargs = {k: v for k, v in n.kwargs.items() if k != "memory_format"}
+    module.recompile()
     return Derivation(module, tuple(values), tuple(index[n] for n in inputs), sources)

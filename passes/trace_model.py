@@ -28,8 +28,8 @@ from fx_bk.autocast import entered
 from fx_bk.errors import Problem, UnsupportedModelError
 from fx_bk.layout import flatten, unflatten
 from fx_bk.module_state import swapped_state
-from fx_bk.recurrent import RECURRENT_DECOMPOSITIONS
 from fx_bk.site import BatchGuard
+from fx_bk.trace_decompositions import TRACE_DECOMPOSITIONS
 from fx_bk.user_code import user_frame
 
 from .describe import op_name, shared_input_hint, where
@@ -71,7 +71,7 @@ def trace_model(prog: BKProgram) -> None:
     try:
         with mode.fake_mode, entered(prog.autocast), recording_tensor_hooks(hooks):
             gm = make_fx(forward, pre_dispatch=True, record_stack_traces=True,
-                         decomposition_table=RECURRENT_DECOMPOSITIONS)(flat)
+                         decomposition_table=TRACE_DECOMPOSITIONS)(flat)
     except data_dependent_errors() as e:
         raise UnsupportedModelError([Problem(
             "data-dependent",

@@ -24,3 +24,11 @@ def test_ci_runs_the_readme_test_command():
     for part in test_cmd.split(" && "):
         assert part.replace("pip install", "").strip() in ci, part
     assert "python -m fx_bk.demo" in " ".join(blocks)
+
+
+def test_architecture_table_matches_the_zoo():
+    from .zoo import table as zoo_table
+
+    table = re.search(r"<!-- zootable:start -->\n(.*?)\n<!-- zootable:end -->", README, re.S)
+    assert table is not None
+    assert table.group(1) == zoo_table()

@@ -111,7 +111,8 @@ PRIVATE_APIS = {
         "Graph._codegen = torch.fx.graph.CodeGen()",
         "flat placeholders instead of make_fx's pytree wrapping", "torch 2.13"),
     "decompose_to_core_aten": (
-        "torch._decomp.core_aten_decompositions, make_fx(decomposition_table=...)",
+        "torch._decomp.core_aten_decompositions, get_decompositions, "
+        "make_fx(decomposition_table=...)",
         "parameter-only ops as core aten, whose vmap batch rules keep the batch symbolic",
         "torch 2.13"),
     "is_op_overload / op_schema / op_display_name": (
@@ -281,20 +282,23 @@ def set_flat_codegen(gm: torch.fx.GraphModule) -> None:
     gm.recompile()
 
 
-_VMAP_UNSAFE = [  # op packets whose vmap batch rules read the (symbolic) batch size as an int
+_SIZE_READING = [  # op packets whose vmap batch rules read sizes as ints, pinning a
+    # symbolic batch: traced through their Python decompositions instead
     torch.ops.aten.embedding, torch.ops.aten.native_batch_norm,
     torch.ops.aten._native_batch_norm_legit, torch.ops.aten._native_batch_norm_legit_no_training,
     torch.ops.aten._native_batch_norm_legit_functional, torch.ops.aten.native_layer_norm,
     torch.ops.aten.native_group_norm, torch.ops.aten.index_select,
+    torch.ops.aten.upsample_bilinear2d, torch.ops.aten.upsample_nearest2d,
+    torch.ops.aten.upsample_bicubic2d, torch.ops.aten.upsample_linear1d,
 ]
 
 
 def decompose_to_core_aten(gm: torch.fx.GraphModule, fake_inputs, fake_mode):
     """``gm`` re-traced as core aten ops (e.g. ``embedding`` -> ``index``, ``_weight_norm``
-    -> norms and divisions): some composite ops' vmap batch rules read concrete sizes."""
+    -> norms and divisions), whose vmap batch rules keep the batch symbolic."""
     from torch._decomp import core_aten_decompositions, get_decompositions
 
-    table = {**core_aten_decompositions(), **get_decompositions(_VMAP_UNSAFE)}
+    table = {**core_aten_decompositions(), **get_decompositions(_SIZE_READING)}
     with fake_mode:
         out = make_fx(gm, decomposition_table=table)(*fake_inputs)
     set_flat_codegen(out)

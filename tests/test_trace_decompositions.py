@@ -1,0 +1,84 @@
+"""Ops the BK forward trace rewrites (``fx_bk/trace_decompositions.py``): constant padding out
+of place, attention with a trainable mask as its math. Each equals the op, and a model using it
+gets exact clipped gradients (the rewrite must keep autograd's gradient, not only the value)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+import fx_bk
+from fx_bk.attention import _sdpa_with_trainable_mask
+from fx_bk.testing import loop_clipped_sum, max_rel_err
+from fx_bk.trace_decompositions import _pad_functional
+
+PADS = [(0, 0), (1, 2), (0, 0, 0, 1), (2, 0, -1, 1), (-1, -2, 1, 0, 0, 3)]
+
+
+@pytest.mark.parametrize("pad", PADS, ids=str)
+def test_functional_pad_equals_f_pad(pad):
+    x = torch.randn(2, 5, 6, 7, requires_grad=True)
+    ref = F.pad(x, pad, value=0.5)
+    got = _pad_functional(x, pad, 0.5)
+    torch.testing.assert_close(got, ref)
+    g = torch.randn_like(ref)
+    torch.testing.assert_close(torch.autograd.grad(got, x, g)[0],
+                               torch.autograd.grad(ref, x, g)[0])
+
+
+def test_sdpa_math_equals_fused_op_with_a_float_mask():
+    q, k, v = (torch.randn(2, 3, 5, 4, dtype=torch.float64) for _ in range(3))
+    mask = torch.randn(3, 5, 5, dtype=torch.float64, requires_grad=True)
+    torch.testing.assert_close(_sdpa_with_trainable_mask(q, k, v, mask, scale=0.3),
+                               F.scaled_dot_product_attention(q, k, v, mask, scale=0.3))
+    assert _sdpa_with_trainable_mask(q, k, v, mask.detach()) is NotImplemented
+
+
+class PadBetweenLayers(nn.Module):
+    def __init__(self, pad):
+        super().__init__()
+        self.pad = pad
+        self.a, self.ln, self.b = nn.Linear(4, 4), nn.LayerNorm(4), nn.Linear(4, 2)
+
+    def forward(self, x):  # [B, T, 4]
+        h = F.pad(self.ln(self.a(x)), self.pad)
+        return self.b(h[:, :x.shape[1], :4]).sum(1)
+
+
+class BiasTableAttention(nn.Module):
+    """A relative bias table gathered by constant indices, as SDPA's additive mask."""
+
+    def __init__(self, t=4, heads=2):
+        super().__init__()
+        self.qkv = nn.Linear(8, 24)
+        self.table = nn.Parameter(torch.randn(2 * t - 1, heads) * 0.3)
+        i = torch.arange(t)
+        self.register_buffer("index", (i[None] - i[:, None] + t - 1).view(-1))
+        self.t, self.heads, self.out = t, heads, nn.Linear(8, 2)
+
+    def forward(self, x):  # [B, T, 8]
+        b = x.shape[0]
+        q, k, v = self.qkv(x).view(b, self.t, 3, self.heads, 4).permute(2, 0, 3, 1, 4)
+        bias = self.table[self.index].view(self.t, self.t, self.heads).permute(2, 0, 1)
+        h = F.scaled_dot_product_attention(q, k, v, attn_mask=bias)
+        return self.out(h.transpose(1, 2).reshape(b, self.t, 8)).sum(1)
+
+
+@pytest.mark.parametrize("model, shape", [
+    (PadBetweenLayers((0, 0, 0, 1)), (3, 5, 4)),
+    (PadBetweenLayers((1, 1, 2, 0)), (3, 5, 4)),
+    (BiasTableAttention(), (3, 4, 8)),
+], ids=["pad-rows", "pad-both-dims", "sdpa-bias-table"])
+@pytest.mark.parametrize("max_grad_norm", [1e9, 0.05], ids=["unclipped", "clipped"])
+def test_rewritten_ops_give_exact_clipped_gradients(model, shape, max_grad_norm):
+    torch.manual_seed(0)
+    model = model.double()
+    x = torch.randn(*shape, dtype=torch.float64)
+    bk = fx_bk.transform(model, max_grad_norm=max_grad_norm, loss_reduction="sum")
+    model.zero_grad(set_to_none=True)
+    bk(x).pow(2).sum().backward()
+    got = {n: p.grad for n, p in model.named_parameters()}
+    ref = loop_clipped_sum(model, x, lambda o, xi: o.pow(2).sum(1), max_grad_norm)
+    assert max_rel_err(got, ref) <= 1e-12
