@@ -49,6 +49,27 @@ def swapped_state(model: torch.nn.Module, tensors: dict[str, torch.Tensor]):
             table[attr] = original
 
 
+@contextlib.contextmanager
+def kept_tensor_attributes(model: torch.nn.Module):
+    """Tensors held in plain attributes (``self.scale = torch.arange(4.)``, a cache a module
+    fills on its first call: Hugging Face BEiT's ``relative_position_index``) are what they were
+    before the block: a trace reads them as constants, and a value the forward stored during the
+    trace (a fake tensor) does not stay in the user's model."""
+    modules = {id(m): m for _, m in model.named_modules(remove_duplicate=False)}
+    saved = {key: {k: v for k, v in m.__dict__.items() if isinstance(v, torch.Tensor)}
+             for key, m in modules.items()}
+    try:
+        yield model
+    finally:
+        for key, m in modules.items():
+            for k, v in list(m.__dict__.items()):
+                if isinstance(v, torch.Tensor) and saved[key].get(k) is not v:
+                    if k in saved[key]:
+                        m.__dict__[k] = saved[key][k]
+                    else:
+                        del m.__dict__[k]
+
+
 _PLAIN = (bool, int, float, str, type(None))
 
 

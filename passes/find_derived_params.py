@@ -110,7 +110,8 @@ def find_derived_params(prog: BKProgram) -> None:
                 "is written in place with batched data, so its value mixes the parameters "
                 "with samples; compute the result out of place")))
             continue
-        if any(dep.get(u) is Dep.BATCH or u.op == "output" for u in node.users):
+        meets_batch = any(dep.get(u) is Dep.BATCH or u.op == "output" for u in node.users)
+        if meets_batch and isinstance(node.meta.get("val"), torch.Tensor):
             prog.derived[node.name] = _derived_value(node, dep, trainable)
 
 

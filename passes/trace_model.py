@@ -27,7 +27,7 @@ from fx_bk._torch_internals import (
 from fx_bk.autocast import entered
 from fx_bk.errors import Problem, UnsupportedModelError
 from fx_bk.layout import flatten, unflatten
-from fx_bk.module_state import swapped_state
+from fx_bk.module_state import kept_tensor_attributes, swapped_state
 from fx_bk.site import BatchGuard
 from fx_bk.trace_decompositions import TRACE_DECOMPOSITIONS
 from fx_bk.user_code import user_frame
@@ -69,7 +69,8 @@ def trace_model(prog: BKProgram) -> None:
     functions: list[str] = []
     hooks: list[str] = []
     try:
-        with mode.fake_mode, entered(prog.autocast), recording_tensor_hooks(hooks):
+        with mode.fake_mode, entered(prog.autocast), recording_tensor_hooks(hooks), \
+                kept_tensor_attributes(model):
             gm = make_fx(forward, pre_dispatch=True, record_stack_traces=True,
                          decomposition_table=TRACE_DECOMPOSITIONS)(flat)
     except data_dependent_errors() as e:

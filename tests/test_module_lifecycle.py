@@ -242,3 +242,32 @@ def test_a_change_dynamo_does_not_guard_is_an_error_after_compiling(what):
     torch.compiler.reset()
     got = fx_bk_grads(step, model, x, y, "mean")
     assert max_rel_err(got, fx_bk.testing.vmap_clipped_sum(model, x, y, 0.1)) <= 1e-10
+
+
+class TensorAttributes(nn.Module):
+    """A constant in a plain attribute, and a cache the forward fills on its first call."""
+
+    def __init__(self):
+        super().__init__()
+        self.lin = nn.Linear(4, 4)
+        self.scale = torch.arange(4.0)
+
+    def forward(self, x):
+        if getattr(self, "cache", None) is None:
+            self.cache = torch.linspace(0.5, 1.0, 4)
+        return self.lin(x) * self.scale.to(x.dtype) + self.cache.to(x.dtype)
+
+
+def test_plain_tensor_attributes_are_constants_and_stay_real():
+    from fx_bk.testing import loop_clipped_sum, max_rel_err
+
+    torch.manual_seed(0)
+    model = TensorAttributes().double()
+    x = torch.randn(3, 4, dtype=torch.float64)
+    bk = fx_bk.transform(model, max_grad_norm=0.05, loss_reduction="sum")
+    bk(x).pow(2).sum().backward()
+    for value in (model.scale, getattr(model, "cache", None)):
+        assert value is None or not isinstance(value, torch._subclasses.FakeTensor)
+    got = {n: p.grad for n, p in model.named_parameters()}
+    ref = loop_clipped_sum(model, x, lambda o, xi: o.pow(2).sum(1), 0.05)
+    assert max_rel_err(got, ref) <= 1e-12

@@ -114,6 +114,17 @@ def _t5():
     return Seq2Seq(), _ids, forward_loss
 
 
+def _lora(base: str, targets: list[str]):
+    def build():
+        import peft
+
+        model, make_input, loss = by_name(base).build()
+        config = peft.LoraConfig(r=2, lora_alpha=4, lora_dropout=0.0, target_modules=targets,
+                                 fan_in_fan_out=base == "gpt2")
+        return peft.get_peft_model(model, config), make_input, loss
+    return build
+
+
 class RecurrentTagger(nn.Module):
     def __init__(self, cls, **kw):
         super().__init__()
@@ -339,6 +350,11 @@ ZOO: list[Arch] = [
     Arch("mixtral", "mixture of experts (routed tokens)", _causal(
         "MixtralConfig", "MixtralForCausalLM", num_local_experts=4, num_experts_per_tok=2),
          ci=False, expect="rejected: trace-failed"),
+    # PEFT adapters (only the adapter weights train)
+    Arch("peft_lora_gpt2", "LoRA on Conv1D attention (c_attn)", _lora(
+        "gpt2", ["c_attn"])),
+    Arch("peft_lora_llama", "LoRA on q/v projections", _lora("llama", ["q_proj", "v_proj"]),
+         ci=False),
     # vision (Hugging Face)
     Arch("hf_vit", "patch conv, cls token expand", _vision(
         "ViTForImageClassification", "ViTConfig", hidden_size=D, num_hidden_layers=2,

@@ -169,7 +169,8 @@ class SymbolicBatchMode:
 
     def __init__(self) -> None:
         self.shape_env = ShapeEnv()
-        self.fake_mode = FakeTensorMode(shape_env=self.shape_env, allow_non_fake_inputs=False)
+        # real tensors the forward reads from plain attributes become constants of the trace
+        self.fake_mode = FakeTensorMode(shape_env=self.shape_env, allow_non_fake_inputs=True)
         self._batch_source = None
         self._batch_symbol = None
 
