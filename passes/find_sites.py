@@ -18,8 +18,6 @@ from .batch_locations import Mixed, Sample
 from .describe import module_of, op_name, report_mixing, where
 from .program import BKProgram
 
-aten = torch.ops.aten
-
 
 def supported_ops() -> str:
     names = ", ".join(sorted({r.name for r in RULES.values()}))
@@ -97,10 +95,6 @@ def find_sites(prog: BKProgram) -> None:
             prog.problems.append(Problem("unsupported-op", msg))
 
 
-_VIEWS = {aten.view.default, aten.reshape.default, aten._unsafe_view.default,
-          aten.flatten.using_ints, aten.contiguous.default, aten.clone.default}
-
-
 def _unfold_batch(site: Site, node: torch.fx.Node, locs: dict) -> None:
     """For row-wise rules (``Rule.folds_batch``), read a row tensor whose batch is not (only)
     dim 0 as batch-first, from the batch location the proof gave it
@@ -133,6 +127,8 @@ def _unfold_batch(site: Site, node: torch.fx.Node, locs: dict) -> None:
     except TypeError:
         return  # sizes that depend on the batch: not a layout fx_bk reads
     n_lead = loc.dim + 1
+    if not all(isinstance(d, int) for d in shape[:loc.dim]):
+        return
     if n_lead > len(shape) - site.rule.core_dims(site):
         return  # the batch sits in dims the op mixes: the layout error stays
     prefix = (*shape[:loc.dim], *([outer] if outer != 1 else []), "B",
