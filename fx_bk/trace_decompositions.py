@@ -2,6 +2,8 @@
 
 * fused recurrent ops as their cells (``recurrent.py``);
 * attention with a trainable mask as its math (``attention.py``);
+* a trainable table indexed by one integer tensor (``weight[position_ids]``: Whisper's learned
+  positions) as the ``embedding`` it is, which has a ghost-norm rule;
 * constant padding (``F.pad``, ``aten.constant_pad_nd``) as concatenations with filled blocks
   and narrowing: the composite kernels read the input's sizes as integers, which pins the
   symbolic batch when the joint graph re-traces them, and their Python reference writes into a
@@ -45,9 +47,19 @@ def _constant_pad(input, pad, mode="constant", value=None):
     return _pad_functional(input, pad, 0.0 if value is None else value)
 
 
+def _index_as_embedding(input, indices):
+    """``table[ids]`` on a trainable 2-D parameter (a leaf, not an activation) with one integer
+    index tensor: ``embedding``."""
+    if (input.dim() != 2 or not (input.requires_grad and input.is_leaf) or len(indices) != 1
+            or indices[0] is None or indices[0].dtype not in (torch.int64, torch.int32)):
+        return NotImplemented
+    return aten.embedding.default(input, indices[0])
+
+
 TRACE_DECOMPOSITIONS = {
     **RECURRENT_DECOMPOSITIONS,
     **ATTENTION_DECOMPOSITIONS,
     aten.pad.default: _constant_pad,
     aten.constant_pad_nd.default: _pad_functional,
+    aten.index.Tensor: _index_as_embedding,
 }

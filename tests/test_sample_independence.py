@@ -70,6 +70,7 @@ COUPLING = [
     ("unbind-before-batch",  # pieces of [2, B, d/2]: b.sum(0) is over the batch
      lambda z: (lambda a, b: torch.cat([a + b.sum(0, keepdim=True), b], 1))(
          *z.reshape(z.shape[0], 2, -1).transpose(0, 1)), None),
+    ("repeat-batch-shifted", lambda z: z.repeat(2, 1)[1:z.shape[0] + 1], None),
     ("output-centering", None, lambda o: o - o.mean(0)),
     ("output-batch-softmax", None, lambda o: o.softmax(0)),
     ("batch-statistics", None, lambda o: F.batch_norm(o, None, None, training=True)),
@@ -84,6 +85,8 @@ SAMPLEWISE = [
     ("arange-index", lambda z: z[torch.arange(z.shape[0])], None),
     ("per-sample-norm", lambda z: z / z.norm(dim=1, keepdim=True), None),
     ("uniform-mask", lambda z: z * torch.ones(z.shape[0], 1), None),
+    ("repeated-constant-rows", lambda z: z + torch.arange(z.shape[1], dtype=z.dtype)[None]
+     .repeat(z.shape[0], 1), None),
     ("unbind-before-batch", lambda z: torch.cat(
         z.reshape(z.shape[0], 2, -1).transpose(0, 1).unbind(0), 1), None),
 ]

@@ -66,11 +66,25 @@ class BiasTableAttention(nn.Module):
         return self.out(h.transpose(1, 2).reshape(b, self.t, 8)).sum(1)
 
 
+class IndexedPositions(nn.Module):
+    """Whisper's learned positions: ``weight[position_ids]`` with ids repeated over the batch."""
+
+    def __init__(self):
+        super().__init__()
+        self.pos = nn.Embedding(8, 4)
+        self.out = nn.Linear(4, 2)
+
+    def forward(self, x):  # [B, T, 4]
+        ids = torch.arange(x.shape[1]).unsqueeze(0).repeat(x.shape[0], 1)
+        return self.out(x + self.pos.weight[ids]).sum(1)
+
+
 @pytest.mark.parametrize("model, shape", [
+    (IndexedPositions(), (3, 5, 4)),
     (PadBetweenLayers((0, 0, 0, 1)), (3, 5, 4)),
     (PadBetweenLayers((1, 1, 2, 0)), (3, 5, 4)),
     (BiasTableAttention(), (3, 4, 8)),
-], ids=["pad-rows", "pad-both-dims", "sdpa-bias-table"])
+], ids=["indexed-table", "pad-rows", "pad-both-dims", "sdpa-bias-table"])
 @pytest.mark.parametrize("max_grad_norm", [1e9, 0.05], ids=["unclipped", "clipped"])
 def test_rewritten_ops_give_exact_clipped_gradients(model, shape, max_grad_norm):
     torch.manual_seed(0)

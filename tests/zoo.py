@@ -114,6 +114,41 @@ def _t5():
     return Seq2Seq(), _ids, forward_loss
 
 
+def _whisper():
+    tf = _hf()
+    cfg = tf.WhisperConfig(vocab_size=V, num_mel_bins=4, encoder_layers=1, decoder_layers=1,
+                           encoder_attention_heads=2, decoder_attention_heads=2, d_model=D,
+                           encoder_ffn_dim=32, decoder_ffn_dim=32, max_source_positions=4,
+                           max_target_positions=16, pad_token_id=0, bos_token_id=1,
+                           eos_token_id=2, decoder_start_token_id=1, dropout=0.0)
+    model = tf.WhisperForConditionalGeneration(cfg)
+
+    class SpeechToText(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.model = model
+
+        def forward(self, features, ids):
+            return self.model(input_features=features, decoder_input_ids=ids, use_cache=False)
+
+    def make_input(g, b):
+        return torch.randn(b, 4, 8, generator=g), _ids(g, b)
+
+    return SpeechToText(), make_input, lambda out, x: _lm_loss(out, x[1])
+
+
+def _wav2vec2():
+    tf = _hf()
+    cfg = tf.Wav2Vec2Config(
+        vocab_size=V, hidden_size=D, num_hidden_layers=1, num_attention_heads=2,
+        intermediate_size=32, conv_dim=(8, 8), conv_stride=(2, 2), conv_kernel=(3, 3),
+        num_conv_pos_embeddings=4, num_conv_pos_embedding_groups=2, num_labels=3,
+        hidden_dropout=0.0, attention_dropout=0.0, activation_dropout=0.0, feat_proj_dropout=0.0,
+        layerdrop=0.0, mask_time_prob=0.0, classifier_proj_size=8, final_dropout=0.0)
+    model = tf.Wav2Vec2ForSequenceClassification(cfg)
+    return model, lambda g, b: torch.randn(b, 40, generator=g), _cls_loss
+
+
 def _lora(base: str, targets: list[str]):
     def build():
         import peft
@@ -350,6 +385,15 @@ ZOO: list[Arch] = [
     Arch("mixtral", "mixture of experts (routed tokens)", _causal(
         "MixtralConfig", "MixtralForCausalLM", num_local_experts=4, num_experts_per_tok=2),
          ci=False, expect="rejected: trace-failed"),
+    Arch("whisper", "audio encoder-decoder, sinusoidal + learned positions", _whisper,
+         ci=False),
+    Arch("gpt2_default_config", "use_cache=True (a cache in the outputs), dropout 0.1",
+         _causal("GPT2Config", "GPT2LMHeadModel", n_layer=2, n_embd=D, n_head=2,
+                 n_positions=32), ci=False),
+    Arch("phi3_default_rotary", "full rotary: an empty pass-through slice", _causal(
+        "Phi3Config", "Phi3ForCausalLM"), ci=False),
+    Arch("wav2vec2", "conv feature encoder, weight-normed positional conv", _wav2vec2,
+         ci=False),
     # PEFT adapters (only the adapter weights train)
     Arch("peft_lora_gpt2", "LoRA on Conv1D attention (c_attn)", _lora(
         "gpt2", ["c_attn"])),

@@ -108,20 +108,44 @@ def unsqueeze(node, args, loc, ctx):
     return lx.at(lx.dim + (d <= lx.dim))
 
 
+def _broadcast_shared(node, lx: Shared, ctx):
+    """A shared value whose entries do not depend on the batch, expanded or tiled to the batch
+    size at one dim, is per-sample there: every sample gets the same rows, computed from no
+    sample (``buffer.expand(B, -1)``: HF token type ids; ``arange(T)[None].repeat(B, 1)``:
+    Whisper's position ids). Sized by the batch any other way, it is batchy."""
+    shape = ctx.shape(node) or []
+    dims = [d for d, s in enumerate(shape) if ctx.has_batch(s)]
+    if len(dims) == 1 and sympy.simplify(shape[dims[0]] - ctx.symbol) == 0:
+        return Sample(dims[0])
+    return Shared(True) if dims else lx
+
+
 def expand(node, args, loc, ctx):
-    """A per-sample tensor keeps its layout. A shared value whose entries do not depend on the
-    batch, expanded to the batch size at one dim, is per-sample there: every sample gets the
-    same rows, computed from no sample (``buffer.expand(B, -1)``: HF token type ids)."""
+    """A per-sample tensor keeps its layout; a shared one, see :func:`_broadcast_shared`."""
     lx = loc(first_tensor(args))
     if isinstance(lx, Shared) and not lx.batchy:
-        shape = ctx.shape(node) or []
-        dims = [d for d, s in enumerate(shape) if ctx.has_batch(s)]
-        if len(dims) == 1 and sympy.simplify(shape[dims[0]] - ctx.symbol) == 0:
-            return Sample(dims[0])
+        return _broadcast_shared(node, lx, ctx)
     if not isinstance(lx, Sample):
         return lx
     shift = len(ctx.shape(node)) - len(ctx.shape(first_tensor(args)))
     return lx.at(lx.dim + shift)
+
+
+def repeat(node, args, loc, ctx):
+    """``x.repeat(*r)`` tiles every dim: a per-sample tensor tiled along its other dims stays
+    per-sample; tiling the batch dim copies samples into other samples' rows. A shared one, see
+    :func:`_broadcast_shared`."""
+    x = first_tensor(args)
+    lx = loc(x)
+    if isinstance(lx, Shared):
+        return lx if lx.batchy else _broadcast_shared(node, lx, ctx)
+    if not isinstance(lx, Sample):
+        return lx
+    reps = [ctx.value(r) for r in args["repeats"]]
+    d = lx.dim + len(reps) - len(ctx.shape(x))
+    if not (isinstance(reps[d], int) and reps[d] == 1):
+        return mixed(node, "repeats the batch dimension")
+    return lx.at(d)
 
 
 def split(node, args, loc, ctx):

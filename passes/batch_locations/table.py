@@ -19,7 +19,18 @@ from .contractions import (
 from .elementwise import arange, creation, pointwise
 from .lattice import PROBE, Loss, Mixed, Sample, Shared, UnknownForm, arg_values, mixed
 from .layers import batch_first, batch_norm, embedding, leading_batch
-from .layout import cat, expand, getitem, index, index_dim, permute, reshape, split, unsqueeze
+from .layout import (
+    cat,
+    expand,
+    getitem,
+    index,
+    index_dim,
+    permute,
+    repeat,
+    reshape,
+    split,
+    unsqueeze,
+)
 from .losses import loss_op, on_loss
 from .reductions import along, reduction
 
@@ -101,6 +112,7 @@ RULES[aten.permute] = RULES[aten.transpose] = RULES[aten.t] = permute
 RULES[aten.select] = RULES[aten.slice] = RULES[aten.narrow] = index_dim
 RULES[aten.unsqueeze] = unsqueeze
 RULES[aten.expand] = RULES[aten.expand_as] = expand
+RULES[aten.repeat] = repeat
 RULES[aten.split] = RULES[aten.split_with_sizes] = RULES[aten.chunk] = split
 RULES[aten.unbind] = split
 for _packet, _spec in ((aten.matmul, matmul_spec), (aten.mm, matmul_spec),
