@@ -3,7 +3,8 @@
 * fused recurrent ops as their cells (``recurrent.py``);
 * attention with a trainable mask as its math (``attention.py``);
 * a trainable table indexed by one integer tensor (``weight[position_ids]``: Whisper's learned
-  positions) as the ``embedding`` it is, which has a ghost-norm rule;
+  positions; ``gate_up_proj[expert_ids]``: mixture-of-experts weights gathered per token) as
+  the ``embedding`` it is, which has a ghost-norm rule;
 * constant padding (``F.pad``, ``aten.constant_pad_nd``) as concatenations with filled blocks
   and narrowing: the composite kernels read the input's sizes as integers, which pins the
   symbolic batch when the joint graph re-traces them, and their Python reference writes into a
@@ -48,12 +49,17 @@ def _constant_pad(input, pad, mode="constant", value=None):
 
 
 def _index_as_embedding(input, indices):
-    """``table[ids]`` on a trainable 2-D parameter (a leaf, not an activation) with one integer
-    index tensor: ``embedding``."""
-    if (input.dim() != 2 or not (input.requires_grad and input.is_leaf) or len(indices) != 1
+    """``table[ids]`` on a trainable parameter (a leaf, not an activation) with one integer
+    index tensor: ``embedding`` of its rows (flattened when the table has more dims, as the
+    expert weights ``[E, out, in]`` a mixture-of-experts layer gathers per token)."""
+    if (input.dim() < 2 or not (input.requires_grad and input.is_leaf) or len(indices) != 1
             or indices[0] is None or indices[0].dtype not in (torch.int64, torch.int32)):
         return NotImplemented
-    return aten.embedding.default(input, indices[0])
+    ids = indices[0]
+    if input.dim() == 2:
+        return aten.embedding.default(input, ids)
+    rows = aten.embedding.default(input.reshape(input.shape[0], -1), ids)
+    return rows.reshape(*ids.shape, *input.shape[1:])
 
 
 TRACE_DECOMPOSITIONS = {

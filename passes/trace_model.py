@@ -84,13 +84,17 @@ def trace_model(prog: BKProgram) -> None:
         )]) from e
     except RuntimeError as e:  # a kernel's shape/dtype rules refused the traced tensors
         first = (str(e).strip().splitlines() or [type(e).__name__])[0].rstrip(".")
+        where_ = user_frame(e)
+        hint = (" Hugging Face mixture-of-experts layers: build the model with "
+                "experts_implementation=\"batched_mm\" (or call "
+                "model.set_experts_implementation(\"batched_mm\")), whose per-token gathered "
+                "expert weights fx_bk clips exactly." if "grouped_mm" in where_ + first else "")
         raise UnsupportedModelError([Problem(
             "trace-failed",
-            f"tracing the forward with a symbolic batch failed at {user_frame(e)}: {first}. "
+            f"tracing the forward with a symbolic batch failed at {where_}: {first}. "
             f"fx_bk traces one program for every batch size on fake tensors; an op whose meta "
-            f"kernel rejects these inputs (e.g. the grouped matmul of mixture-of-experts "
-            f"layers) cannot be traced. If the model runs with these inputs without fx_bk, "
-            f"that op is not supported: freeze its module or replace it",
+            f"kernel rejects these inputs cannot be traced. If the model runs with these inputs "
+            f"without fx_bk, that op is not supported: freeze its module or replace it.{hint}",
         )]) from e
     prog.problems.extend(_custom_gradient_problems(model, functions, hooks))
     set_flat_codegen(gm)  # flat placeholders, no pytree wrapping

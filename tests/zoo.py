@@ -382,9 +382,16 @@ ZOO: list[Arch] = [
         hidden_size=D, intermediate_size=32, num_hidden_layers=2, num_attention_heads=2,
         max_position_embeddings=32, projection_dim=8, pad_token_id=0, bos_token_id=1,
         eos_token_id=2), ci=False),
-    Arch("mixtral", "mixture of experts (routed tokens)", _causal(
+    Arch("mixtral", "mixture of experts, default grouped_mm experts", _causal(
         "MixtralConfig", "MixtralForCausalLM", num_local_experts=4, num_experts_per_tok=2),
-         ci=False, expect="rejected: trace-failed"),
+         ci=False, expect="rejected: trace-failed (asks for batched_mm experts)"),
+    Arch("mixtral_batched_mm", "mixture of experts: expert weights gathered per token", _causal(
+        "MixtralConfig", "MixtralForCausalLM", num_local_experts=4, num_experts_per_tok=2,
+        experts_implementation="batched_mm")),
+    Arch("qwen2_moe_batched_mm", "mixture of experts + shared expert", _causal(
+        "Qwen2MoeConfig", "Qwen2MoeForCausalLM", num_experts=4, num_experts_per_tok=2,
+        moe_intermediate_size=16, shared_expert_intermediate_size=16,
+        experts_implementation="batched_mm"), ci=False),
     Arch("whisper", "audio encoder-decoder, sinusoidal + learned positions", _whisper,
          ci=False),
     Arch("gpt2_default_config", "use_cache=True (a cache in the outputs), dropout 0.1",
