@@ -79,12 +79,41 @@ class IndexedPositions(nn.Module):
         return self.out(x + self.pos.weight[ids]).sum(1)
 
 
+class GatheredExperts(nn.Module):
+    """Top-1 routing to experts whose weights each token gathers (transformers' batched_mm
+    experts): ``W[expert_ids]`` then a batched matmul."""
+
+    def __init__(self, experts=3, d=4):
+        super().__init__()
+        self.router = nn.Linear(d, experts)
+        self.w = nn.Parameter(torch.randn(experts, d, d) * 0.5)
+        self.out = nn.Linear(d, 2)
+
+    def forward(self, x):  # [B, T, d]
+        b, t, d = x.shape
+        tokens = x.reshape(b * t, d)
+        logits = self.router(tokens)
+        ids = logits.argmax(-1)
+        gate = logits.softmax(-1).gather(1, ids[:, None])
+        h = torch.bmm(self.w[ids], tokens.unsqueeze(-1)).squeeze(-1) * gate
+        return self.out(h.view(b, t, d)).sum(1)
+
+
+def test_gathering_a_3d_table_equals_indexing():
+    from fx_bk.trace_decompositions import _index_as_embedding
+
+    w = torch.randn(5, 3, 2, requires_grad=True)
+    ids = torch.tensor([[4, 0], [0, 2]])
+    torch.testing.assert_close(_index_as_embedding(w, [ids]), w[ids])
+
+
 @pytest.mark.parametrize("model, shape", [
     (IndexedPositions(), (3, 5, 4)),
+    (GatheredExperts(), (4, 5, 4)),
     (PadBetweenLayers((0, 0, 0, 1)), (3, 5, 4)),
     (PadBetweenLayers((1, 1, 2, 0)), (3, 5, 4)),
     (BiasTableAttention(), (3, 4, 8)),
-], ids=["indexed-table", "pad-rows", "pad-both-dims", "sdpa-bias-table"])
+], ids=["indexed-table", "gathered-experts", "pad-rows", "pad-both-dims", "sdpa-bias-table"])
 @pytest.mark.parametrize("max_grad_norm", [1e9, 0.05], ids=["unclipped", "clipped"])
 def test_rewritten_ops_give_exact_clipped_gradients(model, shape, max_grad_norm):
     torch.manual_seed(0)

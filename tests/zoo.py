@@ -331,31 +331,32 @@ ZOO: list[Arch] = [
         "GPT2Config", "GPT2LMHeadModel", n_layer=2, n_embd=D, n_head=2, n_positions=32,
         use_cache=False, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)),
     Arch("llama", "RMSNorm, rotary, GQA", _causal("LlamaConfig", "LlamaForCausalLM")),
-    Arch("mistral", "sliding-window GQA", _causal("MistralConfig", "MistralForCausalLM")),
-    Arch("qwen2", "biased q/k/v", _causal("Qwen2Config", "Qwen2ForCausalLM")),
+    Arch("mistral", "sliding-window GQA", _causal("MistralConfig", "MistralForCausalLM"),
+         ci=False),
+    Arch("qwen2", "biased q/k/v", _causal("Qwen2Config", "Qwen2ForCausalLM"), ci=False),
     Arch("gemma", "RMSNorm (1 + w): parameter-derived", _causal(
         "GemmaConfig", "GemmaForCausalLM", head_dim=8)),
     Arch("gpt_neox", "parallel residual, partial rotary", _causal(
-        "GPTNeoXConfig", "GPTNeoXForCausalLM", rotary_pct=0.5)),
+        "GPTNeoXConfig", "GPTNeoXForCausalLM", rotary_pct=0.5), ci=False),
     Arch("phi3", "fused qkv, partial rotary", _causal(
-        "Phi3Config", "Phi3ForCausalLM", partial_rotary_factor=0.5, pad_token_id=0)),
+        "Phi3Config", "Phi3ForCausalLM", partial_rotary_factor=0.5, pad_token_id=0), ci=False),
     Arch("opt", "LayerNorm and Linear on [B*T, d]", _causal(
         "OPTConfig", "OPTForCausalLM", ffn_dim=32, word_embed_proj_dim=D, dropout=0.0,
         attention_dropout=0.0)),
     # encoders
-    Arch("bert", "absolute positions, token types", _encoder("BertConfig",
-                                                             "BertForSequenceClassification")),
+    Arch("bert", "absolute positions, token types",
+         _encoder("BertConfig", "BertForSequenceClassification"), ci=False),
     Arch("roberta", "padding-offset positions", _encoder(
         "RobertaConfig", "RobertaForSequenceClassification", pad_token_id=1)),
     Arch("distilbert", "sinusoid-free positions", _text(
         "DistilBertForSequenceClassification", "DistilBertConfig", vocab_size=V, dim=D,
         n_layers=2, n_heads=2, hidden_dim=32, num_labels=3, dropout=0.0, attention_dropout=0.0,
-        max_position_embeddings=32, seq_classif_dropout=0.0)),
+        max_position_embeddings=32, seq_classif_dropout=0.0), ci=False),
     Arch("albert", "shared layers (reused weights)", _encoder(
         "AlbertConfig", "AlbertForSequenceClassification", embedding_size=8,
         classifier_dropout_prob=0.0)),
     Arch("electra", "embedding projection", _encoder(
-        "ElectraConfig", "ElectraForSequenceClassification", embedding_size=8)),
+        "ElectraConfig", "ElectraForSequenceClassification", embedding_size=8), ci=False),
     Arch("deberta_v2", "disentangled relative attention", _encoder(
         "DebertaV2Config", "DebertaV2ForSequenceClassification", relative_attention=True,
         position_buckets=4, max_relative_positions=8, pos_att_type=["p2c", "c2p"],
@@ -457,7 +458,7 @@ ZOO: list[Arch] = [
     Arch("weight_norm_conv", "weight_norm parametrization (wav2vec2 pos-conv)", _local(
         WeightNormConv, lambda g, b: torch.randn(b, T, 4, generator=g), _wrap(_cls_loss))),
     Arch("gemma_norm_like", "x * (1 + w.to(dtype))", _local(
-        GemmaNormLike, _ids, _wrap(_cls_loss))),
+        GemmaNormLike, _ids, _wrap(_cls_loss)), ci=False),
     Arch("manual_tied_lm", "h @ wte.weight.T next to the embedding", _local(
         ManualTiedLM, _ids, _wrap(_lm_loss))),
 ]
