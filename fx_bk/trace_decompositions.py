@@ -2,6 +2,8 @@
 
 * fused recurrent ops as their cells (``recurrent.py``);
 * attention with a trainable mask as its math (``attention.py``);
+* ``im2col`` (``nn.Unfold``, ConvBERT's span convolution) by torch's own decomposition into
+  padding and indexing: the kernel reads sizes as integers;
 * a trainable table indexed by one integer tensor (``weight[position_ids]``: Whisper's learned
   positions; ``gate_up_proj[expert_ids]``: mixture-of-experts weights gathered per token) as
   the ``embedding`` it is, which has a ghost-norm rule;
@@ -15,6 +17,7 @@ from __future__ import annotations
 
 import torch
 
+from ._torch_internals import library_decompositions
 from .attention import ATTENTION_DECOMPOSITIONS
 from .recurrent import RECURRENT_DECOMPOSITIONS
 
@@ -63,6 +66,7 @@ def _index_as_embedding(input, indices):
 
 
 TRACE_DECOMPOSITIONS = {
+    **library_decompositions([aten.im2col]),
     **RECURRENT_DECOMPOSITIONS,
     **ATTENTION_DECOMPOSITIONS,
     aten.pad.default: _constant_pad,

@@ -143,3 +143,38 @@ def test_multihead_attention(batch_first, compiled):
         got = fx_bk_grads(bk, model, x, y, "mean")
         err = max_rel_err(got, vmap_clipped_sum(model, x, y, 0.1))
         assert err <= (1e-5 if compiled else 1e-10), err
+
+
+class InPlaceParameterOps(nn.Module):
+    """``h += self.bias`` and ``h.mul_(self.scale)`` on an activation that another name
+    aliases (ConvBERT adds its bias this way): the in-place ops are sites of the broadcast
+    rules; the Linear output they update is kept intact for the Linear's own rule."""
+
+    def __init__(self):
+        super().__init__()
+        self.lin = nn.Linear(4, 4)
+        self.bias = nn.Parameter(torch.randn(4))
+        self.scale = nn.Parameter(torch.randn(4))
+        self.out = nn.Linear(4, 2)
+
+    def forward(self, x):
+        h = self.lin(x)
+        alias = h
+        h += self.bias
+        h.mul_(self.scale)
+        return self.out(h + alias).sum(1)
+
+
+def test_in_place_parameter_ops_on_activations_are_exact():
+    from fx_bk.testing import loop_clipped_sum, max_rel_err
+
+    torch.manual_seed(0)
+    model = InPlaceParameterOps().double()
+    x = torch.randn(3, 5, 4, dtype=torch.float64)
+    for norm in (1e9, 0.05):
+        bk = fx_bk.transform(model, max_grad_norm=norm, loss_reduction="sum")
+        model.zero_grad(set_to_none=True)
+        bk(x).pow(2).sum().backward()
+        got = {n: p.grad for n, p in model.named_parameters()}
+        ref = loop_clipped_sum(model, x, lambda o, xi: o.pow(2).sum(1), norm)
+        assert max_rel_err(got, ref) <= 1e-12

@@ -107,13 +107,30 @@ def test_gathering_a_3d_table_equals_indexing():
     torch.testing.assert_close(_index_as_embedding(w, [ids]), w[ids])
 
 
+class UnfoldedSpans(nn.Module):
+    """``nn.Unfold`` of a projection (ConvBERT's span-based convolution), then a Linear."""
+
+    def __init__(self):
+        super().__init__()
+        self.proj = nn.Linear(4, 4)
+        self.unfold = nn.Unfold((3, 1), padding=(1, 0))
+        self.out = nn.Linear(12, 2)
+
+    def forward(self, x):  # [B, T, 4]
+        b, t, _ = x.shape
+        spans = self.unfold(self.proj(x).transpose(1, 2).unsqueeze(-1))  # [B, 12, T]
+        return self.out(spans.transpose(1, 2)).sum(1)
+
+
 @pytest.mark.parametrize("model, shape", [
+    (UnfoldedSpans(), (3, 5, 4)),
     (IndexedPositions(), (3, 5, 4)),
     (GatheredExperts(), (4, 5, 4)),
     (PadBetweenLayers((0, 0, 0, 1)), (3, 5, 4)),
     (PadBetweenLayers((1, 1, 2, 0)), (3, 5, 4)),
     (BiasTableAttention(), (3, 4, 8)),
-], ids=["indexed-table", "gathered-experts", "pad-rows", "pad-both-dims", "sdpa-bias-table"])
+], ids=["unfold", "indexed-table", "gathered-experts", "pad-rows", "pad-both-dims",
+        "sdpa-bias-table"])
 @pytest.mark.parametrize("max_grad_norm", [1e9, 0.05], ids=["unclipped", "clipped"])
 def test_rewritten_ops_give_exact_clipped_gradients(model, shape, max_grad_norm):
     torch.manual_seed(0)

@@ -48,6 +48,7 @@ __all__ = [
     "custom_functions",
     "data_dependent_errors",
     "decompose_to_core_aten",
+    "library_decompositions",
     "disable_proxy_modes_tracing",
     "escape_outer_tracing",
     "evaluate_batch_condition",
@@ -110,6 +111,10 @@ PRIVATE_APIS = {
     "set_flat_codegen": (
         "Graph._codegen = torch.fx.graph.CodeGen()",
         "flat placeholders instead of make_fx's pytree wrapping", "torch 2.13"),
+    "library_decompositions": (
+        "torch._decomp.get_decompositions",
+        "torch's own Python decompositions of ops that pin the batch (im2col) in the BK trace",
+        "torch 2.13"),
     "decompose_to_core_aten": (
         "torch._decomp.core_aten_decompositions, get_decompositions, "
         "make_fx(decomposition_table=...)",
@@ -292,6 +297,13 @@ _SIZE_READING = [  # op packets whose vmap batch rules read sizes as ints, pinni
     torch.ops.aten.upsample_bilinear2d, torch.ops.aten.upsample_nearest2d,
     torch.ops.aten.upsample_bicubic2d, torch.ops.aten.upsample_linear1d,
 ]
+
+
+def library_decompositions(packets) -> dict:
+    """torch's registered Python decompositions of these op packets (every overload)."""
+    from torch._decomp import get_decompositions
+
+    return get_decompositions(packets)
 
 
 def decompose_to_core_aten(gm: torch.fx.GraphModule, fake_inputs, fake_mode):

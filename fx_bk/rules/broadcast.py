@@ -53,19 +53,24 @@ class _BroadcastRule(Rule):
         }
 
 
-@register_rule(aten.add.Tensor, aten.sub.Tensor)
+@register_rule(aten.add.Tensor, aten.sub.Tensor, aten.add_.Tensor, aten.sub_.Tensor)
 class BroadcastAddRule(_BroadcastRule):
+    """Out of place, or in place on an activation (``x += self.bias``, ConvBERT): the op's
+    output is then the updated activation (later in-place ops on it and on the activation
+    before it are handled by ``passes/emit_aux_outputs.py``)."""
+
     name = "broadcast_add"
     tensor_args = ()
 
     def _vjp(self, value, role):
         alpha = value.site.const_args.get("alpha", 1)
-        sign = -1 if value.site.op is aten.sub.Tensor and role == "other" else 1
+        minus = value.site.op in (aten.sub.Tensor, aten.sub_.Tensor)
+        sign = -1 if minus and role == "other" else 1
         scale = sign * (alpha if role == "other" else 1)
         return value.grad if scale == 1 else value.grad * scale
 
 
-@register_rule(aten.mul.Tensor)
+@register_rule(aten.mul.Tensor, aten.mul_.Tensor)
 class BroadcastMulRule(_BroadcastRule):
     name = "broadcast_mul"
     tensor_args = ("input", "other")
