@@ -4,11 +4,13 @@ After this pass the forward graph returns ``(*user_outputs, *aux)``; ``site.aux`
 site's roles (``"input"``, ``"indices"``, …, and ``"out"`` for the op's output ``s``) to its index
 in ``aux``. The joint differentiates the user outputs w.r.t. the ``"out"`` tensors only.
 
-NOTE [in-place ops after a site]: a later in-place op (``ReLU(inplace=True)``, ``x += …``) on an
-activation or on the site's output (or a view of them) would change the value fx_bk reads, and
-autograd would return the gradient w.r.t. the *mutated* tensor: a silently wrong per-sample
-gradient. Such values are cloned at the site: the activation before the op, the output right
-after it, with every other user redirected to the clone.
+NOTE [in-place ops and sites]: an in-place op (``ReLU(inplace=True)``, ``x += …``,
+``h[..., :2].mul_(2)`` through a view) on a site's output or activation changes the value fx_bk
+would read, and autograd would return the gradient w.r.t. the *updated* tensor: a silently
+wrong per-sample gradient. So (1) a site's output updated later is copied right after the op
+and every later user reads the copy; (2) an activation updated at any time — before the op
+through a view (the op then reads the updated base), or after it — is copied right before the
+op, so fx_bk reads exactly what the op read.
 """
 
 from __future__ import annotations
@@ -39,34 +41,49 @@ def _aliases(node: torch.fx.Node) -> set[torch.fx.Node]:
 
 
 def _mutated_after(node: torch.fx.Node, after: torch.fx.Node, order: dict) -> bool:
+    """Is ``node`` (or a view of it) updated in place by ``after`` or a later op?"""
     for alias in _aliases(node):
         for user in alias.users:
             mutable = is_op_overload(user.target) and op_schema(user.target).is_mutable
-            if mutable and order[user] >= order[after]:
+            if mutable and order.get(user, -1) >= order[after]:
                 return True
     return False
+
+
+def _mutated(node: torch.fx.Node) -> bool:
+    """Is ``node`` (or a view of it) updated in place anywhere in the graph?"""
+    return any(is_op_overload(user.target) and op_schema(user.target).is_mutable
+               for alias in _aliases(node) for user in alias.users)
 
 
 def emit_aux_outputs(prog: BKProgram) -> None:
     graph = prog.forward_graph.graph
     order = {n: i for i, n in enumerate(graph.nodes)}
     by_name = {n.name: n for n in graph.nodes}
-    aux: list[torch.fx.Node] = []
+    # 1. a site's output updated later in place keeps its value: later users read a copy
+    copied: dict[torch.fx.Node, torch.fx.Node] = {}
     for site in prog.sites:
         node = by_name[site.node]
-        for role, name in site.tensor_args.items():
-            act = by_name[name]
-            if _mutated_after(act, node, order):
-                with graph.inserting_before(node):
-                    act = graph.call_function(aten.clone.default, (act,))
-                    act.meta["val"] = by_name[name].meta.get("val")
-            site.aux[role] = len(aux)
-            aux.append(act)
         if _mutated_after(node, node, order):
             with graph.inserting_after(node):
                 copy = graph.call_function(aten.clone.default, (node,))
                 copy.meta["val"] = node.meta.get("val")
             node.replace_all_uses_with(copy, delete_user_cb=lambda user, c=copy: user is not c)
+            copied[node] = copy
+    # 2. each activation as the op read it: a tensor updated in place at any time (before the
+    # op, through a view of it, or after) is copied right before the op
+    aux: list[torch.fx.Node] = []
+    for site in prog.sites:
+        node = by_name[site.node]
+        for role, name in site.tensor_args.items():
+            act = copied.get(by_name[name], by_name[name])
+            if _mutated(act):
+                with graph.inserting_before(node):
+                    snapshot = graph.call_function(aten.clone.default, (act,))
+                    snapshot.meta["val"] = by_name[name].meta.get("val")
+                act = snapshot
+            site.aux[role] = len(aux)
+            aux.append(act)
         site.aux["out"] = len(aux)
         aux.append(node)
     output = graph.output_node()

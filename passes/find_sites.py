@@ -7,9 +7,11 @@ an activation slot) is a problem reported with the op, parameter, module and sou
 
 from __future__ import annotations
 
+import operator
+
 import torch
 
-from fx_bk._torch_internals import normalize_call, sym_expr
+from fx_bk._torch_internals import is_op_overload, normalize_call, op_schema, sym_expr
 from fx_bk.errors import Problem
 from fx_bk.rules import RULES, fallback_rule, rule_for
 from fx_bk.site import Site
@@ -73,7 +75,8 @@ def find_sites(prog: BKProgram) -> None:
             if isinstance(prog.batch_locations.get(a), Mixed):
                 report_mixing(prog, prog.batch_locations[a],
                               f"the input of trainable op {op_name(node)}{where(node)}")
-        reason = rule.layout_problem(site) or rule.validate(site)
+        reason = (_in_place_problem(node) or rule.layout_problem(site)
+                  or rule.validate(site))
         if reason:
             prog.problems.append(Problem("unsupported-op", _describe(site, node, reason)))
         else:
@@ -140,6 +143,23 @@ def _unfold_batch(site: Site, node: torch.fx.Node, locs: dict) -> None:
     for r, sh in list(site.shapes.items()):
         if r == role or r == "out":
             site.shapes[r] = ("B", positions, *sh[n_lead:])
+
+
+def _in_place_problem(node: torch.fx.Node) -> str | None:
+    """An in-place site (``x += self.bias``) is read as ``s = x + p`` only when nothing else
+    sees ``x``: a view of another tensor, or a tensor with other users, would make the value
+    autograd differentiates a later version than the op's output."""
+    if not (is_op_overload(node.target) and op_schema(node.target).is_mutable):
+        return None
+    target = node.args[0] if node.args else None
+    if not isinstance(target, torch.fx.Node):
+        return None
+    is_view = getattr(target.target, "is_view", False) or target.target is operator.getitem
+    if is_view or list(target.users) != [node]:
+        return ("it updates in place a tensor that is a view or has other users; fx_bk reads "
+                "an in-place parameter op only on a tensor used nowhere else. Write it out of "
+                "place: x = x + p")
+    return None
 
 
 def _make_site(node, rule, trainable, batch_symbol) -> Site | None:

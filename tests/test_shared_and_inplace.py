@@ -178,3 +178,48 @@ def test_in_place_parameter_ops_on_activations_are_exact():
         got = {n: p.grad for n, p in model.named_parameters()}
         ref = loop_clipped_sum(model, x, lambda o, xi: o.pow(2).sum(1), norm)
         assert max_rel_err(got, ref) <= 1e-12
+
+
+class ViewUpdatedBetweenLinears(nn.Module):
+    """``h[..., :2].mul_(2)``: the second Linear reads the updated ``h`` through its base, the
+    first Linear's output must stay as it was. (Both were read as the un-updated value.)"""
+
+    def __init__(self):
+        super().__init__()
+        self.lin, self.out = nn.Linear(4, 4), nn.Linear(4, 2)
+
+    def forward(self, x):
+        h = self.lin(x)
+        h[..., :2].mul_(2.0)
+        return self.out(h).sum(1)
+
+
+class ParameterAddedIntoAView(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.lin, self.out = nn.Linear(4, 4), nn.Linear(4, 2)
+        self.b = nn.Parameter(torch.randn(2))
+
+    def forward(self, x):
+        h = self.lin(x)
+        h[..., :2] += self.b
+        return self.out(h).sum(1)
+
+
+def test_update_through_a_view_between_sites_is_exact():
+    from fx_bk.testing import loop_clipped_sum, max_rel_err
+
+    torch.manual_seed(0)
+    model = ViewUpdatedBetweenLinears().double()
+    x = torch.randn(3, 5, 4, dtype=torch.float64)
+    bk = fx_bk.transform(model, max_grad_norm=0.05, loss_reduction="sum")
+    bk(x).pow(2).sum().backward()
+    got = {n: p.grad for n, p in model.named_parameters()}
+    ref = loop_clipped_sum(model, x, lambda o, xi: o.pow(2).sum(1), 0.05)
+    assert max_rel_err(got, ref) <= 1e-12
+
+
+def test_parameter_added_in_place_into_a_view_is_rejected():
+    bk = fx_bk.transform(ParameterAddedIntoAView(), max_grad_norm=1.0)
+    with pytest.raises(fx_bk.UnsupportedModelError, match=r"aten\.add_.*'b'.*out of place"):
+        bk(torch.randn(3, 5, 4))
