@@ -8,7 +8,7 @@ import torch.nn as nn
 
 import fx_bk
 from fx_bk.errors import ConfigError, UnsupportedModelError
-from fx_bk.testing import loop_clipped_sum, max_rel_err
+from fx_bk.testing import assert_matches_per_sample
 
 
 def _model():
@@ -256,12 +256,8 @@ def test_derived_and_seq_first_layouts_are_exact(model, t):
     model = model.double()
     for b in (5, t):  # B == T: a size coincidence must not confuse the layouts
         x = torch.randn(b, t, 4, dtype=torch.float64)
-        bk = fx_bk.transform(model, max_grad_norm=0.05, loss_reduction="sum")
-        model.zero_grad(set_to_none=True)
-        bk(x).pow(2).sum().backward()
-        got = {n: p.grad for n, p in model.named_parameters()}
-        ref = loop_clipped_sum(model, x, lambda o, xi: o.pow(2).flatten(1).sum(1), 0.05)
-        assert max_rel_err(got, ref) <= 1e-12
+        assert_matches_per_sample(model, lambda out, _: out.pow(2).sum(), (x, None),
+                                  max_grad_norm=0.05, loss_reduction="sum", tol=1e-12)
 
 
 def test_site_with_an_unreadable_batch_layout_rejected():

@@ -8,7 +8,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import fx_bk
-from fx_bk.testing import fx_bk_grads, max_rel_err, vmap_clipped_sum
+from fx_bk.testing import assert_matches_per_sample, fx_bk_grads, max_rel_err, vmap_clipped_sum
 
 
 class TiedLM(nn.Module):
@@ -166,18 +166,12 @@ class InPlaceParameterOps(nn.Module):
 
 
 def test_in_place_parameter_ops_on_activations_are_exact():
-    from fx_bk.testing import loop_clipped_sum, max_rel_err
-
     torch.manual_seed(0)
     model = InPlaceParameterOps().double()
     x = torch.randn(3, 5, 4, dtype=torch.float64)
     for norm in (1e9, 0.05):
-        bk = fx_bk.transform(model, max_grad_norm=norm, loss_reduction="sum")
-        model.zero_grad(set_to_none=True)
-        bk(x).pow(2).sum().backward()
-        got = {n: p.grad for n, p in model.named_parameters()}
-        ref = loop_clipped_sum(model, x, lambda o, xi: o.pow(2).sum(1), norm)
-        assert max_rel_err(got, ref) <= 1e-12
+        assert_matches_per_sample(model, lambda out, _: out.pow(2).sum(), (x, None),
+                                  max_grad_norm=norm, loss_reduction="sum", tol=1e-12)
 
 
 class ViewUpdatedBetweenLinears(nn.Module):
@@ -207,16 +201,11 @@ class ParameterAddedIntoAView(nn.Module):
 
 
 def test_update_through_a_view_between_sites_is_exact():
-    from fx_bk.testing import loop_clipped_sum, max_rel_err
-
     torch.manual_seed(0)
-    model = ViewUpdatedBetweenLinears().double()
     x = torch.randn(3, 5, 4, dtype=torch.float64)
-    bk = fx_bk.transform(model, max_grad_norm=0.05, loss_reduction="sum")
-    bk(x).pow(2).sum().backward()
-    got = {n: p.grad for n, p in model.named_parameters()}
-    ref = loop_clipped_sum(model, x, lambda o, xi: o.pow(2).sum(1), 0.05)
-    assert max_rel_err(got, ref) <= 1e-12
+    assert_matches_per_sample(
+        ViewUpdatedBetweenLinears().double(), lambda out, _: out.pow(2).sum(), (x, None),
+        max_grad_norm=0.05, loss_reduction="sum", tol=1e-12)
 
 
 def test_parameter_added_in_place_into_a_view_is_rejected():
