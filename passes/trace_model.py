@@ -25,7 +25,7 @@ from fx_bk._torch_internals import (
     set_flat_codegen,
 )
 from fx_bk.autocast import entered
-from fx_bk.errors import Problem, UnsupportedModelError
+from fx_bk.errors import FxBkError, Problem, UnsupportedModelError
 from fx_bk.layout import flatten, unflatten
 from fx_bk.module_state import kept_tensor_attributes, swapped_state
 from fx_bk.site import BatchGuard
@@ -60,7 +60,12 @@ def trace_model(prog: BKProgram) -> None:
         state.update(zip(prog.buffer_names, flat_args[n_p : n_p + n_b]))
         (args, kwargs), _ = unflatten(prog.input_layout, flat_args[n_p + n_b :])
         with swapped_state(model, state):  # also modules registered under two names
-            out = model(*args, **kwargs)
+            try:
+                out = model(*args, **kwargs)
+            except (FxBkError, *data_dependent_errors()):
+                raise
+            except (RuntimeError, TypeError, ValueError, IndexError) as e:
+                raise _ModelCodeFailed(e) from e  # the model's code, not fx_bk's
         leaves: list = []
         out_layout.append(flatten(out, leaves, outputs=True))
         functions.extend(custom_functions(leaves))  # the autograd graph tracing recorded
@@ -82,7 +87,8 @@ def trace_model(prog: BKProgram) -> None:
             f"follow it. Compute both branches and select with torch.where, or move the "
             f"decision out of forward",
         )]) from e
-    except RuntimeError as e:  # a kernel's shape/dtype rules refused the traced tensors
+    except (_ModelCodeFailed, RuntimeError) as failure:  # e.g. a kernel's meta function
+        e = failure.error if isinstance(failure, _ModelCodeFailed) else failure
         first = (str(e).strip().splitlines() or [type(e).__name__])[0].rstrip(".")
         where_ = user_frame(e)
         hint = (" Hugging Face mixture-of-experts layers: build the model with "
@@ -106,6 +112,14 @@ def trace_model(prog: BKProgram) -> None:
     prog.num_outputs = sum(1 for n in gm.graph.output_node().args[0])
     _check_batch_guards(prog)
     _check_state_mutations(prog)
+
+
+class _ModelCodeFailed(Exception):
+    """An exception the model's own forward raised on the traced (fake) tensors."""
+
+    def __init__(self, error: BaseException):
+        super().__init__(str(error))
+        self.error = error
 
 
 def _custom_gradient_problems(model, functions: list[str], hooks: list[str]) -> list[Problem]:

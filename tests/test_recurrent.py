@@ -85,3 +85,23 @@ def test_eval_without_grad_keeps_the_fused_op():
     x = torch.randn(3, 6, 4)
     with torch.no_grad():
         torch.testing.assert_close(bk(x), model(x))
+
+
+class Packed(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.rnn = nn.LSTM(4, 5, batch_first=True)
+        self.head = nn.Linear(5, 2)
+
+    def forward(self, x, lengths):
+        from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
+
+        packed = pack_padded_sequence(x, lengths, batch_first=True, enforce_sorted=False)
+        out, _ = pad_packed_sequence(self.rnn(packed)[0], batch_first=True)
+        return self.head(out.sum(1))
+
+
+def test_packed_sequences_are_rejected_naming_the_line():
+    bk = fx_bk.transform(Packed(), max_grad_norm=1.0)
+    with pytest.raises(fx_bk.UnsupportedModelError, match=r"trace-failed.*in forward"):
+        bk(torch.randn(3, 6, 4), torch.tensor([6, 4, 2]))
