@@ -28,7 +28,12 @@ import enum
 
 import torch
 
-from fx_bk._torch_internals import decompose_to_core_aten, is_op_overload, op_schema
+from fx_bk._torch_internals import (
+    decompose_to_core_aten,
+    is_op_overload,
+    normalize_call,
+    op_schema,
+)
 from fx_bk.errors import Problem
 from fx_bk.rules.derived import Derivation
 from fx_bk.site import DerivedValue
@@ -125,8 +130,8 @@ def _is_random(node: torch.fx.Node) -> bool:
             torch.Tag.nondeterministic_seeded not in node.target.tags:
         return False
     if node.target in _DROPOUTS:
-        p, train = (list(node.args[1:3]) + [True])[:2]
-        return not (p == 0 or train is False)
+        args = normalize_call(node.target, node.args, node.kwargs)
+        return not (args.get("p") == 0 or args.get("train") is False)
     return True
 
 
