@@ -137,11 +137,20 @@ def repeat(node, args, loc, ctx):
     :func:`_broadcast_shared`."""
     x = first_tensor(args)
     lx = loc(x)
+    reps = [ctx.value(r) for r in args["repeats"]]
     if isinstance(lx, Shared):
-        return lx if lx.batchy else _broadcast_shared(node, lx, ctx)
+        if lx.batchy:
+            return lx
+        tiled = [d for d, r in enumerate(reps) if isinstance(r, torch.SymInt)
+                 and ctx.has_batch(sym_expr(r))]
+        lead = len(reps) - len(ctx.shape(x))
+        if len(tiled) == 1 and sympy.simplify(sym_expr(reps[tiled[0]]) - ctx.symbol) == 0:
+            d = tiled[0]  # B copies of the whole dim, one per sample: [b * n + j]
+            n = ctx.shape(x)[d - lead] if d >= lead else 1
+            return Sample(d, fold=n)
+        return _broadcast_shared(node, lx, ctx)
     if not isinstance(lx, Sample):
         return lx
-    reps = [ctx.value(r) for r in args["repeats"]]
     d = lx.dim + len(reps) - len(ctx.shape(x))
     if not (isinstance(reps[d], int) and reps[d] == 1):
         return mixed(node, "repeats the batch dimension")
