@@ -185,9 +185,13 @@ def _keeps_norm(node: torch.fx.Node, dep) -> bool:
         return True
     if node.target not in _SHIFTS:
         return False
-    (src,) = [a for a in node.all_input_nodes if dep.get(a) is Dep.PARAM]
-    alpha = node.kwargs.get("alpha", 1)
-    if node.args[0] is not src and alpha not in (1, -1):
+    args = normalize_call(node.target, node.args, node.kwargs)
+    operands = [args.get("input"), args.get("other")]
+    params = [a for a in operands if isinstance(a, torch.fx.Node) and dep.get(a) is Dep.PARAM]
+    if len(params) != 1:
+        return False  # w + w = 2w (or w1 + w2): not a shift of one parameter by a constant
+    (src,) = params
+    if operands[1] is src and args.get("alpha", 1) not in (1, -1):
         return False  # c + alpha * w scales the gradient by alpha
     va, vn = src.meta.get("val"), node.meta.get("val")
     return isinstance(va, torch.Tensor) and va.shape == vn.shape  # no broadcast of w

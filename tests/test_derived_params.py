@@ -66,6 +66,21 @@ class InPlaceOnCopy(nn.Module):
         return self.fc(F.linear(x, w))
 
 
+class ScaledShifts(nn.Module):
+    """``w + w`` and ``c + 2 w`` scale the gradient (not isometries: norms must not be taken
+    from the site); ``1 + v - 0.5`` is one (the site's norm is v's)."""
+
+    def __init__(self):
+        super().__init__()
+        self.w = nn.Parameter(torch.randn(3, 6) * 0.3)
+        self.u = nn.Parameter(torch.randn(3, 6) * 0.3)
+        self.v = nn.Parameter(torch.randn(3, 6) * 0.3)
+
+    def forward(self, x):
+        return (F.linear(x, self.w + self.w) + F.linear(x, torch.add(1.0, self.u, alpha=2.0))
+                + F.linear(x, 1.0 + self.v - 0.5))
+
+
 CASES = {
     "gemma_norm": (zoo.GemmaNormLike, lambda g, b: zoo._ids(g, b)),
     "layer_scale": (zoo.ConvNeXtLike, lambda g, b: torch.randn(b, 3, 8, 8, generator=g)),
@@ -76,6 +91,7 @@ CASES = {
     "cast_and_transpose": (CastAndTranspose, lambda g, b: torch.randn(b, 6, generator=g)),
     "manual_tied_head": (zoo.ManualTiedLM, lambda g, b: zoo._ids(g, b)),
     "in_place_on_copy": (InPlaceOnCopy, lambda g, b: torch.randn(b, 6, generator=g)),
+    "scaled_shifts": (ScaledShifts, lambda g, b: torch.randn(b, 6, generator=g)),
 }
 
 
@@ -125,6 +141,14 @@ def test_a_cast_is_the_parameter_itself_and_an_isometry_keeps_the_ghost_norm():
     matmul = next(s for s in prog.sites if "<" in next(iter(s.params.values())))
     assert "instantiate" not in str(matmul.strategy)
     assert "isometric" in matmul.bundle_note
+
+
+def test_only_true_isometries_keep_the_site_norm():
+    prog = _sites(ScaledShifts().double(), torch.randn(3, 6, dtype=torch.float64))
+    source = {d.name: d.sources for d in prog.derived.values()}
+    isometric = {source[n] for s in prog.sites for n in s.params.values()
+                 if "(isometric)" in s.bundle_note}
+    assert isometric == {("v",)}
 
 
 def test_explain_shows_the_parameter_only_chain():
