@@ -9,6 +9,7 @@ update has the single-process standard deviation ``sigma R / E``.
 from __future__ import annotations
 
 import datetime
+import faulthandler
 import os
 import socket
 import tempfile
@@ -46,6 +47,10 @@ def _private(model, sigma):
 
 
 def _worker(rank, init_file, out_dir):
+    # a rank still running after STACKS_AFTER_S writes every thread's stack, for the failure
+    # message (tests/test_ddp.py::ranks)
+    stacks = open(os.path.join(out_dir, f"rank{rank}.stacks"), "w")  # noqa: SIM115
+    faulthandler.dump_traceback_later(STACKS_AFTER_S, file=stacks)
     # loopback only, and a bounded rendezvous: a machine whose host name does not resolve
     # must fail this test in seconds, not hang the suite
     os.environ["GLOO_SOCKET_IFNAME"] = _loopback()
@@ -70,6 +75,7 @@ def _worker(rank, init_file, out_dir):
         }
     torch.save(results, os.path.join(out_dir, f"rank{rank}.pt"))
     dist.destroy_process_group()
+    faulthandler.cancel_dump_traceback_later()
 
 
 def _loopback():
@@ -79,6 +85,7 @@ def _loopback():
 
 
 DEADLINE_S = 300
+STACKS_AFTER_S = 120
 
 
 @pytest.fixture(scope="module")
@@ -91,7 +98,11 @@ def ranks():
             if time.monotonic() > deadline:
                 for proc in ctx.processes:
                     proc.kill()
-                pytest.fail(f"the {WORLD} DDP ranks did not finish in {DEADLINE_S} s")
+                stacks = "\n".join(
+                    open(os.path.join(tmp, f"rank{r}.stacks")).read() for r in range(WORLD)
+                    if os.path.exists(os.path.join(tmp, f"rank{r}.stacks")))
+                pytest.fail(f"the {WORLD} DDP ranks did not finish in {DEADLINE_S} s; their "
+                            f"stacks after {STACKS_AFTER_S} s:\n{stacks}")
         return [torch.load(os.path.join(tmp, f"rank{r}.pt")) for r in range(WORLD)]
 
 
