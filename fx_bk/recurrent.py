@@ -80,9 +80,8 @@ def _run(kind, x, hx, params, has_biases, num_layers, dropout, train, bidirectio
 
 def _lstm(input, hx, params, has_biases, num_layers, dropout, train, bidirectional,
           batch_first):
-    out, h, c = _run("lstm", input, hx, params, has_biases, num_layers, dropout, train,
-                     bidirectional, batch_first)
-    return out, h, c
+    return _run("lstm", input, hx, params, has_biases, num_layers, dropout, train,
+                bidirectional, batch_first)
 
 
 def _gru(input, hx, params, has_biases, num_layers, dropout, train, bidirectional,

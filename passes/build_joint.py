@@ -54,13 +54,8 @@ def build_joint(prog: BKProgram) -> None:
         derived = _instantiated_derivations(prog)
         if not derived:
             raise
-        raise UnsupportedModelError([Problem(
-            "unsupported-op",
-            f"the per-sample gradients of {d.name} (computed from parameters "
-            f"{list(d.sources)} by {' -> '.join(d.chain)}) are mapped back by vmap(vjp), "
-            f"which failed: {str(e).strip().splitlines()[0]}. Freeze those parameters or "
-            f"apply them to the batch directly",
-        ) for d in derived]) from e
+        raise _derivations_failed(derived, f"which failed: {str(e).strip().splitlines()[0]}") \
+            from e
     _name_placeholders(gm, len(prog.fake_inputs))
     if prog.mode.specialized_batch() is not None:
         fallback = [s for s in prog.sites if s.rule.fallback]
@@ -74,13 +69,8 @@ def build_joint(prog: BKProgram) -> None:
             ) for s in fallback])
         derived = _instantiated_derivations(prog)
         if derived:
-            raise UnsupportedModelError([Problem(
-                "unsupported-op",
-                f"the per-sample gradients of {d.name} (computed from parameters "
-                f"{list(d.sources)} by {' -> '.join(d.chain)}) are mapped back by vmap(vjp), "
-                f"and an op of that chain (or another such chain) specializes the batch size "
-                f"under vmap; freeze those parameters or apply them to the batch directly",
-            ) for d in derived])
+            raise _derivations_failed(derived, "and an op of that chain (or another such "
+                                               "chain) specializes the batch size under vmap")
         raise FxBkError(
             "fx_bk internal error: a per-sample rule specialized the batch size while tracing "
             "the joint graph; please report this with the model"
@@ -92,6 +82,16 @@ def _instantiated_derivations(prog: BKProgram) -> list:
     """The derived values whose per-sample gradients go through ``vmap(vjp)``."""
     return [d for b in prog.bundles if isinstance(b.handler, DerivedBundle)
             and not b.handler.isometric for d in b.handler.derivation.values]
+
+
+def _derivations_failed(derived: list, why: str) -> UnsupportedModelError:
+    """The error for derived values whose ``vmap(vjp)`` cannot be traced (``why``)."""
+    return UnsupportedModelError([Problem(
+        "unsupported-op",
+        f"the per-sample gradients of {d.name} (computed from parameters {list(d.sources)} by "
+        f"{' -> '.join(d.chain)}) are mapped back by vmap(vjp), {why}. Freeze those parameters "
+        f"or apply them to the batch directly",
+    ) for d in derived])
 
 
 def _name_placeholders(gm: torch.fx.GraphModule, num_primals: int) -> None:

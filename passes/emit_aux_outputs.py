@@ -40,20 +40,20 @@ def _aliases(node: torch.fx.Node) -> set[torch.fx.Node]:
     return out
 
 
+def _mutating_users(node: torch.fx.Node):
+    """The ops that update ``node`` (or a view of it) in place."""
+    return (user for alias in _aliases(node) for user in alias.users
+            if is_op_overload(user.target) and op_schema(user.target).is_mutable)
+
+
 def _mutated_after(node: torch.fx.Node, after: torch.fx.Node, order: dict) -> bool:
     """Is ``node`` (or a view of it) updated in place by ``after`` or a later op?"""
-    for alias in _aliases(node):
-        for user in alias.users:
-            mutable = is_op_overload(user.target) and op_schema(user.target).is_mutable
-            if mutable and order.get(user, -1) >= order[after]:
-                return True
-    return False
+    return any(order.get(user, -1) >= order[after] for user in _mutating_users(node))
 
 
 def _mutated(node: torch.fx.Node) -> bool:
     """Is ``node`` (or a view of it) updated in place anywhere in the graph?"""
-    return any(is_op_overload(user.target) and op_schema(user.target).is_mutable
-               for alias in _aliases(node) for user in alias.users)
+    return any(True for _ in _mutating_users(node))
 
 
 def emit_aux_outputs(prog: BKProgram) -> None:

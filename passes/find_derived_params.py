@@ -101,23 +101,28 @@ def find_derived_params(prog: BKProgram) -> None:
     prog.derivation_nodes = {n.name for n, d in dep.items()
                              if d is Dep.PARAM and n not in trainable}
     prog.derived = {}
+    order = {n: i for i, n in enumerate(prog.forward_graph.graph.nodes)}
+
+    def chain(node):
+        return _chain(node, dep, trainable, order)
+
     for node in prog.forward_graph.graph.nodes:
         if node.name not in prog.derivation_nodes:
             continue
         if _is_random(node):
-            prog.problems.append(_problem(prog, node, trainable, (
+            prog.problems.append(_problem(node, chain(node), trainable, (
                 "is a random op on trainable parameters (e.g. DropConnect); fx_bk maps "
                 "per-sample gradients back through these ops and cannot replay the draw. Move "
                 "the randomness to the activations")))
             continue
         if _writes_batch_into(node, dep):
-            prog.problems.append(_problem(prog, node, trainable, (
+            prog.problems.append(_problem(node, chain(node), trainable, (
                 "is written in place with batched data, so its value mixes the parameters "
                 "with samples; compute the result out of place")))
             continue
         meets_batch = any(dep.get(u) is Dep.BATCH or u.op == "output" for u in node.users)
         if meets_batch and isinstance(node.meta.get("val"), torch.Tensor):
-            prog.derived[node.name] = _derived_value(node, dep, trainable)
+            prog.derived[node.name] = _derived_value(node, chain(node), dep, trainable)
 
 
 _DROPOUTS = {aten.dropout.default, aten.feature_dropout.default, aten.alpha_dropout.default,
@@ -146,7 +151,7 @@ def _writes_batch_into(node: torch.fx.Node, dep) -> bool:
     return False
 
 
-def _chain(node: torch.fx.Node, dep, trainable) -> list[torch.fx.Node]:
+def _chain(node: torch.fx.Node, dep, trainable, order) -> list[torch.fx.Node]:
     """The parameter-derived ancestors of ``node`` (itself included), in graph order."""
     seen, todo = {node}, [node]
     while todo:
@@ -154,12 +159,10 @@ def _chain(node: torch.fx.Node, dep, trainable) -> list[torch.fx.Node]:
             if dep.get(a) is Dep.PARAM and a not in trainable and a not in seen:
                 seen.add(a)
                 todo.append(a)
-    order = {n: i for i, n in enumerate(node.graph.nodes)}
     return sorted(seen, key=order.__getitem__)
 
 
-def _derived_value(node, dep, trainable) -> DerivedValue:
-    chain = _chain(node, dep, trainable)
+def _derived_value(node, chain, dep, trainable) -> DerivedValue:
     sources = sorted({trainable[a] for n in chain for a in n.all_input_nodes if a in trainable})
     ops = tuple(op_name(n).removeprefix("aten.") for n in chain)
     module = module_of(sources[0])
@@ -197,8 +200,7 @@ def _keeps_norm(node: torch.fx.Node, dep) -> bool:
     return isinstance(va, torch.Tensor) and va.shape == vn.shape  # no broadcast of w
 
 
-def _problem(prog, node, trainable, what: str) -> Problem:
-    chain = _chain(node, dependencies(prog), trainable)
+def _problem(node, chain, trainable, what: str) -> Problem:
     sources = sorted({trainable[a] for n in chain for a in n.all_input_nodes if a in trainable})
     return Problem("unsupported-op", (
         f"op {op_name(node)}{where(node)} on trainable parameter(s) {sources} of module "

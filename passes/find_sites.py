@@ -140,9 +140,8 @@ def _unfold_batch(site: Site, node: torch.fx.Node, locs: dict) -> None:
     positions = 1
     for d in prefix:
         positions *= 1 if d == "B" else d
-    for r, sh in list(site.shapes.items()):
-        if r == role or r == "out":
-            site.shapes[r] = ("B", positions, *sh[n_lead:])
+    for r in (role, "out"):
+        site.shapes[r] = ("B", positions, *site.shapes[r][n_lead:])
 
 
 def _in_place_problem(node: torch.fx.Node) -> str | None:

@@ -48,7 +48,6 @@ __all__ = [
     "custom_functions",
     "data_dependent_errors",
     "decompose_to_core_aten",
-    "library_decompositions",
     "disable_proxy_modes_tracing",
     "escape_outer_tracing",
     "evaluate_batch_condition",
@@ -56,6 +55,7 @@ __all__ = [
     "is_fake",
     "is_op_overload",
     "keep_in_forward",
+    "library_decompositions",
     "make_fx",
     "mark_batch_dynamic",
     "normalize_call",
@@ -309,9 +309,9 @@ def library_decompositions(packets) -> dict:
 def decompose_to_core_aten(gm: torch.fx.GraphModule, fake_inputs, fake_mode):
     """``gm`` re-traced as core aten ops (e.g. ``embedding`` -> ``index``, ``_weight_norm``
     -> norms and divisions), whose vmap batch rules keep the batch symbolic."""
-    from torch._decomp import core_aten_decompositions, get_decompositions
+    from torch._decomp import core_aten_decompositions
 
-    table = {**core_aten_decompositions(), **get_decompositions(_SIZE_READING)}
+    table = {**core_aten_decompositions(), **library_decompositions(_SIZE_READING)}
     with fake_mode:
         out = make_fx(gm, decomposition_table=table)(*fake_inputs)
     set_flat_codegen(out)
