@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import inspect
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 
 import torch
 
 from .config import BKConfig
+from .distributed import check_not_sharded
 from .errors import ConfigError, Problem, raise_if_any
 from .runtime import BKModule
 
@@ -21,6 +22,7 @@ def transform(
     clipping_style: str | Sequence[Sequence[str]] = "all-layer",
     nonfinite: str = "skip",
     unbatched: Sequence[str] = (),
+    dynamic: bool | None | Mapping[str, int | Sequence[int]] = None,
 ) -> BKModule:
     """Return a module whose backward leaves per-sample clipped gradient sums in ``p.grad``.
 
@@ -47,6 +49,13 @@ def transform(
     table, class weights): never taken as per-sample data. Any other tensor whose dim 0 equals
     the batch size is batched; an argument that is batched in one call and not in another is an
     error asking for this declaration.
+
+    ``dynamic``: which sizes besides the batch one trace serves (a sequence length). ``None``
+    (default): a dim whose size changes between calls is traced symbolically from its second
+    size on, as ``torch.compile`` does (two traces in all). A mapping from ``forward`` argument
+    names to dims (``{"input_ids": 1, "attention_mask": 1}``) makes those dims symbolic from the
+    first call (one trace); Dynamo's ``mark_dynamic(x, dim)`` on an input does the same.
+    ``False``: one trace per size.
     """
     if not isinstance(model, torch.nn.Module):
         raise ConfigError(f"model must be a torch.nn.Module, got {type(model).__name__}")
@@ -58,12 +67,34 @@ def transform(
         clip_groups=clip_groups(model, clipping_style),
         nonfinite=nonfinite,
         unbatched=_forward_arguments(model, unbatched),
+        dynamic_dims=_dynamic_dims(model, dynamic),
+        automatic_dynamic=dynamic is not False,
     )
+    check_not_sharded(model)
     raise_if_any(check_module_tree(model))
     return BKModule(model, config)
 
 
-def _forward_arguments(model: torch.nn.Module, names) -> tuple[str, ...]:
+def _dynamic_dims(model: torch.nn.Module, dynamic) -> tuple[tuple[str, tuple[int, ...]], ...]:
+    if dynamic is None or isinstance(dynamic, bool):
+        return ()
+    if not isinstance(dynamic, Mapping):
+        raise ConfigError(f"dynamic must be None, False or a mapping from forward argument "
+                          f"names to dims ({{'input_ids': 1}}), got {dynamic!r}")
+    names = _forward_arguments(model, list(dynamic), what="dynamic")
+    out = []
+    for name in names:
+        dims = dynamic[name]
+        dims = (dims,) if isinstance(dims, int) else tuple(dims)
+        if not dims or any(isinstance(d, bool) or not isinstance(d, int) or d < 1
+                           for d in dims):
+            raise ConfigError(f"dynamic[{name!r}] must be dims >= 1 of that argument (dim 0 "
+                              f"is the batch, always dynamic), got {dynamic[name]!r}")
+        out.append((name, dims))
+    return tuple(out)
+
+
+def _forward_arguments(model: torch.nn.Module, names, what: str = "unbatched") -> tuple[str, ...]:
     """``names``, checked against ``model.forward``'s parameters."""
     names = (names,) if isinstance(names, str) else tuple(names)
     params = inspect.signature(model.forward).parameters
@@ -71,7 +102,7 @@ def _forward_arguments(model: torch.nn.Module, names) -> tuple[str, ...]:
         return names
     unknown = [n for n in names if n not in params]
     if unknown:
-        raise ConfigError(f"unbatched names {unknown}, which are not arguments of "
+        raise ConfigError(f"{what} names {unknown}, which are not arguments of "
                           f"{type(model).__name__}.forward{inspect.signature(model.forward)}")
     return names
 

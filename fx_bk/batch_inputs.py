@@ -15,7 +15,7 @@ import inspect
 
 import torch
 
-from ._torch_internals import statically_known_true, sym_hint
+from ._torch_internals import marked_dynamic_dims, statically_known_true, sym_expr, sym_hint
 from .errors import Problem, UnsupportedModelError
 from .layout import unflatten
 from .site import InputMeta
@@ -52,29 +52,107 @@ def _leaves(obj):
             yield from _leaves(x)
 
 
-def input_metas(inputs: list[torch.Tensor], declared: tuple[bool, ...]):
-    """The batch size (int, or SymInt under torch.compile) and concrete metadata per input;
-    ``declared[i]``: input ``i`` is declared unbatched.
+def input_metas(inputs: list[torch.Tensor], declared: tuple[bool, ...], dynamic=frozenset(),
+                static: bool = False):
+    """The batch size (int, or SymInt under torch.compile), concrete metadata per input and
+    the symbolic sizes by name (``{"batch": B, "L0": T, ...}``); ``declared[i]``: input ``i``
+    is declared unbatched; ``dynamic``: ``(input, dim)`` pairs to trace with a symbolic size.
 
-    Under ``torch.compile(dynamic=True)`` every dim may be symbolic: the non-batch dims are
-    specialized here (``int()`` adds a guard, so a new sequence length recompiles), the batch
-    dim stays symbolic and its hint sizes the trace.
+    A dim other than the batch is dynamic (traced as a symbol, NOTE [dynamic lengths] in
+    ``fx_bk/runtime.py``) when it is in ``dynamic``, marked with
+    with Dynamo's ``mark_dynamic``, or symbolic under ``torch.compile``. Dynamic dims of the
+    same size in this call share a symbol (their name): a later call where they differ gets a
+    trace of its own. Every other dim, and with ``static`` every dim but the batch, is
+    specialized (under torch.compile ``int()`` adds a guard, so a new size recompiles).
     """
     batch = next((x.shape[0] for x, d in zip(inputs, declared) if x.dim() > 0 and not d), None)
-    metas = []
-    for x, d in zip(inputs, declared):
+    metas, sizes, names = [], {}, {}
+    if batch is not None:
+        sizes["batch"] = batch
+    for i, (x, d) in enumerate(zip(inputs, declared)):
         batched = not d and x.dim() > 0 and _same_size(x.shape[0], batch)
-        shape = [sym_hint(s) if batched and i == 0 else int(s) for i, s in enumerate(x.shape)]
-        metas.append(InputMeta(tuple(shape), x.dtype, x.device, batched))
-    return batch, metas
+        marked = marked_dynamic_dims(x)
+        shape, dyn = [], []
+        for k, s in enumerate(x.shape):
+            if batched and k == 0:
+                shape.append(sym_hint(s))
+                continue
+            symbolic = isinstance(s, torch.SymInt) and not _is_batch(s, batch)
+            if not static and (symbolic or (i, k) in dynamic or k in marked):
+                key = str(sym_expr(s)) if isinstance(s, torch.SymInt) else int(s)
+                name = names.setdefault(key, f"L{len(names)}")
+                sizes[name] = s
+                dyn.append((k, name))
+                shape.append(sym_hint(s))
+            else:
+                shape.append(int(s))
+        metas.append(InputMeta(tuple(shape), x.dtype, x.device, batched, tuple(dyn)))
+    return batch, metas, sizes
 
 
 def batch_free_signature(metas: list[InputMeta]) -> tuple:
-    """What one traced program assumes of its inputs: every size but the batch, dtypes,
-    devices, which are batched (a key of the programs, ``fx_bk/runtime.py`` and
-    ``fx_bk/criterion.py``)."""
-    return tuple((m.shape[1:] if m.batched else m.shape, m.dtype, m.device, m.batched)
-                 for m in metas)
+    """What one traced program assumes of its inputs: every size but the batch and the
+    dynamic dims (those by their symbol's name), dtypes, devices, which are batched (a key of
+    the programs, ``fx_bk/runtime.py`` and ``fx_bk/criterion.py``)."""
+    out = []
+    for m in metas:
+        shape = list(m.shape)
+        for k, name in m.dynamic:
+            shape[k] = name
+        out.append((tuple(shape[1:]) if m.batched else tuple(shape), m.dtype, m.device,
+                    m.batched))
+    return tuple(out)
+
+
+class DynamicDims:
+    """Which input dims one module (or criterion) traces symbolically, per call structure
+    (NOTE [dynamic lengths] in ``fx_bk/runtime.py``). ``automatic``: a dim whose size differs
+    from the previous call's is symbolic from then on."""
+
+    def __init__(self, automatic: bool = True):
+        self.automatic = automatic
+        self.learned: dict = {}  # call structure -> (input, dim) pairs learned dynamic
+        self.last: dict = {}  # call structure -> the previous call's metadata
+        self.static: set = set()  # call structures whose symbolic trace failed
+
+    def metas(self, base, inputs, declared, requested=frozenset()):
+        """``input_metas`` for a call of structure ``base``; ``requested``: (input, dim)
+        pairs declared dynamic by the user."""
+        if base in self.static:
+            return input_metas(inputs, declared, static=True)
+        dynamic = self.learned.get(base, frozenset()) | requested
+        batch, metas, sizes = input_metas(inputs, declared, dynamic)
+        before, self.last[base] = self.last.get(base), metas
+        grown = changed_dims(before, metas) if self.automatic and before else set()
+        if not grown:
+            return batch, metas, sizes
+        self.learned[base] = self.learned.get(base, frozenset()) | grown
+        return self.metas(base, inputs, declared, requested)
+
+    def give_up(self, base) -> None:
+        """Trace every size of ``base`` on its own from now on (its symbolic trace failed)."""
+        self.static.add(base)
+
+
+def changed_dims(before: list[InputMeta], now: list[InputMeta]) -> set[tuple[int, int]]:
+    """The ``(input, dim)`` pairs, batch and dynamic dims excluded, whose size differs between
+    two calls of the same input structure (empty when the structure differs)."""
+    if len(before) != len(now):
+        return set()
+    out = set()
+    for i, (a, b) in enumerate(zip(before, now)):
+        if (len(a.shape), a.dtype, a.device, a.batched) != (len(b.shape), b.dtype, b.device,
+                                                             b.batched):
+            return set()
+        dynamic = {k for k, _ in b.dynamic}
+        out |= {(i, k) for k, (x, y) in enumerate(zip(a.shape, b.shape))
+                if x != y and not (a.batched and k == 0) and k not in dynamic}
+    return out
+
+
+def _is_batch(size, batch) -> bool:
+    return batch is not None and isinstance(batch, torch.SymInt) and \
+        statically_known_true(size == batch)
 
 
 def _same_size(a, b) -> bool:
@@ -116,3 +194,27 @@ class BatchHistory:
                 f"shared by all samples, declare it: fx_bk.transform(model, ..., "
                 f"unbatched=[{name!r}])",
             )])
+
+
+class SizeRegions:
+    """The programs of one input signature, told apart by the size conditions their traces
+    assumed (usually none: one program for every batch size and dynamic length)."""
+
+    def __init__(self):
+        self.guards: list = []  # every SizeGuard seen in this signature's traces
+        self.programs: dict = {}  # guard outcomes -> runtime.CompiledProgram
+
+    def _outcomes(self, sizes: dict) -> tuple[bool, ...]:
+        return tuple(g.holds(sizes) for g in self.guards)
+
+    def lookup(self, sizes: dict):
+        outcomes = self._outcomes(sizes)
+        for key, compiled in self.programs.items():
+            if all(o == k for o, k in zip(outcomes, key)):
+                return compiled
+        return None
+
+    def add(self, compiled) -> None:
+        """Add a ``runtime.CompiledProgram`` under the outcomes of its own trace's sizes."""
+        self.guards.extend(compiled.prog.size_guards)
+        self.programs[self._outcomes(compiled.prog.trace_sizes)] = compiled

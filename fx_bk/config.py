@@ -44,6 +44,10 @@ class BKConfig:
         bound, so a sample's whole gradient has norm at most ``sqrt(sum_k R_k^2)``.
     unbatched: names of forward arguments whose tensors are shared by all samples (never
         taken as batched, whatever their size).
+    dynamic_dims: ``(argument, dims)`` pairs: dims of forward arguments traced with a symbolic
+        size from the first call (a sequence length), so that one trace serves every size.
+    automatic_dynamic: a dim (not the batch) whose size changes between two calls is traced
+        symbolically from then on (as ``torch.compile``'s automatic dynamic shapes).
     nonfinite: a sample whose gradient norm is NaN or infinite (a NaN/Inf in its input, an
         overflow): "skip" (it contributes exactly zero, the others are unaffected, a warning
         names it) or "raise" (``fx_bk.NonFiniteSampleError`` in the backward, no gradient).
@@ -55,6 +59,8 @@ class BKConfig:
     clip_groups: tuple[tuple[str, ...], ...] | None = None
     nonfinite: str = "skip"
     unbatched: tuple[str, ...] = ()
+    dynamic_dims: tuple[tuple[str, tuple[int, ...]], ...] = ()
+    automatic_dynamic: bool = True
 
     def __post_init__(self) -> None:
         r = self.max_grad_norm

@@ -49,6 +49,31 @@ def gemm_strategy(t: int, d: int, p: int, *, rank_one: bool = True) -> tuple[Str
     return Strategy.INSTANTIATE, t * p * d
 
 
+def max_ghost_positions(d: int, p: int, limit: int = 1 << 20) -> int:
+    """The largest T at which the ghost norm is the cheaper one (0: never): a site whose T
+    varies per call chooses by this threshold in the graph (``Strategy.BY_LENGTH``)."""
+    lo, hi = 0, limit  # ghost wins for T <= answer: the costs cross once (T^2 against T)
+    while lo < hi:
+        mid = (lo + hi + 1) // 2
+        if ghost_cost(mid, d, p) < instantiated_cost(mid, p, d):
+            lo = mid
+        else:
+            hi = mid - 1
+    return lo
+
+
+def gemm_plan(t: int, d: int, p: int, *, dynamic: bool) -> tuple[Strategy, int, int]:
+    """``gemm_strategy`` for a site whose positions ``t`` may vary per call (``dynamic``; ``t``
+    is the trace's): the strategy, its multiply-adds at ``t`` and the ghost threshold."""
+    if not dynamic:
+        return (*gemm_strategy(t, d, p), 0)
+    threshold = max_ghost_positions(d, p)
+    if threshold < 2:
+        return Strategy.INSTANTIATE, t * p * d, 0
+    cost = ghost_cost(t, d, p) if t <= threshold else t * p * d
+    return Strategy.BY_LENGTH, cost, threshold
+
+
 def embedding_cost(t: int, d: int) -> int:
     """The embedding's ghost norm: ``[x_t = x_t'] <g_t, g_t'>`` over T^2 position pairs."""
     return t * t * d

@@ -56,6 +56,9 @@ def parse_args(argv=None) -> argparse.Namespace:
         prog="python -m fx_bk.demo", description=__doc__.splitlines()[0],
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
+    p.add_argument("--task", choices=("classify", "lm"), default="classify",
+                   help="lm: DP LoRA fine-tuning of a tiny Llama through the Hugging Face "
+                        "Trainer (python -m fx_bk.demo --task lm --help)")
     p.add_argument("--steps", type=int, default=300, help="optimizer steps")
     p.add_argument("--batch-size", type=int, default=128,
                    help="expected (Poisson) batch size B; sample rate B / n-train")
@@ -234,7 +237,14 @@ def _plot(variants: list[Variant], path: str, args) -> None:
 
 
 def main(argv=None) -> dict:
-    """Run the demo (``argv``: command-line arguments); returns the reported numbers."""
+    """Run the demo (``argv``: command-line arguments); returns the reported numbers.
+    ``--task lm``: the language-model demo, ``fx_bk/demo_lm.py`` (its own arguments)."""
+    task = argparse.ArgumentParser(add_help=False)
+    task.add_argument("--task", choices=("classify", "lm"), default="classify")
+    if task.parse_known_args(argv)[0].task == "lm":
+        from . import demo_lm
+
+        return demo_lm.main(argv)
     args = parse_args(argv)
     with warnings.catch_warnings():
         # Opacus: its non-secure-RNG notice, and its full backward hooks on a model whose input

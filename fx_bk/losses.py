@@ -47,14 +47,15 @@ def sequence_cross_entropy(
 
 @torch.library.custom_op("fx_bk::check_labelled_mean", mutates_args=())
 def check_labelled_mean(target: torch.Tensor, ignore_index: int, outer: int,
-                        fold: int) -> torch.Tensor:
+                        fold: int, batch: int) -> torch.Tensor:
     """Run by the forward graph next to a loss that is a mean over labelled entries (labels not
     ``ignore_index``): such a mean is the mean of per-sample means only when every sample has
     as many labelled entries; otherwise its divisor couples the samples, and this raises before
-    any gradient exists. Dim 0 of ``target`` is ``outer * B * fold``: ``[B*T]`` targets have
-    ``fold = T``, ``[T*B]`` ones ``outer = T``."""
-    labelled = (target != ignore_index).reshape(outer, target.shape[0] // (outer * fold), -1)
-    counts = labelled.sum((0, 2))
+    any gradient exists. Dim 0 of ``target`` is ``outer * batch * fold``: ``[B*T]`` targets
+    have ``fold = T``, ``[T*B]`` ones ``outer = T``; -1 for one of them: the rest (a dynamic
+    length)."""
+    labelled = (target != ignore_index).reshape(target.shape[0], -1)
+    counts = labelled.unflatten(0, (outer, batch, fold)).sum((0, 2, 3))
     if counts.numel() and bool((counts != counts[0]).any()):
         raise UnsupportedModelError([Problem(
             "loss-not-per-sample",
@@ -68,7 +69,8 @@ def check_labelled_mean(target: torch.Tensor, ignore_index: int, outer: int,
 
 
 @check_labelled_mean.register_fake
-def _check_labelled_mean_fake(target: torch.Tensor, ignore_index: int, outer: int, fold: int):
+def _check_labelled_mean_fake(target: torch.Tensor, ignore_index: int, outer: int, fold: int,
+                              batch: int):
     return torch.empty((), dtype=torch.int64, device=target.device)
 
 

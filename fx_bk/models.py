@@ -110,3 +110,50 @@ def synthetic_token_task(
     jitter = 0.5 * torch.rand(n, n_classes, generator=g)  # < 1: only breaks ties
     y = (hist + jitter).argmax(dim=1)  # [n]
     return x, y
+
+
+def markov_chain(vocab: int, seed: int, branching: int = 3) -> torch.Tensor:
+    """A random first-order Markov chain over tokens ``1..vocab-1`` (0 is padding) in which
+    each token is followed by one of ``branching`` likely successors: ``[vocab, vocab]``
+    transition probabilities (row 0 unused). Its entropy rate is far below ``log(vocab - 1)``,
+    so a language model has structure to learn."""
+    g = torch.Generator().manual_seed(seed)
+    logits = torch.full((vocab, vocab), -4.0)
+    logits[:, 0] = -float("inf")  # never emit padding
+    for v in range(vocab):
+        nxt = 1 + torch.randperm(vocab - 1, generator=g)[:branching]
+        logits[v, nxt] = torch.linspace(2.0, 0.0, branching)
+    return logits.softmax(-1)
+
+
+def perturbed_chain(chain: torch.Tensor, fraction: float, seed: int) -> torch.Tensor:
+    """``chain`` with the successors of a ``fraction`` of the tokens drawn anew: a related
+    distribution (the "private" text a model pretrained on ``chain`` is fine-tuned on)."""
+    other = markov_chain(chain.shape[0], seed)
+    g = torch.Generator().manual_seed(seed)
+    changed = torch.rand(chain.shape[0], generator=g) < fraction
+    return torch.where(changed.unsqueeze(1), other, chain)
+
+
+def markov_sequences(chain: torch.Tensor, n: int, min_len: int, max_len: int,
+                     seed: int) -> list[torch.Tensor]:
+    """``n`` token sequences drawn from ``chain``, lengths uniform in ``[min_len, max_len]``."""
+    g = torch.Generator().manual_seed(seed)
+    vocab = chain.shape[0]
+    lengths = torch.randint(min_len, max_len + 1, (n,), generator=g)
+    tokens = torch.empty(n, max_len, dtype=torch.long)
+    tokens[:, 0] = torch.randint(1, vocab, (n,), generator=g)
+    for t in range(1, max_len):
+        tokens[:, t] = torch.multinomial(chain[tokens[:, t - 1]], 1, generator=g).squeeze(1)
+    return [tokens[i, : lengths[i]] for i in range(n)]
+
+
+def entropy_rate(chain: torch.Tensor) -> float:
+    """The chain's entropy per token (nats) under its stationary distribution: the lowest
+    mean next-token loss a model can reach; ``exp`` of it is the floor of the perplexity."""
+    p = torch.full((chain.shape[0],), 1.0 / (chain.shape[0] - 1))
+    p[0] = 0
+    for _ in range(200):
+        p = p @ chain
+    rows = -(chain * chain.clamp_min(1e-30).log()).sum(1)
+    return float((p * rows).sum())

@@ -17,6 +17,7 @@ with the noise added once.
 
 from __future__ import annotations
 
+import math
 import warnings
 
 import torch
@@ -28,6 +29,7 @@ from opacus.optimizers import DPOptimizerFastGradientClipping
 from ._torch_internals import mark_batch_dynamic, set_opacus_noise_per_rank
 from .api import transform
 from .criterion import checked_criterion
+from .distributed import check_optimizer_params, noise_context
 from .errors import ConfigError
 from .runtime import BKModule
 
@@ -94,6 +96,7 @@ class PrivacyEngine:
         if world > 1:  # every rank adds the same noise, 1/W of it: see the module docstring
             set_opacus_noise_per_rank(dp_optimizer, noise_multiplier / world)
         dp_optimizer.attach_step_hook(self.accountant.get_optimizer_hook_fn(sample_rate))
+        dp_optimizer.fx_bk_module = bk
         out_module = bk
         if compile:
             options = compile if isinstance(compile, dict) else {}
@@ -131,20 +134,41 @@ class PrivacyEngine:
         return self.make_private(data_loader=data_loader, noise_multiplier=sigma, **kwargs)
 
     def get_epsilon(self, delta: float) -> float:
-        """The epsilon spent so far at ``delta``."""
+        """The epsilon spent so far at ``delta`` (``inf`` once a step ran without noise)."""
+        if any(sigma == 0 for sigma, _, _ in getattr(self.accountant, "history", [])):
+            return math.inf  # no noise, no privacy: PRV's own arithmetic overflows here
         return self.accountant.get_epsilon(delta)
 
 
 class DPOptimizer(DPOptimizerFastGradientClipping):
     """Opacus's optimizer for a clipped sum in ``p.grad``; a trainable parameter the forward
     never used (no gradient at all) gets the zero clipped sum, so it receives noise like every
-    other coordinate instead of crashing Opacus's accumulation."""
+    other coordinate instead of crashing Opacus's accumulation. With FSDP (sharded ``DTensor``
+    parameters, ``fx_bk.distributed.fully_shard``) each rank adds the noise of its own shards;
+    an optimizer left on parameters FSDP replaced is refused at the step."""
+
+    fx_bk_module = None  # set by make_private: the module whose parameters this steps
 
     def pre_step(self, closure=None):
+        if self.fx_bk_module is not None:
+            check_optimizer_params(self, self.fx_bk_module)
         for p in self.params:
             if p.grad is None:
                 p.grad = torch.zeros_like(p)
         return super().pre_step(closure)
+
+    def accumulate(self):
+        """Opacus's accumulation, with ``clone`` where Opacus deep-copies ``p.grad.data`` (which
+        fails for a ``DTensor`` gradient: FSDP)."""
+        for p in self.params:
+            if p.summed_grad is None:
+                p.summed_grad = p.grad.detach().clone()
+            else:
+                p.summed_grad.add_(p.grad.detach())
+
+    def add_noise(self):
+        with noise_context(self.params):
+            super().add_noise()
 
 
 class DynamicBatchLoader:

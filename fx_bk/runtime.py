@@ -19,6 +19,18 @@ submodule or parameter, which reaches ``program_for`` and a fresh trace; a plain
 a hook changed after compiling is not guarded, so the compiled graph checks the signature at
 every call and raises (``fx_bk/change_guard.py``; ``torch.compiler.reset()`` after a change).
 
+NOTE [dynamic lengths]: a program is traced with the batch as a symbol and, for the dims in
+``InputMeta.dynamic``, further symbols (a sequence length). Which dims: those declared with
+``transform(..., dynamic={...})`` or with Dynamo's ``mark_dynamic``, those Dynamo passes as
+symbols under torch.compile, and, as Dynamo's automatic dynamic shapes, any dim whose size
+differs from the previous call's with the same structure (``batch_inputs.DynamicDims``): the
+first size gets a static trace, the second a symbolic one that serves every later size. Dims
+of equal size in a call share a symbol; the program key holds the symbols' names, so a call
+where they differ gets its own trace. The trace's conditions on the sizes (``SizeGuard``: a
+branch on the length, a length pinned by a reshape, a rule's condition) are re-checked per
+call by ``SizeRegions`` (under torch.compile the check is a Dynamo guard). A forward that
+cannot be traced symbolically is traced per size from then on, with a warning.
+
 NOTE [autocast]: a program is traced for one autocast state (enabled and dtype per device type
 of the params and inputs; ``fx_bk/autocast.py``), which is part of its cache key: the same module
 called with and without autocast builds two programs. Under torch.compile the key is read while
@@ -47,10 +59,17 @@ from ._torch_internals import (
     escape_outer_tracing,
     is_fake,
 )
-from .batch_inputs import BatchHistory, batch_free_signature, input_metas, leaf_arguments
+from .batch_inputs import (
+    BatchHistory,
+    DynamicDims,
+    SizeRegions,
+    batch_free_signature,
+    leaf_arguments,
+)
 from .config import BKConfig
 from .deferred_error import Rejected
-from .empty_batch import EmptyBatch
+from .distributed import check_not_sharded
+from .empty_batch import EmptyBatch, empty_outputs
 from .errors import FxBkError, UnsupportedModelError
 from .layout import flatten, unflatten
 from .module_state import module_signature
@@ -133,10 +152,11 @@ class BKModule(torch.nn.Module):
 
     def _register(self) -> None:
         """A fresh id (the key of the traced programs and the recorded norms) and no programs."""
-        self._regions: OrderedDict = OrderedDict()  # input signature -> _BatchRegions, LRU
+        self._regions: OrderedDict = OrderedDict()  # input signature -> SizeRegions, LRU
         self._output_layouts: dict = {}  # (input layout, training) -> output layout, last used
         self._warned_eviction = False
         self._batch_history = BatchHistory()
+        self._dynamic = DynamicDims(self.bk_config.automatic_dynamic)
         self._leaf_names: dict = {}  # input layout -> forward argument of each tensor leaf
         self._bk_id = next(_ids)
         register(self._bk_id)
@@ -149,7 +169,7 @@ class BKModule(torch.nn.Module):
         its own at its first call."""
         state = super().__getstate__()
         for key in ("_regions", "_output_layouts", "_bk_id", "_warned_eviction",
-                    "_batch_history", "_leaf_names"):
+                    "_batch_history", "_leaf_names", "_dynamic"):
             state.pop(key, None)
         return state
 
@@ -191,7 +211,7 @@ class BKModule(torch.nn.Module):
         backward gives zero gradients whatever the loss (a mean over nothing is NaN)."""
         trainable = [p for p in self._module.parameters() if p.requires_grad]
         with torch.no_grad():
-            out = self._module(*args, **kwargs)
+            out = empty_outputs(self._module, args, kwargs)
         leaves: list = []
         layout = flatten(out, leaves, outputs=True)
         floats = [i for i, t in enumerate(leaves) if t.is_floating_point()]
@@ -206,6 +226,7 @@ class BKModule(torch.nn.Module):
         """Look up or build the BK program for these inputs (batch size excluded) and the
         wrapped module as it is now (NOTE [stale traces])."""
         module = self._module
+        check_not_sharded(module, params)  # FSDP inside the wrapped model: fx_bk/distributed.py
         if any(isinstance(x, torch.Tensor) and x.requires_grad for x in inputs):
             raise FxBkError(
                 "fx_bk: an input of the model requires grad; fx_bk computes gradients of the "
@@ -215,20 +236,51 @@ class BKModule(torch.nn.Module):
         with disable_proxy_modes_tracing():
             names = self._leaf_arguments(layout, len(inputs))
             declared = tuple(n in self.bk_config.unbatched for n in names)
-            batch, metas = input_metas(inputs, declared)
-            self._batch_history.check(names, metas, batch)
             trainable = tuple(p.requires_grad for p in params)
             autocast = amp.current_state(amp.device_types([*params, *inputs]))
-            key = (
-                layout, training, module_signature(module), trainable, autocast,
-                batch_free_signature(metas),
-            )
-            region = self._region(key)
-            found = region.lookup(batch)
+            base = (layout, training, module_signature(module), trainable, autocast)
+            batch, metas, sizes = self._dynamic.metas(
+                base, inputs, declared, self._requested_dims(layout, inputs))
+            self._batch_history.check(names, metas, batch)
+            region = self._region((*base, batch_free_signature(metas)))
+            found = region.lookup(sizes)
         if found is not None:
             self._output_layouts[(layout, training)] = found.prog.output_layout
             return found
         _check_call_signature(module, layout, inputs)
+        try:
+            compiled = self._build(layout, training, trainable, autocast, params, inputs, metas)
+        except Exception as e:
+            if not any(m.dynamic for m in metas):
+                raise
+            # NOTE [dynamic lengths]: a forward that cannot be traced with a symbolic length
+            # is traced per length, as before; the error that made it so is in the warning
+            self._dynamic.give_up(base)
+            problems = getattr(e, "problems", None)
+            first = str(problems[0]) if problems else \
+                (str(e).strip().splitlines() or [type(e).__name__])[0]
+            warnings.warn(
+                f"fx_bk: {type(module).__name__} could not be traced with a symbolic sequence "
+                f"length ({type(e).__name__}: {first[:400]}); each length gets a trace of its "
+                f"own. Pass dynamic=False to fx_bk.transform to silence this", stacklevel=4)
+            return self.program_for(layout, training, params, buffers, inputs)
+        if isinstance(compiled, Rejected):
+            return compiled
+        region.add(compiled)
+        with disable_proxy_modes_tracing():
+            found = region.lookup(sizes)
+        if found is None:
+            raise FxBkError(
+                f"fx_bk: the model's forward depends on the batch size or a dynamic length in "
+                f"a way that cannot be traced for sizes {sizes} (conditions: "
+                f"{[str(g.expr) for g in compiled.prog.size_guards]}); avoid code that "
+                f"branches on them"
+            )
+        return found
+
+    def _build(self, layout, training, trainable, autocast, params, inputs, metas):
+        """Trace and build the program for one call (NOTE [lazy build under torch.compile])."""
+        module = self._module
         real = not any(is_fake(x) for x in [*inputs, *params])
         with escape_outer_tracing():
             prog = BKProgram(
@@ -243,44 +295,45 @@ class BKModule(torch.nn.Module):
             try:
                 run_passes(prog)
             except UnsupportedModelError as e:
-                if real or prog.forward_graph is None or not any(m.batched for m in metas):
+                if real or prog.forward_graph is None or not any(m.batched for m in metas) \
+                        or any(m.dynamic for m in metas):
                     raise
                 self._output_layouts[(layout, training)] = prog.output_layout
                 return Rejected(prog, e)  # raised at run time (fx_bk/deferred_error.py)
-            prog.example_inputs, compiled = None, CompiledProgram(prog)
-        region.add(compiled)
+            prog.example_inputs = None
+            compiled = CompiledProgram(prog)
         self._output_layouts[(layout, training)] = prog.output_layout
-        with disable_proxy_modes_tracing():
-            found = region.lookup(batch)
-        if found is None:
-            raise FxBkError(
-                f"fx_bk: the model's forward depends on the batch size in a way that cannot "
-                f"be traced for batch size {batch} (conditions: "
-                f"{[str(g.expr) for g in prog.batch_guards]}); avoid code that branches on it"
-            )
-        return found
+        return compiled
+
+    def _requested_dims(self, layout, inputs) -> frozenset:
+        """The (input, dim) pairs ``transform(..., dynamic={...})`` declared."""
+        names = self._leaf_arguments(layout, len(inputs))
+        declared = dict(self.bk_config.dynamic_dims)
+        return frozenset((i, d) for i, n in enumerate(names) for d in declared.get(n, ())
+                         if d < inputs[i].dim())
 
     def _leaf_arguments(self, layout, n: int) -> tuple[str, ...]:
         if layout not in self._leaf_names:
             self._leaf_names[layout] = leaf_arguments(self._module, layout, n)
         return self._leaf_names[layout]
 
-    def _region(self, key) -> _BatchRegions:
+    def _region(self, key) -> SizeRegions:
         """The programs of one input signature; beyond ``MAX_SIGNATURES`` the least recently
         used signature's programs are dropped (a warning says so, once)."""
         if key in self._regions:
             self._regions.move_to_end(key)
             return self._regions[key]
-        region = self._regions[key] = _BatchRegions()
+        region = self._regions[key] = SizeRegions()
         if len(self._regions) > MAX_SIGNATURES:
             self._regions.popitem(last=False)
             if not self._warned_eviction:
                 self._warned_eviction = True
                 warnings.warn(
                     f"fx_bk: {type(self._module).__name__} was called with more than "
-                    f"{MAX_SIGNATURES} input signatures (shapes other than the batch size, "
-                    f"dtypes, train/eval, autocast); each traces its own BK program, and the "
-                    f"least recently used are dropped. Pad inputs to a few fixed lengths",
+                    f"{MAX_SIGNATURES} input signatures (static shapes other than the batch "
+                    f"size, dtypes, train/eval, autocast); each traces its own BK program, and "
+                    f"the least recently used are dropped. Let sizes that vary be symbolic "
+                    f"(fx_bk.transform's dynamic) or pad inputs to a few fixed lengths",
                     stacklevel=4,
                 )
         return region
@@ -305,30 +358,6 @@ class BKModule(torch.nn.Module):
     def programs(self) -> list[CompiledProgram]:
         """Every BK program built so far (one per input signature and batch-size region)."""
         return [p for r in self._regions.values() for p in r.programs.values()]
-
-
-class _BatchRegions:
-    """The programs of one input signature, told apart by the batch-size conditions their
-    traces assumed (usually none: one program for every batch size)."""
-
-    def __init__(self):
-        self.guards: list = []  # every BatchGuard seen in this signature's traces
-        self.programs: dict[tuple[bool, ...], CompiledProgram] = {}
-
-    def _outcomes(self, batch) -> tuple[bool, ...]:
-        return tuple(g.holds(batch) for g in self.guards)
-
-    def lookup(self, batch) -> CompiledProgram | None:
-        outcomes = self._outcomes(batch)
-        for key, compiled in self.programs.items():
-            if all(o == k for o, k in zip(outcomes, key)):
-                return compiled
-        return None
-
-    def add(self, compiled: CompiledProgram) -> None:
-        self.guards.extend(compiled.prog.batch_guards)
-        hint = compiled.prog.trace_batch
-        self.programs[self._outcomes(hint)] = compiled
 
 
 def _batch_size(leaves: list):

@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from ._torch_internals import evaluate_batch_condition
+from ._torch_internals import evaluate_size_condition
 
 if TYPE_CHECKING:  # the rules import this module, not the reverse
     from .rules.base import Rule
@@ -31,6 +31,9 @@ class Strategy(str, enum.Enum):
     RANK_ONE = "rank-one"  # T = 1: ||a||^2 ||g||^2
     GHOST = "ghost"  # <a a^T, g g^T>, no per-sample gradient built
     INSTANTIATE = "instantiate"  # the per-sample gradients [B, *p.shape] are built
+    # a dynamic length: ghost while T <= site.max_ghost_positions, else instantiated norms
+    # (chosen per call by fx_bk::gemm_norm_by_length); the clipped sum is one GEMM either way
+    BY_LENGTH = "ghost or instantiate, by T per call"
     BIAS_ONLY = "bias-only"  # only the bias trains
     VMAP_VJP = "vmap(vjp)"  # the fallback rule: vmap of the op's vjp, instantiated
     SHARED = "instantiate (shared parameter)"  # a parameter shared by sites of different rules
@@ -40,6 +43,11 @@ class Strategy(str, enum.Enum):
 
     def __str__(self) -> str:
         return self.value
+
+
+def is_dynamic(shape: tuple) -> bool:
+    """Does a site shape have a dynamic length (besides the batch)?"""
+    return any(isinstance(d, Length) for d in shape)
 
 
 def per_sample_numel(shape: tuple) -> int:
@@ -60,12 +68,14 @@ class Site:
     params: dict[str, str]  # role ("weight", "bias") -> parameter name, trainable only
     tensor_args: dict[str, str]  # role -> node name of the activations the rule needs
     const_args: dict[str, Any]  # the op's other arguments (e.g. normalized_shape, eps)
-    shapes: dict[str, tuple]  # role/"out" -> shape with "B" for the batch dim
+    # role/"out" -> shape with "B" for the batch dim, a ``Length`` for a dynamic one
+    shapes: dict[str, tuple]
     strategy: Strategy | str = ""  # chosen by the rule's plan()
     cost: int = 0  # multiply-adds per sample of the chosen strategy
     bundle_note: str = ""  # how a parameter shared with other sites is handled, if it is
     batch_layout: tuple | None = None  # see find_sites._unfold_batch; None: batch-first
     aux: dict[str, int] = field(default_factory=dict)  # role/"out" -> index among aux outputs
+    max_ghost_positions: int = 0  # BY_LENGTH: the largest T computed by the ghost norm
 
 
 @dataclass(frozen=True)
@@ -97,6 +107,22 @@ class SiteValues:
     batch: Any  # the batch size (a SymInt while tracing)
 
 
+class Length(int):
+    """A dim traced with a symbolic size other than the batch (a dynamic sequence length):
+    its value is the size the trace was made with (cost models read it), ``expr`` the
+    symbol (or expression of symbols)."""
+
+    expr: Any
+
+    def __new__(cls, hint: int, expr):
+        out = super().__new__(cls, hint)
+        out.expr = expr
+        return out
+
+    def __repr__(self) -> str:
+        return str(self.expr)
+
+
 @dataclass(frozen=True)
 class InputMeta:
     """Shape/dtype of one tensor input; ``batched`` ones have the symbolic batch as dim 0."""
@@ -105,17 +131,21 @@ class InputMeta:
     dtype: torch.dtype
     device: torch.device
     batched: bool
+    # dims traced with a symbolic size other than the batch (a sequence length): dim -> name of
+    # the symbol; inputs' dims with the same name share one symbol
+    dynamic: tuple[tuple[int, str], ...] = ()
 
 
 @dataclass(frozen=True)
-class BatchGuard:
-    """A condition on the batch size that the trace assumed (e.g. ``s0 < 16`` in a kernel's
-    heuristic, or a branch of the model's forward)."""
+class SizeGuard:
+    """A condition on the symbolic sizes (the batch, dynamic lengths) that the trace assumed
+    (e.g. ``s0 < 16`` in a kernel's heuristic, a branch of the model's forward, a length
+    pinned by a reshape)."""
 
-    symbol: Any  # the trace's sympy batch symbol
-    expr: Any  # sympy boolean in ``symbol``
+    symbols: tuple[tuple[str, Any], ...]  # (name, sympy symbol) of every size in ``expr``
+    expr: Any  # sympy boolean
 
-    def holds(self, batch) -> bool:
-        """Evaluate at ``batch`` (an int, or a SymInt under torch.compile: then the check
+    def holds(self, sizes: dict) -> bool:
+        """Evaluate at ``sizes`` (name -> int, or SymInt under torch.compile: then the check
         becomes a guard of the compiled graph)."""
-        return evaluate_batch_condition(self.expr, self.symbol, batch)
+        return evaluate_size_condition(self.expr, {sym: sizes[n] for n, sym in self.symbols})

@@ -22,13 +22,14 @@ import torch
 from fx_bk._torch_internals import functionalize, make_fx, set_flat_codegen
 from fx_bk.autocast import disabled, entered
 from fx_bk.clipping import clipped_gradients
-from fx_bk.errors import FxBkError, Problem, UnsupportedModelError
+from fx_bk.errors import FxBkError, Problem, UnsupportedModelError, raise_if_any
 from fx_bk.rules import accumulation_dtype
 from fx_bk.rules.derived import DerivedBundle
 from fx_bk.site import Site, SiteValues
 from fx_bk.step_guard import record_norms, step_token
 
 from .program import BKProgram
+from .trace_model import size_guards
 
 
 def output_vals(prog: BKProgram) -> list:
@@ -75,6 +76,9 @@ def build_joint(prog: BKProgram) -> None:
             "fx_bk internal error: a per-sample rule specialized the batch size while tracing "
             "the joint graph; please report this with the model"
         )
+    guards, problems = size_guards(prog)  # the rules' conditions on a dynamic length too
+    raise_if_any(problems)
+    prog.size_guards = guards
     prog.joint_graph = gm
 
 
@@ -184,11 +188,12 @@ def site_values(site: Site, aux: list, out: torch.Tensor, grad: torch.Tensor,
 
 def _batch_first(t: torch.Tensor, site: Site, batch) -> torch.Tensor:
     """A batched site tensor in ``site.batch_layout`` (see ``find_sites._unfold_batch``) as
-    ``[B, T, *rest]``; unchanged when the site is batch-first."""
+    ``[B, T, *rest]``; unchanged when the site is batch-first. A dynamic factor of the folded
+    dim (``"T"``, at most one) is what remains of its size."""
     if site.batch_layout is None:
         return t
     prefix, k, n_lead = site.batch_layout
-    sizes = [batch if d == "B" else d for d in prefix]
+    sizes = [batch if d == "B" else -1 if d == "T" else d for d in prefix]  # "T": dynamic
     t = t.reshape(*sizes, *t.shape[n_lead:]).movedim(k, 0)
     return t.reshape(batch, -1, *t.shape[len(prefix):])
 

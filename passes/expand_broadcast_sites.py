@@ -74,9 +74,9 @@ def expand_broadcast_sites(prog: BKProgram) -> None:
             for arg in node.all_input_nodes:
                 if arg in trainable or arg not in _tensor_args(node, rule):
                     continue
-                shape = list(arg.meta["val"].shape)
+                rank = arg.meta["val"].dim()
                 src = graph.call_function(aten.unsqueeze.default, (arg, 0)) if lead else arg
-                size = [batch, *(shape if lead else shape[1:])]
+                size = [batch, *[-1] * (rank if lead else rank - 1)]  # -1: the size it has
                 node.replace_input_with(arg, graph.call_function(aten.expand.default, (src, size)))
         changed.append(node)
     if not changed:

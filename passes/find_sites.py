@@ -7,14 +7,16 @@ an activation slot) is a problem reported with the op, parameter, module and sou
 
 from __future__ import annotations
 
+import math
 import operator
 
+import sympy
 import torch
 
-from fx_bk._torch_internals import is_op_overload, normalize_call, op_schema, sym_expr
+from fx_bk._torch_internals import is_op_overload, normalize_call, op_schema, sym_expr, sym_hint
 from fx_bk.errors import Problem
 from fx_bk.rules import RULES, fallback_rule, rule_for
-from fx_bk.site import Site
+from fx_bk.site import Length, Site
 
 from .batch_locations import Mixed, Sample
 from .describe import module_of, op_name, report_mixing, where
@@ -30,7 +32,8 @@ def supported_ops() -> str:
 
 
 def _shape(value, batch_symbol) -> tuple:
-    """Static dims as ints, the batch dim as "B", a dim folding the batch with others as str."""
+    """Static dims as ints, the batch dim as "B", a dim folding the batch with others as str,
+    a dynamic length free of the batch as a ``Length`` (an int: the trace's size)."""
     if not isinstance(value, torch.Tensor):
         return ()
     out = []
@@ -39,7 +42,12 @@ def _shape(value, batch_symbol) -> tuple:
             out.append(s)
         else:
             expr = sym_expr(s)
-            out.append("B" if expr == batch_symbol else str(expr))
+            if expr == batch_symbol:
+                out.append("B")
+            elif batch_symbol in expr.free_symbols:
+                out.append(str(expr))
+            else:
+                out.append(Length(sym_hint(s), expr))
     return tuple(out)
 
 
@@ -69,7 +77,7 @@ def find_sites(prog: BKProgram) -> None:
         if site is None or not rule.applies(site):
             continue
         if rule.folds_batch:
-            _unfold_batch(site, node, prog.batch_locations)
+            _unfold_batch(site, node, prog)
         claimed.update((p, node) for p in uses if trainable[p] in site.params.values())
         for a in node.all_input_nodes:
             if isinstance(prog.batch_locations.get(a), Mixed):
@@ -98,7 +106,7 @@ def find_sites(prog: BKProgram) -> None:
             prog.problems.append(Problem("unsupported-op", msg))
 
 
-def _unfold_batch(site: Site, node: torch.fx.Node, locs: dict) -> None:
+def _unfold_batch(site: Site, node: torch.fx.Node, prog: BKProgram) -> None:
     """For row-wise rules (``Rule.folds_batch``), read a row tensor whose batch is not (only)
     dim 0 as batch-first, from the batch location the proof gave it
     (``passes/batch_locations``: ``Sample(dim, fold, outer)``, dim ``dim`` of size
@@ -115,6 +123,7 @@ def _unfold_batch(site: Site, node: torch.fx.Node, locs: dict) -> None:
     ``t.reshape(*prefix, *t.shape[n_lead:]).movedim(k, 0)`` flattened to ``[B, T, *rest]``
     (``"B"`` in ``prefix`` = batch) by ``build_joint.site_values``.
     """
+    locs = prog.batch_locations
     role = site.rule.row_role(site)
     shape = site.shapes.get(role, ())
     args = normalize_call(node.target, node.args, node.kwargs)
@@ -125,23 +134,38 @@ def _unfold_batch(site: Site, node: torch.fx.Node, locs: dict) -> None:
         return
     if loc.dim == 0 and loc.fold == 1 and loc.outer == 1:
         return  # already batch-first
-    try:
-        outer, fold = int(loc.outer), int(loc.fold)
-    except TypeError:
-        return  # sizes that depend on the batch: not a layout fx_bk reads
+    factors = [_factor(loc.outer, prog), _factor(loc.fold, prog)]
+    if None in factors or sum(isinstance(f, Length) for f in factors) > 1:
+        return  # sizes that depend on the batch, or two dynamic ones: not a layout fx_bk reads
+    outer, fold = factors
     n_lead = loc.dim + 1
-    if not all(isinstance(d, int) for d in shape[:loc.dim]):
+    if not all(isinstance(d, int) and not isinstance(d, Length) for d in shape[:loc.dim]):
         return
     if n_lead > len(shape) - site.rule.core_dims(site):
         return  # the batch sits in dims the op mixes: the layout error stays
     prefix = (*shape[:loc.dim], *([outer] if outer != 1 else []), "B",
               *([fold] if fold != 1 else []))
+    positions = math.prod(d for d in prefix if d != "B")
+    if any(isinstance(d, Length) for d in prefix):  # the one dynamic factor: "T"
+        positions = Length(positions, math.prod(d.expr if isinstance(d, Length) else d
+                                                for d in prefix if d != "B"))
+        prefix = tuple("T" if isinstance(d, Length) else d for d in prefix)
     site.batch_layout = (prefix, prefix.index("B"), n_lead)
-    positions = 1
-    for d in prefix:
-        positions *= 1 if d == "B" else d
     for r in (role, "out"):
         site.shapes[r] = ("B", positions, *site.shapes[r][n_lead:])
+
+
+def _factor(size, prog: BKProgram) -> int | None:
+    """A fold or outer size of a batch location as an int, a ``Length`` when it is a dynamic
+    length, None when it involves the batch."""
+    size = sympy.sympify(size)
+    if size.is_number:
+        return int(size)
+    symbols = prog.mode.size_symbols
+    if symbols["batch"] in size.free_symbols:
+        return None
+    hint = size.subs({sym: prog.trace_sizes[n] for n, sym in symbols.items()})
+    return Length(int(hint), size) if hint.is_number else None
 
 
 def _in_place_problem(node: torch.fx.Node) -> str | None:

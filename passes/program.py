@@ -1,6 +1,6 @@
 """``BKProgram``: the state the passes read and extend, one per traced input signature.
 
-The site-level contract (``Site``, ``SiteValues``, ``InputMeta``, ``BatchGuard``, ``Strategy``)
+The site-level contract (``Site``, ``SiteValues``, ``InputMeta``, ``SizeGuard``, ``Strategy``)
 lives in ``fx_bk/site.py``, below the rules; this module adds the program-level state.
 """
 
@@ -14,7 +14,7 @@ import torch
 from fx_bk.config import BKConfig
 from fx_bk.errors import Problem
 from fx_bk.rules import BundleHandler
-from fx_bk.site import BatchGuard, DerivedValue, InputMeta, Site
+from fx_bk.site import DerivedValue, InputMeta, Site, SizeGuard
 
 
 @dataclass
@@ -45,7 +45,8 @@ class BKProgram:
     output_layout: tuple | None = None
     num_outputs: int = 0  # the model's outputs (flattened)
     trace_batch: int = 0  # the batch size the trace was made with (the symbol's hint)
-    batch_guards: list[BatchGuard] = field(default_factory=list)
+    trace_sizes: dict = field(default_factory=dict)  # every symbolic size's hint, by name
+    size_guards: list[SizeGuard] = field(default_factory=list)  # re-checked per call
     fake_inputs: list[torch.Tensor] = field(default_factory=list)  # the forward graph's inputs
     derivation_nodes: set[str] = field(default_factory=set)  # parameter-only ops' nodes
     derived: dict[str, DerivedValue] = field(default_factory=dict)  # node -> value at the batch

@@ -19,6 +19,7 @@ line: every other value that mixes samples and reaches an output or a trainable 
 
 from __future__ import annotations
 
+import sympy
 import torch
 
 import fx_bk.losses  # noqa: F401  (registers fx_bk::check_labelled_mean)
@@ -97,14 +98,25 @@ def _guard_labelled_mean(prog: BKProgram, op: torch.fx.Node) -> None:
     args = normalize_call(op.target, op.args, op.kwargs)
     target = args["target"]
     loc = prog.batch_locations[target]
-    spec = (args.get("ignore_index", -100), int(loc.outer), int(loc.fold))
+    outer, fold = (int(f) if sympy.sympify(f).is_number else -1 for f in (loc.outer, loc.fold))
+    if outer == fold == -1:  # two dynamic lengths around the batch: not checkable per call
+        prog.problems.append(Problem("loss-not-per-sample", (
+            f"loss {op_name(op)}{where(op)} is a mean over labelled entries whose targets fold "
+            f"the batch between two dynamic lengths; compute a per-sample loss "
+            f"(fx_bk.sequence_cross_entropy(logits, labels).mean())")))
+        return
     graph = prog.forward_graph.graph
+    batched = prog.placeholders()[prog.first_batched_input()]
     with graph.inserting_after(op):
+        batch = graph.call_function(torch.ops.aten.sym_size.int, (batched, 0))
+    spec = (args.get("ignore_index", -100), outer, fold, batch)
+    with graph.inserting_after(batch):
         check = graph.call_function(torch.ops.fx_bk.check_labelled_mean.default,
                                     (target, *spec))
+    batch.meta["val"] = batched.meta["val"].shape[0]
     with prog.mode.fake_mode:
         check.meta["val"] = torch.ops.fx_bk.check_labelled_mean.default(
-            target.meta["val"], *spec)
+            target.meta["val"], *spec[:3], batch.meta["val"])
     prog.forward_graph.recompile()
 
 
@@ -189,10 +201,8 @@ PROBE_SAMPLES = (0, 2)
 
 
 def _probe_op(node, locs, ctx, values):
-    def concrete(a):
-        if isinstance(a, torch.fx.Node):
-            return values[a] if a in values else ctx.value(a)
-        return a
+    def concrete(a):  # a node the probe did not reach raises: never the traced (symbolic)
+        return values[a] if isinstance(a, torch.fx.Node) else a  # value, whose use adds guards
 
     def arg_map(fn):
         return torch.fx.node.map_aggregate((node.args, node.kwargs), fn)

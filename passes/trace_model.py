@@ -28,7 +28,7 @@ from fx_bk.autocast import entered
 from fx_bk.errors import FxBkError, Problem, UnsupportedModelError
 from fx_bk.layout import flatten, unflatten
 from fx_bk.module_state import kept_tensor_attributes, swapped_state
-from fx_bk.site import BatchGuard
+from fx_bk.site import SizeGuard
 from fx_bk.trace_decompositions import TRACE_DECOMPOSITIONS
 from fx_bk.user_code import user_frame
 
@@ -51,7 +51,8 @@ def trace_model(prog: BKProgram) -> None:
     mode = SymbolicBatchMode()
     flat = [mode.fake(params[n], batched=False) for n in prog.param_names]
     flat += [mode.fake(buffers[n], batched=False) for n in prog.buffer_names]
-    flat += [mode.fake(example_tensor(m, batch), batched=m.batched) for m in prog.inputs]
+    flat += [mode.fake(example_tensor(m, batch), batched=m.batched, dynamic=m.dynamic)
+             for m in prog.inputs]
 
     out_layout = []
 
@@ -106,11 +107,13 @@ def trace_model(prog: BKProgram) -> None:
     set_flat_codegen(gm)  # flat placeholders, no pytree wrapping
     prog.mode = mode
     prog.trace_batch = batch
+    prog.trace_sizes = {"batch": batch, **{n: m.shape[k] for m in prog.inputs
+                                           for k, n in m.dynamic}}
     prog.fake_inputs = flat
     prog.forward_graph = gm
     prog.output_layout = out_layout[-1]
     prog.num_outputs = sum(1 for n in gm.graph.output_node().args[0])
-    _check_batch_guards(prog)
+    _check_size_guards(prog)
     _check_state_mutations(prog)
 
 
@@ -138,8 +141,9 @@ def _custom_gradient_problems(model, functions: list[str], hooks: list[str]) -> 
     ) for what in found]
 
 
-def _check_batch_guards(prog: BKProgram) -> None:
-    """Record the conditions the trace placed on the batch size (the runtime re-checks them)."""
+def _check_size_guards(prog: BKProgram) -> None:
+    """Record the conditions the trace placed on the symbolic sizes (the runtime re-checks
+    them per call and traces again where one fails)."""
     sym = prog.mode.batch_symbol
     if sym is None:
         prog.problems.append(Problem(
@@ -157,17 +161,31 @@ def _check_batch_guards(prog: BKProgram) -> None:
             f"{shared_input_hint(prog)}",
         ))
         return
-    for expr in prog.mode.guard_exprs():
-        if sym not in expr.free_symbols:
+    guards, problems = size_guards(prog)
+    prog.size_guards = guards
+    prog.problems.extend(problems)
+
+
+def size_guards(prog: BKProgram) -> tuple[list[SizeGuard], list[Problem]]:
+    """Every condition tracing placed so far on the symbolic sizes, as guards the runtime
+    re-checks per call (also after the joint trace: a rule may add some), and problems for
+    conditions on sizes fx_bk does not trace symbolically."""
+    names = {s: n for n, s in prog.mode.size_symbols.items()}
+    guards, problems = [], []
+    for expr in prog.mode.guard_exprs() + prog.mode.length_specializations():
+        free = expr.free_symbols
+        if not free & names.keys():
             continue
-        if expr.free_symbols != {sym}:
-            prog.problems.append(Problem(
+        if not free <= names.keys():
+            problems.append(Problem(
                 "batch-size-specialized",
                 f"tracing the forward produced the condition {expr} relating the batch size to "
-                f"other sizes; fx_bk supports forwards whose only dynamic size is the batch",
+                f"sizes fx_bk does not trace symbolically; only the batch and the dynamic dims "
+                f"may vary between calls",
             ))
             continue
-        prog.batch_guards.append(BatchGuard(sym, expr))
+        guards.append(SizeGuard(tuple((names[s], s) for s in free), expr))
+    return guards, problems
 
 
 def _mutated_placeholder(node: torch.fx.Node) -> torch.fx.Node | None:
@@ -212,6 +230,6 @@ LOGGED_GRAPHS = ("forward_graph",)
 
 
 def summarize(prog: BKProgram) -> str:
-    guards = [str(g.expr) for g in prog.batch_guards]
+    guards = [str(g.expr) for g in prog.size_guards]
     return (f"forward graph {len(prog.forward_graph.graph.nodes)} nodes, {prog.num_outputs} "
-            f"outputs, traced at batch {prog.trace_batch}, batch guards {guards}")
+            f"outputs, traced at batch {prog.trace_batch}, size guards {guards}")

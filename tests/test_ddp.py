@@ -55,7 +55,7 @@ def _worker(rank, init_file, out_dir):
     # must fail this test in seconds, not hang the suite
     os.environ["GLOO_SOCKET_IFNAME"] = _loopback()
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank,
-                            world_size=WORLD, timeout=datetime.timedelta(seconds=60))
+                            world_size=WORLD, timeout=datetime.timedelta(seconds=180))
     torch.set_num_threads(1)
     x, y = _data()
     mine = slice(rank * N // WORLD, (rank + 1) * N // WORLD)

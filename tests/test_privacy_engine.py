@@ -148,6 +148,35 @@ def test_empty_batch_gives_zero_clipped_sum_plus_noise(compiled):
     assert not torch.equal(before["0.weight"], model.state_dict()["0.weight"])
 
 
+def test_empty_batch_of_a_language_model():
+    """Hugging Face attention cannot run on zero rows (it reshapes ``[0, T, -1, h]``): the
+    empty Poisson batch still gives zero-row logits and an exactly zero clipped sum."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    model = LlamaForCausalLM(LlamaConfig(
+        vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+        num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=64,
+        use_cache=False))
+    ids = torch.zeros(0, 8, dtype=torch.long)
+    with pytest.raises(RuntimeError):
+        model(input_ids=ids)  # what the empty batch has to work around
+    bk = fx_bk.transform(model, max_grad_norm=1.0)
+    logits = bk(input_ids=ids).logits
+    assert logits.shape == (0, 8, 64)
+    fx_bk.sequence_cross_entropy(logits, ids, shift=True).sum().backward()
+    assert all(torch.equal(p.grad, torch.zeros_like(p)) for p in model.parameters())
+
+
+def test_epsilon_without_noise_is_infinite():
+    engine = fx_bk.PrivacyEngine(accountant="prv")
+    model = _model()
+    module, opt, loader = engine.make_private(
+        module=model, optimizer=torch.optim.SGD(model.parameters(), lr=0.1),
+        data_loader=DataLoader(_data(), batch_size=8), noise_multiplier=0.0, max_grad_norm=1.0)
+    _train(module, opt, loader, steps=1)
+    assert engine.get_epsilon(1e-5) == float("inf")
+
+
 def _engine_step(micro_batches, use_manager, seed, sigma=0.0, logical=None):
     """One logical step of a fresh model from several micro-batches; returns the new params."""
     model = _model()

@@ -69,8 +69,8 @@ def test_guard_exprs_and_batch_condition():
     exprs = [e for e in mode.guard_exprs() if mode.batch_symbol in e.free_symbols]
     assert exprs
     sym = mode.batch_symbol
-    assert all(ti.evaluate_batch_condition(e, sym, 6) for e in exprs)
-    assert not all(ti.evaluate_batch_condition(e, sym, 2) for e in exprs)
+    assert all(ti.evaluate_size_condition(e, {sym: 6}) for e in exprs)
+    assert not all(ti.evaluate_size_condition(e, {sym: 2}) for e in exprs)
     assert ti.sym_expr(3) == sympy.Integer(3) and ti.sym_hint(3) == 3
     assert ti.statically_known_true(a.shape[0] == a.shape[0])
 

@@ -19,26 +19,26 @@ import torch
 import torch.utils._pytree as pytree
 from torch._functorch._aot_autograd.functional_utils import from_fun, is_fun, to_fun
 from torch._functorch.partitioners import min_cut_rematerialization_partition
-from torch._subclasses.fake_tensor import FakeTensorMode, unset_fake_temporarily
+from torch._subclasses.fake_tensor import unset_fake_temporarily
 from torch._subclasses.functional_tensor import FunctionalTensorMode
 from torch.fx.experimental.proxy_tensor import disable_proxy_modes_tracing, make_fx
-from torch.fx.experimental.symbolic_shapes import (
-    DimDynamic,
-    ShapeEnv,
-    StatelessSymbolicContext,
-    statically_known_true,
-)
+from torch.fx.experimental.symbolic_shapes import statically_known_true
 from torch.fx.operator_schemas import normalize_function
 from torch.fx.passes.fake_tensor_prop import FakeTensorProp
 from torch.utils._python_dispatch import _disable_current_modes
-from torch.utils._sympy.interp import sympy_interp
-from torch.utils._sympy.reference import PythonReferenceAnalysis
 
 from .autograd_graph import (
     backward_hooks,
     current_graph_task_id,
     custom_functions,
     recording_tensor_hooks,
+)
+from .symbolic import (
+    SymbolicBatchMode,
+    evaluate_size_condition,
+    marked_dynamic_dims,
+    sym_expr,
+    sym_hint,
 )
 
 __all__ = [
@@ -50,7 +50,7 @@ __all__ = [
     "decompose_to_core_aten",
     "disable_proxy_modes_tracing",
     "escape_outer_tracing",
-    "evaluate_batch_condition",
+    "evaluate_size_condition",
     "functionalize",
     "is_fake",
     "is_op_overload",
@@ -58,6 +58,7 @@ __all__ = [
     "library_decompositions",
     "make_fx",
     "mark_batch_dynamic",
+    "marked_dynamic_dims",
     "normalize_call",
     "op_display_name",
     "op_schema",
@@ -96,9 +97,9 @@ PRIVATE_APIS = {
     "partition_joint_graph": (
         "torch._functorch.partitioners.min_cut_rematerialization_partition",
         "split the joint graph into forward and backward", "torch 2.13"),
-    "evaluate_batch_condition": (
+    "evaluate_size_condition": (
         "torch.utils._sympy.interp.sympy_interp, PythonReferenceAnalysis",
-        "re-check the trace's batch guards on every call", "torch 2.13"),
+        "re-check the trace's size guards on every call", "torch 2.13"),
     "statically_known_true": (
         "torch.fx.experimental.symbolic_shapes.statically_known_true",
         "compare SymInts without adding guards", "torch 2.13"),
@@ -150,6 +151,9 @@ PRIVATE_APIS = {
     "mark_batch_dynamic": (
         "torch._dynamo.maybe_mark_dynamic",
         "Poisson batch sizes share one compiled graph", "torch 2.13"),
+    "marked_dynamic_dims": (
+        "Tensor._dynamo_dynamic_indices (set by torch._dynamo.mark_dynamic)",
+        "an input's dims marked dynamic are traced symbolically in eager mode too", "torch 2.13"),
     "set_opacus_noise_per_rank": (
         "opacus DPOptimizer._adjusted_noise_multiplier",
         "each DDP rank adds 1/W of the shared noise", "opacus 1.6.0"),
@@ -162,67 +166,6 @@ def private_api_table() -> str:
     for helper, (api, used_for, versions) in PRIVATE_APIS.items():
         rows.append(f"| `{helper}` | `{api}` | {used_for} | {versions} |")
     return "\n".join(rows)
-
-
-class SymbolicBatchMode:
-    """A fake-tensor mode whose tensors have a symbolic batch dimension (dim 0) and static rest.
-
-    All batched tensors share one batch symbol, so one trace serves every batch size. Plain
-    ``make_fx(tracing_mode="symbolic")`` is not used: it makes every dim symbolic with duck sizing
-    (a dim equal to B would share B's symbol).
-    """
-
-    def __init__(self) -> None:
-        self.shape_env = ShapeEnv()
-        # real tensors the forward reads from plain attributes become constants of the trace
-        self.fake_mode = FakeTensorMode(shape_env=self.shape_env, allow_non_fake_inputs=True)
-        self._batch_source = None
-        self._batch_symbol = None
-
-    def fake(self, t: torch.Tensor, *, batched: bool) -> torch.Tensor:
-        """A fake copy of ``t``; ``batched``: dim 0 is the (shared) symbolic batch size."""
-        if batched and self._batch_source is not None:
-            with self.fake_mode:  # reuse the batch symbol: same SymInt, no equality guard
-                return torch.empty(
-                    (self._batch_source, *t.shape[1:]), dtype=t.dtype, device=t.device
-                )
-        dims = [DimDynamic.STATIC] * t.dim()
-        if batched:
-            dims[0] = DimDynamic.DYNAMIC
-        ctx = StatelessSymbolicContext(dynamic_sizes=dims)
-        out = self.fake_mode.from_tensor(t, symbolic_context=ctx)
-        if batched:
-            self._batch_source = out.shape[0]
-            self._batch_symbol = out.shape[0].node.expr  # before any later specialization
-        return out
-
-    @property
-    def batch_symbol(self):
-        """The sympy symbol of the batch size (None if no input is batched)."""
-        return self._batch_symbol
-
-    def specialized_batch(self):
-        """The value tracing pinned the batch symbol to (a sympy expression), or None when the
-        batch stayed symbolic."""
-        sym = self._batch_symbol
-        value = self.shape_env.replace(sym)
-        return None if value == sym else value
-
-    def guard_exprs(self) -> list:
-        """Every condition tracing placed on the sizes, as sympy booleans (simplified)."""
-        return [self.shape_env.replace(g.expr) for g in self.shape_env.guards]
-
-
-def sym_expr(size):
-    """The sympy expression of a size (a SymInt's; an int as a sympy Integer)."""
-    import sympy
-
-    return size.node.expr if isinstance(size, torch.SymInt) else sympy.Integer(size)
-
-
-def sym_hint(size) -> int:
-    """A size's example value: the int itself, or the hint of a SymInt."""
-    return size if isinstance(size, int) else int(size.node.hint)
 
 
 @contextlib.contextmanager
@@ -274,11 +217,6 @@ def functionalize(fn):
 def partition_joint_graph(joint: torch.fx.GraphModule, num_fwd_outputs: int):
     """Split a joint graph (placeholders ``primals_*``/``tangents_*``) into forward and backward."""
     return min_cut_rematerialization_partition(joint, None, num_fwd_outputs=num_fwd_outputs)
-
-
-def evaluate_batch_condition(expr, symbol, batch) -> bool:
-    """A sympy condition on the batch symbol, at ``batch`` (int, or SymInt: then a guard)."""
-    return bool(sympy_interp(PythonReferenceAnalysis, {symbol: batch}, expr))
 
 
 def set_flat_codegen(gm: torch.fx.GraphModule) -> None:

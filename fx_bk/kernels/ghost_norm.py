@@ -71,6 +71,24 @@ def _ghost_norm_fake(a, g, block=DEFAULT_BLOCK):
     return a.new_empty(a.shape[0], dtype=_out_dtype(a))
 
 
+@torch.library.custom_op("fx_bk::gemm_norm_by_length", mutates_args=())
+def gemm_norm_by_length(a: torch.Tensor, g: torch.Tensor, max_ghost_positions: int) -> torch.Tensor:
+    """``||g_i^T a_i||_F^2`` per sample, by the ghost norm while ``T <= max_ghost_positions``
+    and by instantiating ``g_i^T a_i`` beyond: the choice is made per call, on the concrete
+    T, inside one opaque op, so a graph traced with a symbolic T takes the cheaper formula at
+    every length (``Strategy.BY_LENGTH``)."""
+    if a.shape[1] <= max_ghost_positions:
+        return ghost_norm(a, g)
+    per_sample = torch.bmm(g.transpose(1, 2), a)  # [B, p, d], in the inputs' dtype
+    return per_sample.to(_out_dtype(a)).pow(2).sum((1, 2))
+
+
+@gemm_norm_by_length.register_fake
+def _gemm_norm_by_length_fake(a, g, max_ghost_positions):
+    torch._check(a.shape[0] == g.shape[0] and a.shape[1] == g.shape[1])
+    return a.new_empty(a.shape[0], dtype=_out_dtype(a))
+
+
 def _triton_available() -> bool:
     try:
         import triton  # noqa: F401
@@ -86,15 +104,26 @@ def _ghost_norm_flops(a_shape, g_shape, block: int = DEFAULT_BLOCK, **kwargs) ->
     return 2 * b * ghost_cost(t, d, g_shape[-1], block)
 
 
+def _gemm_norm_flops(a_shape, g_shape, max_ghost_positions: int, **kwargs) -> int:
+    """FLOPs of ``gemm_norm_by_length``: the ghost norm's, or the ``[B, p, d]`` bmm's and its
+    squared sum."""
+    b, t, d = a_shape
+    if t <= max_ghost_positions:
+        return _ghost_norm_flops(a_shape, g_shape)
+    return 2 * b * t * d * g_shape[-1] + 2 * b * d * g_shape[-1]
+
+
 def _register_flop_formula() -> None:
-    """Lets ``FlopCounterMode`` count ``fx_bk::ghost_norm``; idempotent, and a no-op (fx_bk still
+    """Lets ``FlopCounterMode`` count the norm ops; idempotent, and a no-op (fx_bk still
     imports) where ``torch.utils.flop_counter`` lacks the registry."""
     try:
         from torch.utils.flop_counter import flop_registry, register_flop_formula
     except ImportError:
         return
-    if torch.ops.fx_bk.ghost_norm not in flop_registry:
-        register_flop_formula(torch.ops.fx_bk.ghost_norm)(_ghost_norm_flops)
+    for op, formula in ((torch.ops.fx_bk.ghost_norm, _ghost_norm_flops),
+                        (torch.ops.fx_bk.gemm_norm_by_length, _gemm_norm_flops)):
+        if op not in flop_registry:
+            register_flop_formula(op)(formula)
 
 
 _register_flop_formula()

@@ -277,6 +277,14 @@ def weighted_sum(c: torch.Tensor, per_sample: torch.Tensor) -> torch.Tensor:
     return scale_samples(c, per_sample).sum(0)
 
 
+def sum_pairs(t: torch.Tensor) -> torch.Tensor:
+    """``[B, T, T']`` -> ``[B]``, summed over ``T'`` and then ``T``: two reductions of one length
+    each. Inductor's CPU code guards a float32 sum on its size (more than 4096 elements or
+    not); one reduction over ``T * T'`` would put that guard at T = 64, inside the lengths a run
+    sees, and a symbolic-length graph would recompile there."""
+    return t.sum(2).sum(1)
+
+
 def squared_norm(per_sample: torch.Tensor) -> torch.Tensor:
     """[B, *shape] -> [B]."""
     flat = per_sample.reshape(per_sample.shape[0], -1)

@@ -17,7 +17,7 @@ from fx_bk.cost_model import embedding_cost
 from fx_bk.kernels.embedding_grad import embedding_weight_grad
 from fx_bk.site import Strategy
 
-from .base import Rule, accumulation_dtype, register_rule, scale_samples
+from .base import Rule, accumulation_dtype, register_rule, scale_samples, sum_pairs
 
 aten = torch.ops.aten
 
@@ -79,7 +79,7 @@ class EmbeddingRule(Rule):
         acc = accumulation_dtype(g)
         same = (x.unsqueeze(2) == x.unsqueeze(1)).to(acc)  # [B, T, T]
         gg = torch.bmm(g, g.transpose(1, 2)).to(acc)  # [B, T, T]
-        return (same * gg).sum((1, 2)), EmbeddingState(x, g)
+        return sum_pairs(same * gg), EmbeddingState(x, g)
 
     def clipped_grads(self, values, state: EmbeddingState, c):
         x, g = state.indices, state.grad

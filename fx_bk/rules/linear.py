@@ -26,9 +26,9 @@ from dataclasses import dataclass, field
 
 import torch
 
-from fx_bk.cost_model import gemm_strategy, positions
-from fx_bk.kernels.ghost_norm import ghost_norm
-from fx_bk.site import SiteValues, Strategy
+from fx_bk.cost_model import gemm_plan, positions
+from fx_bk.kernels.ghost_norm import gemm_norm_by_length, ghost_norm
+from fx_bk.site import SiteValues, Strategy, is_dynamic
 
 from .base import (
     Rule,
@@ -84,12 +84,14 @@ class LinearRule(Rule):
     def plan(self, sites) -> None:
         p, d = sites[0].shapes["out"][-1], sites[0].shapes["input"][-1]
         t = sum(positions(s.shapes["input"]) for s in sites)
+        threshold = 0
         if "weight" not in sites[0].params:
             strategy, cost = Strategy.BIAS_ONLY, t * p
         else:
-            strategy, cost = gemm_strategy(t, d, p)
+            dynamic = any(is_dynamic(s.shapes["input"][1:-1]) for s in sites)
+            strategy, cost, threshold = gemm_plan(t, d, p, dynamic=dynamic)
         for s in sites:
-            s.strategy, s.cost = strategy, cost
+            s.strategy, s.cost, s.max_ghost_positions = strategy, cost, threshold
 
     @staticmethod
     def _flat(values: list[SiteValues]):
@@ -113,6 +115,9 @@ class LinearRule(Rule):
         elif strategy == Strategy.INSTANTIATE:
             state.per_sample_weight = self._per_sample_weight(a, g)  # [B, p, d]
             norm = squared_norm(state.per_sample_weight)
+        elif strategy == Strategy.BY_LENGTH:
+            threshold = values[0].site.max_ghost_positions  # ghost or instantiated, per call
+            norm = gemm_norm_by_length(a.detach(), g.detach(), threshold).to(acc)
         for bg in state.bias.values():
             norm = norm + squared_norm(bg)
         return norm, state

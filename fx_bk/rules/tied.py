@@ -21,7 +21,7 @@ import torch
 from fx_bk.cost_model import positions, tie_cross_cost
 from fx_bk.site import Site
 
-from .base import accumulation_dtype, register_tie_handler
+from .base import accumulation_dtype, register_tie_handler, sum_pairs
 from .embedding import EmbeddingRule, EmbeddingState
 from .linear import LinearRule, LinearState
 
@@ -80,7 +80,7 @@ class EmbeddingLinearTie:
         inner = torch.bmm(e, a.transpose(1, 2)).to(acc)  # [B, T, T']: <e_t, a_s>
         rows = x.unsqueeze(-1).expand(-1, -1, a.shape[1])  # [B, T, T']
         picked = torch.gather(logits_grad.transpose(1, 2), 1, rows).to(acc)  # l_s[x_t]
-        cross = (inner * picked).sum((1, 2))
+        cross = sum_pairs(inner * picked)
         return n_emb + n_lin + 2 * cross, TieState(st_emb, st_lin)
 
     def clipped_grads(self, values, state: TieState, c):
