@@ -56,11 +56,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--json", default=None)
-    args = p.parse_args(argv)
-    if args.quick:
-        args.d, args.vocab, args.rounds, args.max_len = 64, 256, 8, 128
-        args.fixed, args.fixed_steps = [16, 128], 3
-    return args
+    if p.parse_known_args(argv)[0].quick:  # smaller defaults; explicit values still win
+        p.set_defaults(d=64, vocab=256, rounds=8, max_len=128, fixed=[16, 128], fixed_steps=3)
+    return p.parse_args(argv)
 
 
 def lora_llama(args):

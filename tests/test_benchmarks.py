@@ -191,3 +191,22 @@ def test_nonfinite_cost_tiny_run(capsys):
             bk(x).sum().backward()
         grads[masked] = model.net[0].weight.grad
     assert torch.isfinite(grads[True]).all() and not torch.isfinite(grads[False]).all()
+
+
+def test_lengths_benchmark_tiny_run(capsys):
+    """``benchmarks.lengths`` end to end (eager, tiny): both tables, ratios, trace count."""
+    from benchmarks import lengths
+
+    threads = torch.get_num_threads()
+    try:
+        res = lengths.main(["--quick", "--eager", "--d", "32", "--layers", "1", "--vocab", "64",
+                            "--max-len", "32", "--rounds", "3", "--fixed", "16",
+                            "--fixed-steps", "1"])
+    finally:
+        torch.set_num_threads(threads)
+    out = capsys.readouterr().out
+    assert "fx_bk / non-private:" in out and "| 16 |" in out
+    assert _finite_pos(res["variable"]["ratio"]["median"])
+    assert res["variable"]["bk_traces"] == 2  # the first length, then the symbolic one
+    assert len(res["variable"]["lengths"]) == 3
+    assert _finite_pos(res["fixed"][0]["ratio"])
