@@ -61,8 +61,9 @@ def input_metas(inputs: list[torch.Tensor], declared: tuple[bool, ...], dynamic=
     A dim other than the batch is dynamic (traced as a symbol, NOTE [dynamic lengths] in
     ``fx_bk/runtime.py``) when it is in ``dynamic``, marked with Dynamo's ``mark_dynamic``,
     or symbolic under ``torch.compile``. Dynamic dims of the same size in this call share a
-    symbol (their name): a later call where they differ gets a trace of its own. Every other dim, and with ``static`` every dim but the batch, is
-    specialized (under torch.compile ``int()`` adds a guard, so a new size recompiles).
+    symbol (their name): a later call where they differ gets a trace of its own. Every other
+    dim, and with ``static`` every dim but the batch, is specialized (under torch.compile
+    ``int()`` adds a guard, so a new size recompiles).
     """
     batch = next((x.shape[0] for x, d in zip(inputs, declared) if x.dim() > 0 and not d), None)
     metas, sizes, names = [], {}, {}
