@@ -8,21 +8,14 @@ update has the single-process standard deviation ``sigma R / E``.
 
 from __future__ import annotations
 
-import datetime
-import faulthandler
-import os
-import socket
-import tempfile
-import time
-
 import pytest
 import torch
-import torch.distributed as dist
-import torch.multiprocessing as mp
 import torch.nn as nn
 from torch.utils.data import DataLoader, TensorDataset
 
 import fx_bk
+
+from .ranks import save_result, spawn_ranks, start_rank
 
 WORLD, N, R, SIGMA = 2, 64, 0.3, 0.8
 
@@ -47,16 +40,7 @@ def _private(model, sigma):
 
 
 def _worker(rank, init_file, out_dir):
-    # a rank still running after STACKS_AFTER_S writes every thread's stack, for the failure
-    # message (tests/test_ddp.py::ranks)
-    stacks = open(os.path.join(out_dir, f"rank{rank}.stacks"), "w")  # noqa: SIM115
-    faulthandler.dump_traceback_later(STACKS_AFTER_S, file=stacks)
-    # loopback only, and a bounded rendezvous: a machine whose host name does not resolve
-    # must fail this test in seconds, not hang the suite
-    os.environ["GLOO_SOCKET_IFNAME"] = _loopback()
-    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank,
-                            world_size=WORLD, timeout=datetime.timedelta(seconds=180))
-    torch.set_num_threads(1)
+    start_rank(rank, WORLD, init_file, out_dir, stacks_after_s=STACKS_AFTER_S)
     x, y = _data()
     mine = slice(rank * N // WORLD, (rank + 1) * N // WORLD)
     results = {}
@@ -73,15 +57,7 @@ def _worker(rank, init_file, out_dir):
             "params": [p.detach().clone() for p in model.parameters()],
             "grad_avg": averaged, "expected": expected,
         }
-    torch.save(results, os.path.join(out_dir, f"rank{rank}.pt"))
-    dist.destroy_process_group()
-    faulthandler.cancel_dump_traceback_later()
-
-
-def _loopback():
-    """The loopback interface's name (``lo`` on Linux)."""
-    names = [name for _, name in socket.if_nameindex()]
-    return next((n for n in names if n.startswith("lo")), names[0])
+    save_result(rank, out_dir, results)
 
 
 DEADLINE_S = 300
@@ -90,20 +66,7 @@ STACKS_AFTER_S = 120
 
 @pytest.fixture(scope="module")
 def ranks():
-    with tempfile.TemporaryDirectory() as tmp:
-        ctx = mp.start_processes(_worker, args=(os.path.join(tmp, "init"), tmp), nprocs=WORLD,
-                                 start_method="spawn", join=False)
-        deadline = time.monotonic() + DEADLINE_S
-        while not ctx.join(timeout=5):  # raises if a rank failed
-            if time.monotonic() > deadline:
-                for proc in ctx.processes:
-                    proc.kill()
-                stacks = "\n".join(
-                    open(os.path.join(tmp, f"rank{r}.stacks")).read() for r in range(WORLD)
-                    if os.path.exists(os.path.join(tmp, f"rank{r}.stacks")))
-                pytest.fail(f"the {WORLD} DDP ranks did not finish in {DEADLINE_S} s; their "
-                            f"stacks after {STACKS_AFTER_S} s:\n{stacks}")
-        return [torch.load(os.path.join(tmp, f"rank{r}.pt")) for r in range(WORLD)]
+    return spawn_ranks(_worker, (), WORLD, "DDP", DEADLINE_S, STACKS_AFTER_S)
 
 
 def _single_process(sigma):

@@ -14,18 +14,10 @@ raises ``ConfigError`` naming what to do (docs/fsdp.md).
 
 from __future__ import annotations
 
-import datetime
-import faulthandler
-import os
-import socket
-import tempfile
-import time
-
 import pytest
 import torch
 import torch.distributed as dist
 import torch.distributed.tensor
-import torch.multiprocessing as mp
 import torch.nn as nn
 from torch.utils.data import DataLoader, TensorDataset
 
@@ -36,6 +28,8 @@ if not dist.is_available():
     pytest.skip("torch.distributed is not available in this build", allow_module_level=True)
 
 import fx_bk.distributed  # noqa: E402
+
+from .ranks import save_result, spawn_ranks, start_rank  # noqa: E402
 
 WORLD, N, T, V, D = 2, 16, 5, 40, 24
 SIGMA, SEED = 0.8, 1234
@@ -181,18 +175,11 @@ def _errors(device):
 
 
 def _worker(rank, init_file, out_dir, backend):
-    # a rank still running after STACKS_AFTER_S writes every thread's stack, for the failure
-    # message (tests/test_ddp.py)
-    stacks = open(os.path.join(out_dir, f"rank{rank}.stacks"), "w")  # noqa: SIM115
-    faulthandler.dump_traceback_later(STACKS_AFTER_S, file=stacks)
-    os.environ["GLOO_SOCKET_IFNAME"] = _loopback()
+    start_rank(rank, WORLD, init_file, out_dir, backend, stacks_after_s=STACKS_AFTER_S)
     device = "cpu"
     if backend == "nccl":
         device = f"cuda:{rank}"
         torch.cuda.set_device(rank)
-    dist.init_process_group(backend, init_method=f"file://{init_file}", rank=rank,
-                            world_size=WORLD, timeout=datetime.timedelta(seconds=180))
-    torch.set_num_threads(1)
     results = {
         "plain": _engine_step(device, 0.0, rank=rank),
         "noisy": _engine_step(device, SIGMA, rank=rank),
@@ -201,32 +188,11 @@ def _worker(rank, init_file, out_dir, backend):
     if backend == "gloo":
         results["compiled"] = _engine_step(device, 0.0, rank=rank, compile=True, **PER_LAYER)
         results["errors"] = _errors(device)
-    torch.save(results, os.path.join(out_dir, f"rank{rank}.pt"))
-    dist.destroy_process_group()
-    faulthandler.cancel_dump_traceback_later()
-
-
-def _loopback():
-    """The loopback interface's name (``lo`` on Linux)."""
-    names = [name for _, name in socket.if_nameindex()]
-    return next((n for n in names if n.startswith("lo")), names[0])
+    save_result(rank, out_dir, results)
 
 
 def _spawn(backend):
-    with tempfile.TemporaryDirectory() as tmp:
-        ctx = mp.start_processes(_worker, args=(os.path.join(tmp, "init"), tmp, backend),
-                                 nprocs=WORLD, start_method="spawn", join=False)
-        deadline = time.monotonic() + DEADLINE_S
-        while not ctx.join(timeout=5):  # raises if a rank failed
-            if time.monotonic() > deadline:
-                for proc in ctx.processes:
-                    proc.kill()
-                stacks = "\n".join(
-                    open(os.path.join(tmp, f"rank{r}.stacks")).read() for r in range(WORLD)
-                    if os.path.exists(os.path.join(tmp, f"rank{r}.stacks")))
-                pytest.fail(f"the {WORLD} FSDP ranks did not finish in {DEADLINE_S} s; their "
-                            f"stacks after {STACKS_AFTER_S} s:\n{stacks}")
-        return [torch.load(os.path.join(tmp, f"rank{r}.pt")) for r in range(WORLD)]
+    return spawn_ranks(_worker, (backend,), WORLD, "FSDP", DEADLINE_S, STACKS_AFTER_S)
 
 
 @pytest.fixture(scope="module")
