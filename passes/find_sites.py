@@ -134,17 +134,16 @@ def _unfold_batch(site: Site, node: torch.fx.Node, prog: BKProgram) -> None:
         return
     if loc.dim == 0 and loc.fold == 1 and loc.outer == 1:
         return  # already batch-first
-    factors = [_factor(loc.outer, prog), _factor(loc.fold, prog)]
-    if None in factors or sum(isinstance(f, Length) for f in factors) > 1:
-        return  # sizes that depend on the batch, or two dynamic ones: not a layout fx_bk reads
-    outer, fold = factors
+    outer, fold = _factor(loc.outer, prog), _factor(loc.fold, prog)
     n_lead = loc.dim + 1
-    if not all(isinstance(d, int) and not isinstance(d, Length) for d in shape[:loc.dim]):
-        return
+    if None in (outer, fold) or not all(isinstance(d, int) for d in shape[:loc.dim]):
+        return  # sizes that depend on the batch: not a layout fx_bk reads
     if n_lead > len(shape) - site.rule.core_dims(site):
         return  # the batch sits in dims the op mixes: the layout error stays
     prefix = (*shape[:loc.dim], *([outer] if outer != 1 else []), "B",
               *([fold] if fold != 1 else []))
+    if sum(isinstance(d, Length) for d in prefix) > 1:
+        return  # two dynamic sizes around the batch: not a layout fx_bk reads
     positions = math.prod(d for d in prefix if d != "B")
     if any(isinstance(d, Length) for d in prefix):  # the one dynamic factor: "T"
         positions = Length(positions, math.prod(d.expr if isinstance(d, Length) else d

@@ -263,3 +263,33 @@ def test_dynamic_argument_errors():
         fx_bk.transform(model, max_grad_norm=1.0, dynamic={"x": 0})
     with pytest.raises(ConfigError, match="mapping"):
         fx_bk.transform(model, max_grad_norm=1.0, dynamic=[1])
+
+
+class SeqFirstAttention(nn.Module):
+    """``nn.MultiheadAttention`` on ``[T, B, d]``: rows laid out around a dynamic length."""
+
+    def __init__(self):
+        super().__init__()
+        self.att, self.ln, self.out = nn.MultiheadAttention(8, 2), nn.LayerNorm(8), \
+            nn.Linear(8, 3)
+
+    def forward(self, x):
+        h = x.transpose(0, 1)
+        h = self.ln(self.att(h, h, h, need_weights=False)[0])
+        return self.out(h).mean(0)
+
+
+def test_seq_first_layout_with_a_dynamic_length():
+    model = SeqFirstAttention().double()
+    bk = fx_bk.transform(model, max_grad_norm=R, loss_reduction="sum")
+    y = torch.tensor([0, 1, 2])
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no fallback to per-length traces
+        for t in (5, 9, 3):
+            x = torch.randn(3, t, 8, dtype=torch.float64)
+            model.zero_grad(set_to_none=True)
+            F.cross_entropy(bk(x), y, reduction="sum").backward()
+            got = {n: p.grad.clone() for n, p in trainable(model)}
+            ref = loop_clipped_sum(model, x, None, R, loss_of=_row_loss(y))
+            assert max_rel_err(got, ref) <= 1e-10, t
+    assert len(bk.programs) == 2
