@@ -73,8 +73,8 @@ class LinearRule(Rule):
     transposed_weight = False  # W: [p, d]; the matmul rule's W is [d, p]
     folds_batch = True
     param_args = ("weight", "bias")
-    strategies = ("rank-one (T=1), ghost or instantiated, by the cost model per site; bias "
-                  "instantiated")
+    strategies = ("rank-one (T=1), ghost or instantiated, by the cost model per site (per "
+                  "call when T varies); bias instantiated")
     tensor_args = ("input",)
 
     def can_merge(self, sites) -> bool:
