@@ -202,7 +202,7 @@ class SizeRegions:
 
     def __init__(self):
         self.guards: list = []  # every SizeGuard seen in this signature's traces
-        self.programs: dict = {}  # guard outcomes -> runtime.CompiledProgram
+        self.programs: dict = {}  # guard outcomes -> program
 
     def _outcomes(self, sizes: dict) -> tuple[bool, ...]:
         return tuple(g.holds(sizes) for g in self.guards)
@@ -214,7 +214,8 @@ class SizeRegions:
                 return compiled
         return None
 
-    def add(self, compiled) -> None:
-        """Add a ``runtime.CompiledProgram`` under the outcomes of its own trace's sizes."""
-        self.guards.extend(compiled.prog.size_guards)
-        self.programs[self._outcomes(compiled.prog.trace_sizes)] = compiled
+    def add(self, program, size_guards: list, trace_sizes: dict) -> None:
+        """Add ``program`` (a ``runtime.CompiledProgram``, a checked criterion's graph) under
+        the outcomes of the guards at its own trace's sizes."""
+        self.guards.extend(size_guards)
+        self.programs[self._outcomes(trace_sizes)] = program

@@ -18,7 +18,7 @@ from passes import CRITERION_PASSES, BKProgram, run_passes
 from passes.batch_locations import Loss
 
 from ._torch_internals import escape_outer_tracing, is_fake
-from .batch_inputs import DynamicDims, batch_free_signature
+from .batch_inputs import DynamicDims, SizeRegions, batch_free_signature
 from .config import BKConfig
 from .errors import Problem, UnsupportedModelError
 from .layout import flatten, unflatten
@@ -39,7 +39,7 @@ class CheckedCriterion:
     def __init__(self, criterion, loss_reduction: str = "mean"):
         self.criterion = criterion
         self.config = BKConfig(max_grad_norm=1.0, loss_reduction=loss_reduction)
-        self._graphs: dict = {}  # signature -> [(size guards, graph, output layout)]
+        self._graphs: dict = {}  # signature -> SizeRegions of (graph, output layout)
         self._dynamic = DynamicDims()  # a sequence length varies: one proof (as the model's)
 
     def __call__(self, *args, **kwargs):
@@ -48,18 +48,19 @@ class CheckedCriterion:
         if not torch.is_grad_enabled():
             return self.criterion(*args, **kwargs)
         _, metas, sizes = self._dynamic.metas(layout, leaves, (False,) * len(leaves))
-        proven = self._graphs.setdefault((layout, batch_free_signature(metas)), [])
-        found = next((p for p in proven if all(g.holds(sizes) for g in p[0])), None)
+        region = self._graphs.setdefault((layout, batch_free_signature(metas)), SizeRegions())
+        found = region.lookup(sizes)
         if found is None:
             try:
-                found = self._prove(layout, metas, leaves)
+                prog = self._prove(layout, metas, leaves)
             except Exception:
                 if not any(m.dynamic for m in metas):
                     raise
                 self._dynamic.give_up(layout)  # proven per length instead
                 return self(*args, **kwargs)
-            proven.append(found)
-        _, graph, out_layout = found
+            found = (prog.forward_graph, prog.output_layout)
+            region.add(found, prog.size_guards, prog.trace_sizes)
+        graph, out_layout = found
         return unflatten(out_layout, graph(*leaves))[0]
 
     def _prove(self, layout, metas, leaves):
@@ -79,7 +80,7 @@ class CheckedCriterion:
                     f"criterion must return the {self.config.loss_reduction} of per-sample "
                     f"losses (a per-sample vector reduced afterwards is not seen)",
                 )])
-        return prog.size_guards, prog.forward_graph, prog.output_layout
+        return prog
 
 
 def checked_criterion(criterion, loss_reduction: str = "mean") -> CheckedCriterion:

@@ -266,7 +266,7 @@ class BKModule(torch.nn.Module):
             return self.program_for(layout, training, params, buffers, inputs)
         if isinstance(compiled, Rejected):
             return compiled
-        region.add(compiled)
+        region.add(compiled, compiled.prog.size_guards, compiled.prog.trace_sizes)
         with disable_proxy_modes_tracing():
             found = region.lookup(sizes)
         if found is None:
