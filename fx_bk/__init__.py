@@ -27,6 +27,7 @@ from .rules import Rule, register_rule
 from .site import Site, SiteValues, Strategy
 
 __all__ = [
+    "AdaptiveClipping",
     "BKConfig",
     "ClipOnceError",
     "ConfigError",
@@ -39,6 +40,7 @@ __all__ = [
     "SiteValues",
     "Strategy",
     "UnsupportedModelError",
+    "UserLevel",
     "checked_criterion",
     "explain",
     "register_rule",
@@ -48,7 +50,8 @@ __all__ = [
 __version__ = "0.1.0"
 
 _LAZY = {"transform": ".api", "explain": ".explain", "BKModule": ".runtime",
-         "PrivacyEngine": ".privacy_engine", "checked_criterion": ".criterion"}
+         "PrivacyEngine": ".privacy_engine", "checked_criterion": ".criterion",
+         "UserLevel": ".user_level", "AdaptiveClipping": ".adaptive_clipping"}
 
 
 def __getattr__(name: str):

@@ -9,8 +9,9 @@ from .rules import BundleHandler
 from .site import SiteValues
 
 
-def clip_factors(norm: torch.Tensor, max_grad_norm: float, clipping: str = "abadi"):
-    """``C_i`` from the per-sample norms ``[B]`` (see ``BKConfig.clipping``)."""
+def clip_factors(norm: torch.Tensor, max_grad_norm, clipping: str = "abadi"):
+    """``C_i`` from the per-sample norms ``[B]`` (see ``BKConfig.clipping``); ``max_grad_norm``
+    is a number or a 0-dim tensor (the module's current bound, ``BKModule.clip_bounds``)."""
     if clipping == "abadi":  # Abadi et al. / Opacus
         return (max_grad_norm / (norm + CLIP_EPS)).clamp(max=1.0)
     if clipping == "automatic":  # Bu et al., automatic clipping
@@ -24,9 +25,13 @@ def clipped_gradients(
     bundles: list[tuple[list[SiteValues], BundleHandler, int]],
     config: BKConfig,
     batch,
+    bounds: torch.Tensor,
 ) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
     """Return ``{param: sum_i C_i grad_i}`` and the per-sample norms ``[B, K]`` (K clipping
     groups; K = 1 for all-layer clipping).
+
+    ``bounds``: the clipping bounds ``[K]`` (float64), an input of the backward graph rather
+    than a constant in it, so that a new bound (adaptive clipping) needs no new trace.
 
     ``bundles``: (site values, handler, clipping group) per bundle of sites sharing parameters
     (see ``fx_bk.rules.bundle_handler``). The ``g`` in the site values is ``dL/ds``; with
@@ -34,8 +39,7 @@ def clipped_gradients(
     computed from it. Norms and clip factors are float32 at least.
     """
     scale = batch if config.loss_reduction == "mean" else 1
-    bounds = config.group_bounds
-    totals: list = [None] * len(bounds)
+    totals: list = [None] * len(config.group_bounds)
     states = []
     for values, handler, k in bundles:
         norm_sq, state = handler.norm_sq(values)
@@ -46,7 +50,8 @@ def clipped_gradients(
         (t if t is not None else torch.zeros_like(ref)).sqrt() * scale for t in totals
     ], dim=1)  # [B, K]
     c = torch.stack([
-        clip_factors(norms[:, k], r, config.clipping) for k, r in enumerate(bounds)
+        clip_factors(norms[:, k], bounds[k].to(norms.dtype), config.clipping)
+        for k in range(len(totals))
     ], dim=1) * scale
     finite = torch.isfinite(norms).all(1)  # a NaN/Inf sample contributes exactly zero:
     c = torch.where(finite[:, None], c, 0.0)  # C = 0; the rules' clipped sums add exactly

@@ -88,6 +88,13 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="steps between epsilon evaluations (progress bar and plot)")
     p.add_argument("--plot", default="demo_dp_training.png",
                    help="PNG of loss and epsilon vs step ('' for none)")
+    p.add_argument("--user-level", type=int, default=0, metavar="K",
+                   help="user-level DP: users of K examples each (K > 0), each user's summed "
+                        "gradient clipped to R; --batch-size counts examples (batch-size / K "
+                        "users per step)")
+    p.add_argument("--audit", action="store_true",
+                   help="after training, audit the engine at the same noise multiplier, "
+                        "sampling rate and steps with canaries (python -m fx_bk.audit)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     args = p.parse_args(argv)
@@ -126,6 +133,9 @@ def _fx_bk_variant(model, loader, args, noise_seed) -> tuple[Variant, DataLoader
     common = dict(module=model, optimizer=opt, data_loader=loader, criterion=F.cross_entropy,
                   max_grad_norm=args.max_grad_norm, compile=args.compile,
                   noise_generator=torch.Generator().manual_seed(noise_seed))
+    if args.user_level:  # user u owns examples u*K .. u*K + K - 1
+        users = torch.arange(len(loader.dataset)) // args.user_level
+        common["privacy_unit"] = fx_bk.UserLevel(users, max_examples=args.user_level)
     if args.target_epsilon is not None:
         epochs = args.steps / len(loader)  # Opacus's search runs int(epochs * len) steps
         while int(epochs * len(loader)) < args.steps:
@@ -136,10 +146,11 @@ def _fx_bk_variant(model, loader, args, noise_seed) -> tuple[Variant, DataLoader
         module, dp_opt, criterion, dp_loader = engine.make_private(
             noise_multiplier=args.noise_multiplier, **common)
 
-    def step(x, y):
+    def step(x, y, mask=None):
         dp_opt.zero_grad(set_to_none=True)
         logits = module(x)  # [b, n_classes]; b varies (Poisson), may be 0
-        loss = criterion(logits, y)  # proven mean over the b samples (NaN if b == 0)
+        # proven mean over the b samples (NaN if b == 0); user-level: [users, K, ...] and mask
+        loss = criterion(logits, y) if mask is None else criterion(logits, y, mask)
         loss.backward()  # p.grad = sum_i C_i grad l_i: clipped sum, one backward
         dp_opt.step()  # + N(0, (sigma R)^2), / expected B, Adam; accountant records the step
         return loss.detach(), logits.detach()
@@ -265,7 +276,10 @@ def _run(args: argparse.Namespace) -> dict:
                            n_classes=N_CLASSES)
 
     # fx_bk's Poisson loader: its batches feed every variant
-    loader = DataLoader(TensorDataset(x_train, y_train), batch_size=B,
+    if args.user_level and args.compare:
+        raise SystemExit("--user-level and --compare: Opacus has no user-level DP to compare")
+    loader = DataLoader(TensorDataset(x_train, y_train),
+                        batch_size=max(1, B // args.user_level) if args.user_level else B,
                         generator=torch.Generator().manual_seed(args.seed + 2))
     noise_seed = args.seed + 3  # the same noise draws in fx_bk's and Opacus's optimizers
     fx, dp_loader = _fx_bk_variant(copy.deepcopy(base), loader, args, noise_seed)
@@ -286,12 +300,15 @@ def _run(args: argparse.Namespace) -> dict:
                dynamic_ncols=True)
     t_start = time.perf_counter()
     batches = DynamicBatchLoader(dp_loader) if args.compile else dp_loader
-    for step, (x, y) in enumerate(_batches(batches, args.steps), start=1):
+    for step, batch in enumerate(_batches(batches, args.steps), start=1):
+        (x, y), mask = batch if args.user_level else (batch, None)
         for v in variants:
             t0 = time.perf_counter()
-            loss, logits = v.step(x, y)
+            loss, logits = v.step(x, y) if mask is None else v.step(x, y, mask)
             loss = loss.item()  # (CPU: already computed; a sync point on GPU)
             v.step_s.append(time.perf_counter() - t0)
+            if mask is not None:  # user-level: the real examples of the sampled users
+                logits, y, loss = logits[mask], y[mask], loss / max(args.user_level, 1)
             if len(y):  # an empty Poisson batch: nothing to report, the step still happened
                 v.losses.append((step, loss))
                 w = v.window
@@ -355,6 +372,14 @@ def _run(args: argparse.Namespace) -> dict:
             "median_step_ms": v.median_ms(args.warmup), "test_acc": v.test_acc,
             "epsilon": v.eps[-1][1] if v.accountant is not None else None}
 
+    if args.audit:
+        from .audit import audit
+
+        found = audit(noise_multiplier=fx.sigma, max_grad_norm=args.max_grad_norm,
+                      sample_rate=1 / len(dp_loader), steps=args.steps, delta=args.delta,
+                      accountant=args.accountant, seed=args.seed)
+        print(f"audit: {found.summary()}")
+        result["audit_lower_bound"] = found.epsilon_lower_bound
     if args.plot:
         _plot(variants, args.plot, args)
         print(f"plot: {args.plot}")

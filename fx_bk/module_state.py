@@ -92,3 +92,14 @@ def module_signature(model: torch.nn.Module) -> tuple:
         sig.append((name, id(m), type(m).__qualname__, attrs, hooks, tensors))
     return tuple(sig)
 
+
+
+def wrapped_attribute(wrapper: torch.nn.Module, name: str, child: str):
+    """``wrapper.__getattr__``: an attribute the wrapper lacks comes from its submodule
+    ``child`` (a Hugging Face ``config`` read through fx_bk's wrappers)."""
+    try:
+        return torch.nn.Module.__getattr__(wrapper, name)
+    except AttributeError:
+        if name.startswith("__") or "_modules" not in wrapper.__dict__:
+            raise
+        return getattr(wrapper._modules[child], name)

@@ -66,76 +66,15 @@ from .batch_inputs import (
     batch_free_signature,
     leaf_arguments,
 )
+from .bk_function import BKFunction, CompiledProgram
 from .config import BKConfig
 from .deferred_error import Rejected
 from .distributed import check_not_sharded
 from .empty_batch import EmptyBatch, empty_outputs
 from .errors import FxBkError, UnsupportedModelError
 from .layout import flatten, unflatten
-from .module_state import module_signature
-from .step_guard import forget, last_norms, nonfinite_count, register
-
-
-class BKFunction(torch.autograd.Function):
-    """forward: ``fw_graph(primals)``; backward: ``bw_graph(saved, tangents)`` -> clipped grads."""
-
-    @staticmethod
-    def forward(ctx, compiled, *primals):
-        prog = compiled.prog
-        with amp.disabled(prog.autocast):
-            results = prog.fw_graph(*primals)
-        outs, saved = results[: prog.num_outputs], results[prog.num_outputs :]
-        tensors = [s for s in saved if isinstance(s, torch.Tensor)]
-        ctx.symints = [s for s in saved if not isinstance(s, torch.Tensor)]
-        ctx.saved_is_tensor = [isinstance(s, torch.Tensor) for s in saved]
-        ctx.save_for_backward(*tensors)
-        ctx.compiled = compiled
-        ctx.mark_non_differentiable(
-            *[o for o, d in zip(outs, prog.differentiable_outputs) if not d]
-        )
-        return tuple(outs)
-
-    @staticmethod
-    def backward(ctx, *grad_outputs):
-        compiled = ctx.compiled
-        prog = compiled.prog
-        tensors, symints = iter(ctx.saved_tensors), iter(ctx.symints)
-        saved = [next(tensors) if t else next(symints) for t in ctx.saved_is_tensor]
-        tangents = [
-            g.contiguous() for g, d in zip(grad_outputs, prog.differentiable_outputs) if d
-        ]
-        grads = compiled.run_backward(saved, tangents)
-        return (None, *compiled.primal_grads(grads))
-
-
-class CompiledProgram:
-    """A built ``BKProgram`` plus the bookkeeping to map its outputs onto the primals."""
-
-    def __init__(self, prog: BKProgram):
-        self.prog = prog
-        bw_inputs = [n.name for n in prog.bw_graph.graph.nodes if n.op == "placeholder"]
-        fw_outputs = [str(n) for n in prog.fw_graph.graph.output_node().args[0]]
-        saved_names = fw_outputs[prog.num_outputs :]
-        # the backward graph's inputs, by name: some of the forward's saved values, then
-        # tangents_k (the k-th differentiable output's gradient)
-        tangents = [n for n in bw_inputs if n.startswith("tangents_")]
-        self.saved_order = [saved_names.index(n) for n in bw_inputs if n not in tangents]
-        self.tangent_order = [int(n.removeprefix("tangents_")) - 1 for n in tangents]
-        index = {name: i for i, name in enumerate(prog.param_names)}
-        self.grad_slots = [index[n] for n in prog.graded_params]
-        self.num_primals = len(prog.param_names) + len(prog.buffer_names) + len(prog.inputs)
-
-    def run_backward(self, saved, tangents):
-        with amp.disabled(self.prog.autocast):
-            return self.prog.bw_graph(
-                *[saved[i] for i in self.saved_order], *[tangents[k] for k in self.tangent_order]
-            )
-
-    def primal_grads(self, grads):
-        out = [None] * self.num_primals
-        for slot, g in zip(self.grad_slots, grads):
-            out[slot] = g
-        return out
+from .module_state import module_signature, wrapped_attribute
+from .step_guard import collect_norms, forget, last_norms, nonfinite_count, register, take_norms
 
 
 class BKModule(torch.nn.Module):
@@ -148,7 +87,36 @@ class BKModule(torch.nn.Module):
         super().__init__()
         self._module = module
         self.bk_config = config
+        self._bounds = config.group_bounds
+        self.register_buffer("clip_bounds", torch.tensor(self._bounds, dtype=torch.float64),
+                             persistent=False)
         self._register()
+
+    def set_clip_bounds(self, bounds) -> None:
+        """Clip with new bounds from the next backward on (adaptive clipping): one positive
+        number, or one per clipping group. The bounds are an input of the compiled graphs, so
+        this needs no new trace or compile; the DP optimizer's noise must follow them
+        (``fx_bk.PrivacyEngine`` does)."""
+        groups = self.bk_config.clip_groups
+        if isinstance(bounds, (list, tuple)):
+            bounds = tuple(bounds) if groups is not None or len(bounds) != 1 else bounds[0]
+        values = BKConfig(max_grad_norm=bounds, clip_groups=groups).group_bounds
+        self._bounds = values
+        with torch.no_grad():
+            self.clip_bounds.copy_(torch.tensor(values, dtype=torch.float64))
+
+    @property
+    def current_clip_bounds(self) -> tuple[float, ...]:
+        """The bound of each clipping group the next backward clips with."""
+        return self._bounds
+
+    def _apply(self, fn, recurse=True):
+        """``.to(device)`` moves the bounds; a dtype cast (``.half()``, ``.to(bfloat16)``) would
+        round them (a larger bound than the noise is calibrated to): they stay float64."""
+        super()._apply(fn, recurse)
+        self.clip_bounds = torch.tensor(self._bounds, dtype=torch.float64,
+                                        device=self.clip_bounds.device)
+        return self
 
     def _register(self) -> None:
         """A fresh id (the key of the traced programs and the recorded norms) and no programs."""
@@ -179,12 +147,7 @@ class BKModule(torch.nn.Module):
 
     def __getattr__(self, name: str):
         """Attributes the wrapper lacks come from the wrapped module (a HF ``config``)."""
-        try:
-            return super().__getattr__(name)
-        except AttributeError:
-            if name.startswith("__") or "_modules" not in self.__dict__:
-                raise
-            return getattr(self._modules["_module"], name)
+        return wrapped_attribute(self, name, "_module")
 
     def forward(self, *args, **kwargs):
         """Same call signature as the wrapped module's forward. Without grad mode
@@ -200,7 +163,8 @@ class BKModule(torch.nn.Module):
             return self._empty_batch_forward(args, kwargs)
         training = self._module.training
         flat_out = bk_graph_call(
-            self._bk_id, layout, training, len(params), len(buffers), *params, *buffers, *leaves
+            self._bk_id, layout, training, len(params), len(buffers), self.clip_bounds,
+            *params, *buffers, *leaves
         )
         out, _ = unflatten(self._output_layouts[(layout, training)], flat_out)
         return out
@@ -349,6 +313,15 @@ class BKModule(torch.nn.Module):
             return norms
         return norms[:, 0]
 
+    def collect_per_sample_norms(self) -> None:
+        """From now on keep the per-sample norms of every backward (all micro-batches of a
+        step), until ``take_per_sample_norms``: what adaptive clipping counts."""
+        collect_norms(self._bk_id)
+
+    def take_per_sample_norms(self) -> torch.Tensor | None:
+        """The norms ``[N, K]`` of every backward since the last call (None: none ran)."""
+        return take_norms(self._bk_id)
+
     @property
     def nonfinite_samples(self) -> int:
         """How many samples were skipped so far for a NaN or infinite gradient norm."""
@@ -378,7 +351,7 @@ _ids = itertools.count()
 
 
 @torch.compiler.allow_in_graph
-def bk_graph_call(module_id, layout, training, n_params, n_buffers, *flat):
+def bk_graph_call(module_id, layout, training, n_params, n_buffers, bounds, *flat):
     """The one call torch.compile keeps opaque (see NOTE [lazy build under torch.compile]).
 
     ``module_id`` is a constant of the Dynamo graph, so two fx_bk modules never share a compiled
@@ -393,4 +366,4 @@ def bk_graph_call(module_id, layout, training, n_params, n_buffers, *flat):
         torch.ops.fx_bk.check_unchanged(inputs[0], change_guard.record(module._module))
     if isinstance(compiled, Rejected):
         return tuple(compiled.outputs(inputs))
-    return BKFunction.apply(compiled, *params, *buffers, *inputs)
+    return BKFunction.apply(compiled, *params, *buffers, *inputs, bounds)

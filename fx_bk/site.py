@@ -74,6 +74,9 @@ class Site:
     cost: int = 0  # multiply-adds per sample of the chosen strategy
     bundle_note: str = ""  # how a parameter shared with other sites is handled, if it is
     batch_layout: tuple | None = None  # see find_sites._unfold_batch; None: batch-first
+    # K consecutive rows of dim 0 are one sample's (its examples folded into the batch: user-
+    # level DP); the rule computes per-row gradients, summed per sample (find_sites._group_rows)
+    row_group: int = 1
     aux: dict[str, int] = field(default_factory=dict)  # role/"out" -> index among aux outputs
     max_ghost_positions: int = 0  # BY_LENGTH: the largest T computed by the ghost norm
 

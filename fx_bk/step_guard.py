@@ -42,6 +42,7 @@ _PENDING: dict[int, OrderedDict] = {}  # key -> tokens of forwards not yet backp
 _TASK: dict[int, int] = {}  # key -> autograd graph task of the module's last backward
 _LIVE: set[int] = set()  # keys of modules not yet garbage collected
 _NONFINITE: dict[int, int] = {}  # key -> samples skipped for a NaN/Inf norm
+_COLLECTED: dict[int, list] = {}  # key -> norms of every backward since the last take_norms
 _tokens = itertools.count(1)
 
 
@@ -89,6 +90,8 @@ def record_norms(norms: torch.Tensor, key: int, token: torch.Tensor,
     if key in _LIVE:
         _TASK[key] = task
         _LAST[key] = norms.detach().clone()
+        if key in _COLLECTED:
+            _COLLECTED[key].append(_LAST[key])
     elif not _PENDING.get(key):
         _PENDING.pop(key, None)  # a freed module's last awaited backward
     return norms.new_zeros(())
@@ -125,6 +128,21 @@ def last_norms(key: int) -> torch.Tensor | None:
     return _LAST.get(key)
 
 
+def collect_norms(key: int) -> None:
+    """Keep the norms of every backward of the module from now on (adaptive clipping reads
+    those of all micro-batches of a step), until ``take_norms``."""
+    _COLLECTED.setdefault(key, [])
+
+
+def take_norms(key: int) -> torch.Tensor | None:
+    """The norms ``[N, K]`` collected since the last call (None: no backward ran)."""
+    got = _COLLECTED.get(key)
+    if not got:
+        return None
+    _COLLECTED[key] = []
+    return torch.cat(got)
+
+
 def register(key: int) -> None:
     """A new fx_bk module (``fx_bk.runtime.BKModule``) with this key."""
     _LIVE.add(key)
@@ -136,6 +154,7 @@ def forget(key: int) -> None:
     _LIVE.discard(key)
     _LAST.pop(key, None)
     _NONFINITE.pop(key, None)
+    _COLLECTED.pop(key, None)
     _TASK.pop(key, None)
     if not _PENDING.get(key):
         _PENDING.pop(key, None)

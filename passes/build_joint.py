@@ -1,11 +1,12 @@
 """Pass 8: trace the joint graph: forward, output gradients, per-sample norms, clipped grads.
 
 ``joint(primals, tangents) -> (*outputs, *clipped_grads)`` where ``primals`` are the forward
-graph's inputs (params, buffers, tensor inputs) and ``tangents`` the gradients of the float
-outputs. The forward also draws a step token that the backward's one-clip-per-step check reads
-(``fx_bk/step_guard.py``). Inside, the parameters are fresh leaves that require grad and
-``torch.autograd.grad`` is taken w.r.t. the site outputs only: autograd never builds an
-unclipped weight-gradient matmul.
+graph's inputs (params, buffers, tensor inputs) followed by the clipping bounds ``[K]``
+(float64, ``BKModule.clip_bounds``: a graph input, so a changed bound needs no new trace) and
+``tangents`` the gradients of the float outputs. The forward also draws a step token that the
+backward's one-clip-per-step check reads (``fx_bk/step_guard.py``). Inside, the parameters
+are fresh leaves that require grad and ``torch.autograd.grad`` is taken w.r.t. the site
+outputs only: autograd never builds an unclipped weight-gradient matmul.
 The whole function is functionalized and traced by ``make_fx`` with the symbolic batch, so the
 result is one aten graph for every batch size.
 
@@ -47,17 +48,19 @@ def build_joint(prog: BKProgram) -> None:
             torch.empty(v.shape, dtype=v.dtype, device=v.device)
             for v, d in zip(vals, prog.differentiable_outputs) if d
         ]
+        bounds = torch.empty(len(prog.config.group_bounds), dtype=torch.float64,
+                             device=prog.fake_inputs[_bounds_device_source(prog)].device)
     joint = make_joint_function(prog)
     try:
         with prog.mode.fake_mode:
-            gm = make_fx(functionalize(joint))(list(prog.fake_inputs), tangents)
+            gm = make_fx(functionalize(joint))([*prog.fake_inputs, bounds], tangents)
     except RuntimeError as e:  # vmap refuses an op of a parameter-only chain
         derived = _instantiated_derivations(prog)
         if not derived:
             raise
         raise _derivations_failed(derived, f"which failed: {str(e).strip().splitlines()[0]}") \
             from e
-    _name_placeholders(gm, len(prog.fake_inputs))
+    _name_placeholders(gm, len(prog.fake_inputs) + 1)
     if prog.mode.specialized_batch() is not None:
         fallback = [s for s in prog.sites if s.rule.fallback]
         if fallback:
@@ -80,6 +83,12 @@ def build_joint(prog: BKProgram) -> None:
     raise_if_any(problems)
     prog.size_guards = guards
     prog.joint_graph = gm
+
+
+def _bounds_device_source(prog: BKProgram) -> int:
+    """The primal whose device the clipping bounds share: the first trainable parameter's (the
+    module's buffer moves with its parameters), else the first batched input's."""
+    return next((i for i, t in enumerate(prog.trainable) if t), prog.first_batched_input())
 
 
 def _instantiated_derivations(prog: BKProgram) -> list:
@@ -121,7 +130,7 @@ def make_joint_function(prog: BKProgram):
             return bk_step(primals, tangents)
 
     def bk_step(primals, tangents):
-        primals = list(primals)
+        *primals, bounds = primals
         for i in range(n_p):
             if trainable[i]:
                 primals[i] = primals[i].detach().requires_grad_()
@@ -141,7 +150,7 @@ def make_joint_function(prog: BKProgram):
                   for s, o, g in zip(prog.sites, site_outs, grads_out)]
         bundles = [([values[i] for i in b.sites], _bound(b.handler, primals), b.clip_group)
                    for b in prog.bundles]
-        grads, norms = clipped_gradients(bundles, prog.config, batch)
+        grads, norms = clipped_gradients(bundles, prog.config, batch, bounds)
         param_of = dict(zip(prog.param_names, primals[:n_p]))
         grads = [grads[n].to(param_of[n].dtype) for n in graded]
         if grads:  # the recorder's zero keeps it live (see fx_bk/step_guard.py); added to the
@@ -183,7 +192,8 @@ def site_values(site: Site, aux: list, out: torch.Tensor, grad: torch.Tensor,
         if t.is_floating_point() and out.is_floating_point():
             t = wide(t.to(out.dtype) if out.dtype.itemsize < t.dtype.itemsize else t)
         tensors[role] = _batch_first(t, site, batch) if role not in site.params else t
-    return SiteValues(site, tensors, _batch_first(wide(grad.detach()), site, batch), batch)
+    rows = batch * site.row_group  # a row group: the rule's samples are the rows
+    return SiteValues(site, tensors, _batch_first(wide(grad.detach()), site, batch), rows)
 
 
 def _batch_first(t: torch.Tensor, site: Site, batch) -> torch.Tensor:

@@ -11,6 +11,9 @@ shapes); otherwise ``find_sites`` reports the site.
 
 from __future__ import annotations
 
+import operator
+
+import sympy
 import torch
 
 from fx_bk._torch_internals import normalize_call, propagate_fake_values, sym_expr
@@ -69,8 +72,13 @@ def expand_broadcast_sites(prog: BKProgram) -> None:
         lead = user_rank - node.meta["val"].dim()  # 1: [T, d] -> [B, T, d]; 0: [1, T, d]
         if lead not in (0, 1):
             continue
+        fold = _fold(node, sym)
+        if fold is None:
+            continue
         with graph.inserting_before(node):
             batch = graph.call_function(aten.sym_size.int, (batched, 0))
+            if fold != 1:  # the users' dim 0 is B * fold (user-level DP: [U*K, T, d])
+                batch = graph.call_function(operator.mul, (batch, fold))
             for arg in node.all_input_nodes:
                 if arg in trainable or arg not in _tensor_args(node, rule):
                     continue
@@ -87,6 +95,17 @@ def expand_broadcast_sites(prog: BKProgram) -> None:
         for user in _final_users(node):
             if tuple(user.meta["val"].shape) != before[user]:
                 raise AssertionError(f"fx_bk: expanding {node} changed {user}'s shape")
+
+
+def _fold(node, sym) -> int | None:
+    """The users' dim 0 as a multiple of the batch symbol: ``B`` -> 1, ``K*B`` (examples folded
+    into the batch) -> K; None when it is neither (not a layout this pass expands to)."""
+    sizes = {sym_expr(u.meta["val"].shape[0]) if isinstance(u.meta["val"].shape[0], torch.SymInt)
+             else None for u in _final_users(node)}
+    if len(sizes) != 1 or None in sizes:
+        return None
+    factor = sympy.simplify(sizes.pop() / sym)
+    return int(factor) if factor.is_Integer and factor > 0 else None
 
 
 def _tensor_args(node, rule) -> set:

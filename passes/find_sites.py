@@ -78,6 +78,8 @@ def find_sites(prog: BKProgram) -> None:
             continue
         if rule.folds_batch:
             _unfold_batch(site, node, prog)
+        elif rule.rows_independent:
+            _group_rows(site, node, prog)
         claimed.update((p, node) for p in uses if trainable[p] in site.params.values())
         for a in node.all_input_nodes:
             if isinstance(prog.batch_locations.get(a), Mixed):
@@ -152,6 +154,37 @@ def _unfold_batch(site: Site, node: torch.fx.Node, prog: BKProgram) -> None:
     site.batch_layout = (prefix, prefix.index("B"), n_lead)
     for r in (role, "out"):
         site.shapes[r] = ("B", positions, *site.shapes[r][n_lead:])
+
+
+def _group_rows(site: Site, node: torch.fx.Node, prog: BKProgram) -> None:
+    """For rules whose op computes each row of dim 0 alone (``Rule.rows_independent``: conv,
+    norms), read a batch of ``K * B`` rows where each sample owns K consecutive rows (batch
+    location ``Sample(0, fold=K)``: a user's K examples folded into the batch, user-level DP)
+    as per-row gradients summed per sample: ``site.row_group = K``. Every batched tensor of the
+    site (its activations and output) must have exactly that layout."""
+    locs = prog.batch_locations
+    by_name = {n.name: n for n in node.all_input_nodes}
+    nodes = {"out": node, **{r: by_name[n] for r, n in site.tensor_args.items() if n in by_name}}
+    folds = set()
+    for role, n in nodes.items():
+        loc = locs.get(n)
+        if not isinstance(loc, Sample):
+            if isinstance(site.shapes.get(role, (None,))[0], str):
+                return  # a batched tensor without a per-sample location: the layout error
+            continue
+        if loc.dim != 0 or loc.iota or sympy.sympify(loc.outer) != 1:
+            return
+        folds.add(sympy.sympify(loc.fold))
+    if len(folds) != 1:
+        return
+    fold = folds.pop()
+    if not fold.is_Integer or fold <= 1:
+        return
+    site.row_group = int(fold)
+    for role in nodes:
+        shape = site.shapes.get(role, ())
+        if shape and isinstance(shape[0], str):
+            site.shapes[role] = ("B", *shape[1:])
 
 
 def _factor(size, prog: BKProgram) -> int | None:

@@ -3,7 +3,9 @@
 DDP averages the ranks' clipped sums; with the engine's optimizer the update equals one process's
 on the concatenated batch, noise off; with noise on, every rank adds the same noise (one shared
 seed) scaled so that it is added once overall: the ranks stay identical and the noise in the
-update has the single-process standard deviation ``sigma R / E``.
+update has the single-process standard deviation ``sigma R / E``. The same holds in secure mode
+(rank 0's key shared) and with adaptive clipping (the counts summed over the ranks, one noisy
+count: every rank gets the same new bound).
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ import fx_bk
 from .ranks import save_result, spawn_ranks, start_rank
 
 WORLD, N, R, SIGMA = 2, 64, 0.3, 0.8
+COUNT_STD = 1.0  # adaptive clipping: the gradient noise multiplier is then 0.873, not 0.8
 
 
 def _model():
@@ -30,13 +33,18 @@ def _data():
     return torch.randn(N, 30, generator=g), torch.randint(0, 5, (N,), generator=g)
 
 
-def _private(model, sigma):
+def _private(model, sigma, secure=False, **kwargs):
     x, y = _data()
-    return fx_bk.PrivacyEngine().make_private(
+    return fx_bk.PrivacyEngine(secure_mode=secure).make_private(
         module=model, optimizer=torch.optim.SGD(model.parameters(), lr=1.0),
         data_loader=DataLoader(TensorDataset(x, y), batch_size=16), noise_multiplier=sigma,
-        max_grad_norm=R,
+        max_grad_norm=R, **kwargs,
     )
+
+
+VARIANTS = {0.0: (0.0, {}), SIGMA: (SIGMA, {}), "secure": (SIGMA, {"secure": True}),
+            "adaptive": (SIGMA, {"adaptive_clipping": fx_bk.AdaptiveClipping(
+                count_noise_std=COUNT_STD)})}
 
 
 def _worker(rank, init_file, out_dir):
@@ -44,18 +52,18 @@ def _worker(rank, init_file, out_dir):
     x, y = _data()
     mine = slice(rank * N // WORLD, (rank + 1) * N // WORLD)
     results = {}
-    for sigma in (0.0, SIGMA):
+    for name, (sigma, kwargs) in VARIANTS.items():
         model = _model()
-        module, opt, _ = _private(model, sigma)
+        module, opt, _ = _private(model, sigma, **kwargs)
         ddp = nn.parallel.DistributedDataParallel(module)
         opt.zero_grad()
         nn.functional.cross_entropy(ddp(x[mine]), y[mine]).backward()
         averaged = [p.grad.clone() for p in model.parameters()]
         expected = opt.expected_batch_size
         opt.step()
-        results[sigma] = {
+        results[name] = {
             "params": [p.detach().clone() for p in model.parameters()],
-            "grad_avg": averaged, "expected": expected,
+            "grad_avg": averaged, "expected": expected, "bound": opt.max_grad_norm,
         }
     save_result(rank, out_dir, results)
 
@@ -98,3 +106,20 @@ def test_ddp_noise_added_once_overall(ranks):
     noise = torch.cat([(a - b).flatten() for a, b in zip(noise_free, ranks[0][SIGMA]["params"])])
     # update noise = N(0, (sigma R)^2) / E_total: once, not W times (W times: std * sqrt(W))
     assert noise.std().item() == pytest.approx(SIGMA * R / expected, rel=0.05)
+
+
+@pytest.mark.parametrize("variant", ["secure", "adaptive"])
+def test_ddp_secure_and_adaptive_ranks_stay_identical(ranks, variant):
+    """Secure mode: rank 0's key, shared, gives every rank the same noise of the right size;
+    adaptive clipping: the same new bound on every rank, moved from R."""
+    for got, other in zip(ranks[0][variant]["params"], ranks[1][variant]["params"]):
+        assert torch.equal(got, other)
+    assert ranks[0][variant]["bound"] == ranks[1][variant]["bound"]
+    noise_free = ranks[0][0.0]["params"]
+    noise = torch.cat([(a - b).flatten() for a, b in zip(noise_free, ranks[0][variant]["params"])])
+    expected = ranks[0][0.0]["expected"] * WORLD
+    sigma = SIGMA
+    if variant == "adaptive":  # the gradient noise is larger (the count's share of the budget)
+        assert ranks[0][variant]["bound"] != pytest.approx(R)
+        sigma = (SIGMA ** -2 - 1 / (4 * COUNT_STD ** 2)) ** -0.5
+    assert noise.std().item() == pytest.approx(sigma * R / expected, rel=0.04)

@@ -114,3 +114,13 @@ def test_demo_language_model_task(tmp_path, capsys):
     assert 0 < res["epsilon"] <= 8 + 1e-2 and res["sigma"] > 0
     assert res["traces"] <= 2
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_demo_user_level_with_audit(capsys):
+    """``--user-level K`` trains with users of K examples as the privacy unit (the accountant
+    then counts users: q = users per step / users); ``--audit`` audits the same noise, sampling
+    rate and steps with canaries, and the audited bound stays below the accountant's epsilon."""
+    res = demo.main([*TINY, "--no-compile", "--user-level", "4", "--audit", "--plot", ""])
+    out = capsys.readouterr().out
+    assert "audit: accountant epsilon" in out and "audited lower bound" in out
+    assert 0.0 <= res["audit_lower_bound"] <= res["epsilon"]

@@ -238,15 +238,18 @@ class SeqFirst(nn.Module):
 
 
 class FoldedConv(nn.Module):
-    """A conv on [B*2, C, H/2, W]: its rule reads the batch at dim 0 only."""
+    """A conv on [2*B, C/2, H, W], the two channel halves of every sample in the two halves of
+    dim 0 (``Sample(0, outer=2)``): its rule reads rows of one sample only as consecutive rows
+    of dim 0 (``site.row_group``), so this layout is not one it reads."""
 
     def __init__(self):
         super().__init__()
-        self.conv = nn.Conv2d(4, 2, 1)
+        self.conv = nn.Conv2d(2, 2, 1)
 
     def forward(self, x):  # [B, 4, 6, 6]
         b = x.shape[0]
-        return self.conv(x.reshape(b * 2, 4, 3, 6)).reshape(b, -1)
+        halves = x.reshape(b, 2, 2, 6, 6).transpose(0, 1).reshape(2 * b, 2, 6, 6)
+        return self.conv(halves).reshape(2, b, -1).transpose(0, 1).reshape(b, -1)
 
 
 @pytest.mark.parametrize("model, t", [(ReducedPositions(), 8), (SeqFirst(), 6)],
@@ -265,7 +268,7 @@ def test_site_with_an_unreadable_batch_layout_rejected():
     naming the op, the parameter and the layout, never guess."""
     for b in (5, 8):
         with pytest.raises(UnsupportedModelError,
-                           match=r"'conv.weight'.*argument 'input' has shape \['2\*s\d+', 4, 3"):
+                           match=r"'conv.weight'.*argument 'input' has shape \['2\*s\d+', 2, 6"):
             fx_bk.transform(FoldedConv(), max_grad_norm=1.0)(torch.randn(b, 4, 6, 6))
 
 
@@ -351,9 +354,11 @@ def test_fallback_rule_refuses_large_per_sample_gradients(monkeypatch):
         fx_bk.transform(model, max_grad_norm=1.0)(torch.randn(2, 4))
 
 
-def test_conv_transpose_on_folded_batch_is_named():
-    """A transposed convolution applied to ``[B*T, C, L]`` (frames folded into the batch) has
-    no per-sample rule: the error names the op, the parameter and the module."""
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=["f64", "f32"])
+def test_conv_transpose_on_frames_folded_into_the_batch_is_exact(dtype):
+    """A transposed convolution applied to ``[B*T, C, L]`` (each sample's T frames consecutive
+    rows of dim 0) computes each row alone: its per-row gradients summed per sample
+    (``site.row_group``) are the per-sample gradients, exact against the per-sample loop."""
 
     class Frames(nn.Module):
         def __init__(self):
@@ -364,7 +369,7 @@ def test_conv_transpose_on_folded_batch_is_named():
             b, t = x.shape[:2]
             return self.up(x.reshape(b * t, *x.shape[2:])).reshape(b, -1).sum(1)
 
-    with pytest.raises(UnsupportedModelError, match=r"op aten.conv_transpose1d on parameter "
-                       r"'up.(weight|bias)' of module 'up'.*batch must be dim 0") as info:
-        fx_bk.transform(Frames(), max_grad_norm=1.0)(torch.randn(4, 3, 2, 5))
-    assert len(info.value.problems) == 1, str(info.value)
+    torch.manual_seed(0)
+    x = torch.randn(4, 3, 2, 5, dtype=dtype)
+    assert_matches_per_sample(Frames().to(dtype), lambda out, _: out.mean(), (x, None),
+                              max_grad_norm=0.5)

@@ -18,15 +18,17 @@ LAYERS = (
      "fx_bk.deferred_error", "fx_bk.empty_batch", "fx_bk.change_guard",
      "fx_bk.step_guard", "fx_bk.losses", "fx_bk.models", "fx_bk.module_state",
      "fx_bk.user_code", "fx_bk.recurrent", "fx_bk.attention",
-     "fx_bk.trace_decompositions", "fx_bk.distributed"),
+     "fx_bk.trace_decompositions", "fx_bk.distributed", "fx_bk.secure_random",
+     "fx_bk.sampling"),
     ("fx_bk.site",),
     ("fx_bk.cost_model", "fx_bk.kernels"),
     ("fx_bk.rules",),
     ("fx_bk.clipping",),
     ("passes",),
-    ("fx_bk.runtime", "fx_bk.batch_inputs"),
-    ("fx_bk.api", "fx_bk.explain", "fx_bk.privacy_engine", "fx_bk.criterion"),
-    ("fx_bk.testing", "fx_bk.demo", "fx_bk.demo_lm", "fx_bk.integrations"),
+    ("fx_bk.runtime", "fx_bk.batch_inputs", "fx_bk.bk_function"),
+    ("fx_bk.api", "fx_bk.explain", "fx_bk.privacy_engine", "fx_bk.criterion",
+     "fx_bk.user_level", "fx_bk.adaptive_clipping", "fx_bk.dp_optimizer"),
+    ("fx_bk.testing", "fx_bk.demo", "fx_bk.demo_lm", "fx_bk.integrations", "fx_bk.audit"),
 )
 MAX_LINES = 400
 

@@ -141,21 +141,6 @@ def test_mark_batch_dynamic_gives_one_compile():
     assert counter.frame_count == 1
 
 
-def test_set_opacus_noise_per_rank():
-    from opacus.optimizers import DPOptimizerFastGradientClipping
-
-    p = torch.nn.Parameter(torch.zeros(1000))
-    opt = DPOptimizerFastGradientClipping(
-        torch.optim.SGD([p], lr=1.0), noise_multiplier=1.0, max_grad_norm=1.0,
-        expected_batch_size=1, loss_reduction="sum",
-    )
-    ti.set_opacus_noise_per_rank(opt, 0.25)
-    assert opt.noise_multiplier == 1.0  # the accountant's sigma is unchanged
-    p.grad = torch.zeros(1000)
-    opt.step()
-    assert 0.2 < p.detach().std().item() < 0.3  # the drawn noise is 0.25 * R
-
-
 def test_docs_table_is_the_private_api_dict():
     doc = (ROOT / "docs" / "internals.md").read_text()
     table = re.search(r"<!-- apitable:start -->\n(.*?)\n<!-- apitable:end -->", doc, re.S)

@@ -66,7 +66,6 @@ __all__ = [
     "propagate_fake_values",
     "recording_tensor_hooks",
     "set_flat_codegen",
-    "set_opacus_noise_per_rank",
     "statically_known_true",
     "sym_expr",
     "sym_hint",
@@ -154,9 +153,6 @@ PRIVATE_APIS = {
     "marked_dynamic_dims": (
         "Tensor._dynamo_dynamic_indices (set by torch._dynamo.mark_dynamic)",
         "an input's dims marked dynamic are traced symbolically in eager mode too", "torch 2.13"),
-    "set_opacus_noise_per_rank": (
-        "opacus DPOptimizer._adjusted_noise_multiplier",
-        "each DDP rank adds 1/W of the shared noise", "opacus 1.6.0"),
 }
 
 
@@ -307,17 +303,3 @@ def mark_batch_dynamic(t: torch.Tensor) -> None:
     """Tell torch.compile that dim 0 of ``t`` varies (no recompile per batch size), without
     failing when it gets specialized anyway (sizes 0 and 1)."""
     torch._dynamo.maybe_mark_dynamic(t, 0)
-
-
-def set_opacus_noise_per_rank(optimizer, noise_multiplier: float) -> None:
-    """Make an Opacus 1.6 ``DPOptimizerFastGradientClipping`` draw noise with std
-    ``noise_multiplier * R`` while accounting with its own ``noise_multiplier``: its
-    ``add_noise`` reads the private ``_adjusted_noise_multiplier`` when set."""
-    import opacus
-
-    if not opacus.__version__.startswith("1.6"):
-        raise RuntimeError(
-            f"fx_bk: distributed noise sharing relies on Opacus 1.6's DPOptimizer internals; "
-            f"found opacus {opacus.__version__}: pip install 'fx_bk[privacy]' (opacus==1.6.0)"
-        )
-    optimizer._adjusted_noise_multiplier = noise_multiplier

@@ -84,6 +84,7 @@ class AffineNormRule(Rule):
     """The rule of one :class:`AffineNorm` row."""
 
     tensor_args = ("input",)
+    rows_independent = True  # every norm here normalizes within one row of dim 0
 
     def __init__(self, spec: AffineNorm):
         self.spec = spec

@@ -67,7 +67,10 @@ class Rule(abc.ABC):
     (``row_role``) before the last ``core_dims(site)`` as independent rows, so a batch at any of
     those dims, or folded into them by a row-major reshape (``[B*T, d]``, ``[T, B, d]``, Swin's
     windows ``[B*nW, N, C]``), is read batch-first (``site.batch_layout``: the rule then gets
-    ``[B, T, *rest]``); ``fallback``: the rule handles ops without a dedicated rule.
+    ``[B, T, *rest]``); ``rows_independent``: the op computes each row of dim 0 from that row
+    alone (a convolution, a norm), so a batch of ``K * B`` rows, K consecutive rows per sample,
+    is read as per-row gradients summed per sample (``site.row_group``); ``fallback``: the rule
+    handles ops without a dedicated rule.
 
     The default ``plan`` / ``norm_sq`` / ``clipped_grads`` instantiate ``per_sample_grads``:
     norm ``sum_p ||G_i,p||^2``, clipped sum ``sum_i c_i G_i,p``. Override them for a cheaper
@@ -80,6 +83,7 @@ class Rule(abc.ABC):
     tensor_args: tuple[str, ...] = ()
     strategies: str = "instantiated"
     folds_batch: bool = False
+    rows_independent: bool = False
     fallback: bool = False
 
     def roles(self, op) -> dict[str, str]:

@@ -139,6 +139,7 @@ def positions_by_group(t: torch.Tensor, groups: int) -> torch.Tensor:
 @register_rule(aten.conv1d.default, aten.conv2d.default, aten.conv3d.default,
                aten.conv1d.padding, aten.conv2d.padding, aten.conv3d.padding)
 class ConvRule(Rule):
+    rows_independent = True  # one image per row of dim 0
     name = "conv"
     param_args = ("weight", "bias")
     strategies = ("ghost (im2col) or instantiated (one grouped weight-gradient convolution), by "

@@ -10,6 +10,10 @@ computed together as a *bundle* by one :class:`~fx_bk.rules.base.BundleHandler`:
    embeddings);
 3. else :class:`InstantiateShared`: every site's per-sample gradients ``[B, *p.shape]`` summed
    (exact; memory ``B * |p|``).
+
+A site whose samples are groups of rows (``site.row_group``: user-level DP's examples folded
+into the batch) always goes to :class:`InstantiateShared`, which sums its per-row gradients per
+sample first.
 """
 
 from __future__ import annotations
@@ -30,6 +34,8 @@ class InstantiateShared:
         per_sample: dict = {}
         for v in values:
             for name, g in v.site.rule.per_sample_grads(v).items():
+                if v.site.row_group > 1:  # per row -> per sample
+                    g = g.unflatten(0, (-1, v.site.row_group)).sum(1)
                 per_sample[name] = per_sample[name] + g if name in per_sample else g
         state = PerSampleGrads(per_sample)
         return state.norm_sq(), state
@@ -41,6 +47,8 @@ class InstantiateShared:
 def bundle_handler(sites: list[Site]) -> BundleHandler:
     """The handler of a bundle (see the module docstring for the order)."""
     rules = {id(s.rule) for s in sites}
+    if any(s.row_group > 1 for s in sites):
+        return InstantiateShared()
     if len(rules) == 1 and sites[0].rule.can_merge(sites):
         return sites[0].rule
     return next((t for t in TIE_HANDLERS if t.matches(sites)), InstantiateShared())

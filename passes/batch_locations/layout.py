@@ -112,11 +112,15 @@ def _broadcast_shared(node, lx: Shared, ctx):
     """A shared value whose entries do not depend on the batch, expanded or tiled to the batch
     size at one dim, is per-sample there: every sample gets the same rows, computed from no
     sample (``buffer.expand(B, -1)``: HF token type ids; ``arange(T)[None].repeat(B, 1)``:
-    Whisper's position ids). Sized by the batch any other way, it is batchy."""
+    Whisper's position ids). Expanded to ``K * B`` (a sample's K examples folded into the batch:
+    user-level DP), every sample gets K of the identical rows: ``Sample(d, fold=K)``. Sized by
+    the batch any other way, it is batchy."""
     shape = ctx.shape(node) or []
     dims = [d for d, s in enumerate(shape) if ctx.has_batch(s)]
-    if len(dims) == 1 and sympy.simplify(shape[dims[0]] - ctx.symbol) == 0:
-        return Sample(dims[0])
+    if len(dims) == 1:
+        fold = sympy.simplify(shape[dims[0]] / ctx.symbol)
+        if fold.is_Integer and fold > 0:
+            return Sample(dims[0], fold=int(fold))
     return Shared(True) if dims else lx
 
 
