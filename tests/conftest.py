@@ -26,10 +26,15 @@ COVERED_ELSEWHERE = (
     "test_hf_models.py::test_hf_model_matches_per_sample_loop[compiled-bert]",
     "test_hf_models.py::test_hf_model_matches_per_sample_loop[compiled-vit]",
     "test_hf_models.py::test_model_computing_its_own_loss_from_labels[compiled-bert]",
+    "test_hf_models.py::test_model_computing_its_own_loss_from_labels[compiled-gpt2]",
 )
+# float32 without clipping (R = 1000) repeats the float64 case's structure; float32 with
+# clipping (R = 0.001) keeps the precision check
+COVERED_BY_PATTERN = ("test_oracles.py::test_eager_matches_vmap_oracle[", "-f32-", "-1000.0]")
 
 
 def pytest_collection_modifyitems(items):
     for item in items:
-        if item.nodeid.split("/")[-1] in COVERED_ELSEWHERE:
+        node = item.nodeid.split("/")[-1]
+        if node in COVERED_ELSEWHERE or all(part in node for part in COVERED_BY_PATTERN):
             item.add_marker(pytest.mark.slow)
