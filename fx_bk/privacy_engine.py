@@ -28,7 +28,7 @@ import warnings
 import torch
 from opacus.accountants import create_accountant
 from opacus.accountants.utils import get_noise_multiplier
-from opacus.data_loader import DPDataLoader, wrap_collate_with_empty
+from opacus.data_loader import DPDataLoader
 
 from ._torch_internals import mark_batch_dynamic
 from .adaptive_clipping import AdaptiveClipping, AdaptiveClipState, gradient_noise_multiplier
@@ -37,7 +37,7 @@ from .criterion import checked_criterion
 from .dp_optimizer import DPOptimizer
 from .errors import ConfigError
 from .runtime import BKModule
-from .sampling import PoissonBatchSampler
+from .sampling import EmptySafeCollator, PoissonBatchSampler
 from .secure_random import SecureRandom, TorchRandom, broadcast_key
 from .user_level import UserLevel, UserLevelModule, user_criterion, user_loader
 
@@ -178,9 +178,7 @@ class PrivacyEngine:
                                       indices=range(rank, len(dataset), world))
         return torch.utils.data.DataLoader(
             dataset, batch_sampler=sampler, num_workers=data_loader.num_workers,
-            collate_fn=wrap_collate_with_empty(collate_fn=data_loader.collate_fn,
-                                               sample_empty_shapes=_shapes(dataset[0]),
-                                               dtypes=_dtypes(dataset[0])),
+            collate_fn=EmptySafeCollator(data_loader.collate_fn, dataset[0]),
             pin_memory=data_loader.pin_memory)
 
     def _noise_source(self, generator, world: int, module: torch.nn.Module):
@@ -280,18 +278,6 @@ def _all_reduce(device: torch.device):
 def _comm_device(module: torch.nn.Module) -> torch.device:
     device = next(module.parameters()).device
     return device if torch.distributed.get_backend() == "nccl" else torch.device("cpu")
-
-
-def _shapes(example) -> list:
-    return [tuple(t.shape) if isinstance(t, torch.Tensor) else () for t in _fields(example)]
-
-
-def _dtypes(example) -> list:
-    return [t.dtype if isinstance(t, torch.Tensor) else type(t) for t in _fields(example)]
-
-
-def _fields(example) -> list:
-    return list(example) if isinstance(example, (list, tuple)) else [example]
 
 
 def _noise_generator(generator, world: int, module: torch.nn.Module):

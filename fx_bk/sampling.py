@@ -10,11 +10,15 @@ batch independently with probability ``sample_rate``; a sampled user brings up t
 ``max_examples`` of its examples (all of them, or that many drawn uniformly without
 replacement), padded to exactly ``max_examples`` slots. A slot is an index ``i >= 0`` (an
 example) or ``-1 - i`` (padding repeating example ``i``, masked out of the loss).
+
+``EmptySafeCollator``: a Poisson batch may be empty; it collates as the structure of one
+example with zero rows.
 """
 
 from __future__ import annotations
 
 from collections import defaultdict
+from collections.abc import Mapping
 
 import torch
 
@@ -70,6 +74,27 @@ class UserBatchSampler(torch.utils.data.Sampler):
                     mine = [mine[j] for j in sorted(order.tolist())]
                 slots += mine + [-1 - mine[0]] * (k - len(mine))
             yield slots
+
+
+class EmptySafeCollator:
+    """The collator, plus empty batches: every tensor of a one-example batch sliced to 0 rows."""
+
+    def __init__(self, collate, template_example):
+        self.collate = collate
+        self.empty = _zero_rows(collate([template_example]))
+
+    def __call__(self, examples):
+        return self.collate(examples) if examples else self.empty
+
+
+def _zero_rows(obj):
+    if isinstance(obj, torch.Tensor):
+        return obj[:0] if obj.dim() > 0 else obj
+    if isinstance(obj, Mapping):
+        return {k: _zero_rows(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(_zero_rows(v) for v in obj)
+    return obj
 
 
 def _as_list(user_ids) -> list:

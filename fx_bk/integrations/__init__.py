@@ -20,6 +20,7 @@ import torch.nn.functional as F
 
 from ..errors import ConfigError
 from ..losses import sequence_cross_entropy
+from ..sampling import EmptySafeCollator
 
 __all__ = ["NOISE_STREAM", "SAMPLER_STREAM", "EmptySafeCollator", "PoissonBatchSampler",
            "check_noise_settings", "default_per_sample_loss", "derive_seed"]
@@ -63,27 +64,6 @@ class PoissonBatchSampler(torch.utils.data.Sampler):
         for s in range(self.steps_per_epoch):
             for part in torch.tensor_split(self.logical_batch(start + s), self.num_micro_batches):
                 yield part.tolist()
-
-
-class EmptySafeCollator:
-    """The collator, plus empty batches: every tensor of a one-example batch sliced to 0 rows."""
-
-    def __init__(self, collate, template_example):
-        self.collate = collate
-        self.empty = _zero_rows(collate([template_example]))
-
-    def __call__(self, examples):
-        return self.collate(examples) if examples else self.empty
-
-
-def _zero_rows(obj):
-    if isinstance(obj, torch.Tensor):
-        return obj[:0] if obj.dim() > 0 else obj
-    if isinstance(obj, Mapping):
-        return {k: _zero_rows(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return type(obj)(_zero_rows(v) for v in obj)
-    return obj
 
 
 def default_per_sample_loss(*, shift_labels: bool = False, problem_type: str | None = None):
