@@ -1,10 +1,10 @@
 """The models of ``benchmarks.step``: builders, batches and the per-sample loss of each.
 
 Every model maps a batch ``x`` to outputs whose loss is ``per_sample_loss(out, y)`` ([B], one
-number per sample: a cross entropy, for the language model the mean over next-token positions);
-a training step minimises the batch mean of it. ``logits_targets`` gives the flattened
-``(logits [N, C], targets [N], shape)`` Opacus's ghost-clipping loss wrapper needs (``shape`` is
-``(B, positions)`` for the language model, else None).
+number per sample: a cross entropy in float32, for the language model the mean over next-token
+positions); a training step minimises the batch mean of it. ``logits_targets`` gives the
+flattened ``(logits [N, C], targets [N], shape)`` Opacus's ghost-clipping loss wrapper needs
+(``shape`` is ``(B, positions)`` for the language model, else None).
 """
 
 from __future__ import annotations
@@ -34,7 +34,8 @@ class BenchModel:
 
     def per_sample_loss(self, out, y) -> torch.Tensor:
         logits, targets, shape = self.logits_targets(out, y)
-        loss = F.cross_entropy(logits, targets, reduction="none")  # [N]
+        # float32 (a no-op unless the forward ran under bf16 autocast: AMP's loss in float32)
+        loss = F.cross_entropy(logits.float(), targets, reduction="none")  # [N]
         return loss if shape is None else loss.view(shape).mean(1)  # [B]
 
     def describe(self) -> str:

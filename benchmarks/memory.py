@@ -177,6 +177,8 @@ def _child_argv(args, model: str, variant: str) -> list[str]:
             "--memory-steps", str(args.memory_steps)]
     if args.quick:
         argv.append("--quick")
+    if args.warm_caches:
+        argv.append("--warm-caches")
     if args.vocab is not None:
         argv += ["--vocab", str(args.vocab)]
     if args.batch is not None:

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import torch
 
-from benchmarks.variants import BASELINE, VARIANTS
+from benchmarks.variants import AUTOCAST_VARIANTS, BASELINE, VARIANTS
 
 
 def machine_info(args) -> dict:
@@ -30,7 +30,7 @@ def machine_info(args) -> dict:
         "device": args.device,
         "torch": torch.__version__,
         "python": platform.python_version(),
-        "inductor_caches_disabled": os.environ.get("TORCHINDUCTOR_FORCE_DISABLE_CACHES") == "1",
+        "inductor_caches_disabled": torch.compiler.config.force_disable_caches,
         "platform": platform.platform(),
         "date": datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
     }
@@ -74,9 +74,13 @@ def table(results: dict) -> str:
         "| RSS vs non-private compiled | grad rel diff |",
         "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
+    amp = any("fx_bk compiled bf16" in res["variants"] for res in results["models"].values())
     summary = ["", "| model | arithmetic floor | fx_bk compiled | fx_bk eager | Opacus ghost "
-               "| Opacus hooks | Opacus ghost / fx_bk compiled |",
-               "|---|---:|---:|---:|---:|---:|---:|"]
+               "| Opacus hooks | Opacus ghost / fx_bk compiled | first call s (÷ non-private) "
+               "| of which fx_bk passes s |"
+               + (" bf16: fx_bk ÷ non-private [p25, p75] | bf16 grad rel diff fx_bk "
+                  "[non-private] |" if amp else ""),
+               "|---|---:|---:|---:|---:|---:|---:|---:|---:|" + ("---:|---:|" if amp else "")]
     for model, res in results["models"].items():
         rows = res["variants"]
         for name, r in rows.items():
@@ -116,16 +120,44 @@ def table(results: dict) -> str:
         fx, gh = rows.get("fx_bk compiled", {}), rows.get("Opacus ghost", {})
         speed = (gh["median_ms"] / fx["median_ms"]
                  if fx.get("median_ms") and gh.get("median_ms") else None)
+        first = (f"{fmt(fx.get('first_step_s'), '.1f')} "
+                 f"({fmt(fx.get('first_step_ratio'), '.2f', 'x')})" if fx else "-")
         summary.append(f"| {model} | {floor_s} | {ratio('fx_bk compiled')} "
                        f"| {ratio('fx_bk eager')} | {ratio('Opacus ghost')} "
-                       f"| {ratio('Opacus hooks')} | {fmt(speed, '.2f', 'x')} |")
+                       f"| {ratio('Opacus hooks')} | {fmt(speed, '.2f', 'x')} | {first} "
+                       f"| {fmt(fx.get('fx_bk_passes_s'), '.1f')} |"
+                       + (_amp_cells(rows) if amp else ""))
     lines += summary
     lines += ["", "Ratios are step time / non-private compiled. Floor: counted FLOPs of one fx_bk "
               "step over those of the non-private step (FlopCounterMode, eager forward + loss + "
               "backward; matmul-like ops, convolutions, attention, fx_bk::ghost_norm). "
               "grad rel diff: max over parameters of ||g - g_ref|| / ||g_ref|| of the first "
-              "step's clipped sum (ref: fx_bk eager; non-private eager for non-private compiled)."]
+              "step's clipped sum (ref: fx_bk eager; non-private eager for non-private compiled). "
+              "First call: fx_bk compiled's first step (trace + fx_bk passes + Dynamo / "
+              "AOTAutograd / Inductor + the step), "
+              + ("cold (every compilation with empty Inductor caches)"
+                 if results["config"].get("cold_caches") else "with Inductor's caches (warm)")
+              + ", ÷ non-private compiled's first step; of which fx_bk passes: the fx_bk "
+              "graph passes' own time (trace, analysis, joint graph, partition)."
+              + (" bf16: forward under torch.autocast(bfloat16), loss and backward outside; "
+                 "step-time ratio per round of fx_bk compiled bf16 / non-private compiled bf16; "
+                 "grad rel diff vs the float32 eager variant of the same kind." if amp else "")]
     return "\n".join(lines)
+
+
+def _amp_cells(rows: dict) -> str:
+    """The bf16 columns of one model: fx_bk bf16 / non-private bf16 step time, and each one's
+    first-step gradient difference from its float32 eager counterpart."""
+    fx, np_ = rows.get("fx_bk compiled bf16", {}), rows.get("non-private compiled bf16", {})
+    if fx.get("error") or np_.get("error"):
+        return f" n/a ({(fx.get('error') or np_.get('error'))[:40]}) | - |"
+
+    def err(r):
+        return "n/a" if r.get("grad_check_rel_diff") is None else (
+            format(r["grad_check_rel_diff"], ".1e"))
+
+    return (f" {fmt(fx.get('pair_ratio'), '.2f', 'x')} [{fmt(fx.get('pair_ratio_p25'), '.2f')}, "
+            f"{fmt(fx.get('pair_ratio_p75'), '.2f')}] | {err(fx)} [{err(np_)}] |")
 
 
 def plot(results: dict, path: str) -> bool:
@@ -138,7 +170,8 @@ def plot(results: dict, path: str) -> bool:
         print("matplotlib is not installed: no plot (pip install matplotlib)", flush=True)
         return False
     models = list(results["models"])
-    names = [v for v in VARIANTS if any(v in r["variants"] for r in results["models"].values())]
+    names = [v for v in VARIANTS + AUTOCAST_VARIANTS
+             if any(v in r["variants"] for r in results["models"].values())]
     width = 0.8 / len(names)
     fig, ax = plt.subplots(figsize=(max(6.0, 2.2 * len(models)), 4.5))
     top = 1.0

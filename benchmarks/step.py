@@ -1,7 +1,7 @@
 """Training-step time and memory: non-private vs fx_bk vs Opacus, on four models.
 
 ``python -m benchmarks.step [--quick] [--long] [--models mlp encoder gpt2 cnn] [--rounds N]
-[--no-memory] [--json PATH] [--plot PATH]``
+[--autocast bf16] [--device cuda] [--warm-caches] [--no-memory] [--json PATH] [--plot PATH]``
 
 A step is forward + loss + backward + optimizer step (SGD). Models (``benchmarks/bench_models.py``,
 each with its own batch): ``mlp`` (4 hidden layers of 1024, B=64), ``encoder``
@@ -19,15 +19,20 @@ Variants, all from the same initial weights and the same batch:
 * ``Opacus ghost``: ``GradSampleModuleFastGradientClipping(use_ghost_clipping=True)`` with
   ``DPOptimizerFastGradientClipping(noise_multiplier=0)`` and ``DPLossFastGradientClipping``
   (two backward passes inside ``loss.backward()``)
-* ``fx_bk eager`` / ``fx_bk compiled``: ``fx_bk.transform(model, max_grad_norm=R)``, then
-  ``p.grad /= B`` (the clipped sum becomes a mean, as DP-SGD does; no noise is drawn)
+* ``fx_bk eager`` / ``fx_bk compiled``: ``fx_bk.transform(model, max_grad_norm=R)``; the 1/B
+  averaging of the clipped sum is the SGD learning rate's scale (no noise is drawn)
+* with ``--autocast bf16``, also ``non-private compiled bf16`` / ``fx_bk compiled bf16``: the
+  forward under ``torch.autocast(device, dtype=torch.bfloat16)``, the loss (float32) and the
+  backward outside it, as AMP does; reported: their step-time ratio per round, and the first
+  clipped gradient's difference from the float32 eager one of the same kind (non-private /
+  fx_bk)
 
 A variant that fails on a model is reported as ``n/a (reason)``. The modules, one per concern:
 
 * ``benchmarks/variants.py``: the step builders above (``build_variant``);
-* ``benchmarks/timing.py``: per model, each variant's first step (tracing / compilation; Inductor's
-  on-disk caches make a repeated run faster, set ``TORCHINDUCTOR_FORCE_DISABLE_CACHES=1`` for
-  cold compile times) timed separately, a few warm-up steps, then interleaved rounds
+* ``benchmarks/timing.py``: per model, each variant's first step (tracing / compilation, cold:
+  every compilation with fresh, empty Inductor caches, see ``--warm-caches``; for fx_bk also
+  the time of its passes) timed separately, a few warm-up steps, then interleaved rounds
   (round-robin over the variants, rotating who goes first, ``--steps-per-round`` steps each,
   more where steps are shorter than ``--min-round-ms``). Reported: median / p25 / p75 step time
   over all timed steps, and the ratio to non-private compiled computed per round (median step of
@@ -53,6 +58,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import time
 import warnings
 from pathlib import Path
@@ -62,8 +68,8 @@ import torch
 from benchmarks.bench_models import LONG_NAMES, MODEL_NAMES, BenchModel, bench_models
 from benchmarks.memory import add_memory, memory_child, memory_server
 from benchmarks.report import machine_info, plot, table
-from benchmarks.timing import run_model
-from benchmarks.variants import BASELINE, VARIANTS
+from benchmarks.timing import run_model, warm_compiler
+from benchmarks.variants import AUTOCAST_VARIANTS, BASELINE, VARIANTS
 
 RESULTS = Path(__file__).resolve().parent / "results"
 
@@ -97,6 +103,12 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--lr", type=float, default=1e-3)
     p.add_argument("--threads", type=int, default=2, help="torch.set_num_threads (CPU)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--autocast", choices=["bf16"], default=None,
+                   help="also run non-private compiled and fx_bk compiled with the forward under "
+                        "torch.autocast(device, dtype=torch.bfloat16)")
+    p.add_argument("--warm-caches", action="store_true",
+                   help="keep Inductor's caches (default: torch.compiler.config."
+                        "force_disable_caches, every compilation cold)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--no-memory", action="store_true",
                    help="skip the peak-memory subprocesses (one per model and variant)")
@@ -122,8 +134,9 @@ def parse_args(argv=None) -> argparse.Namespace:
         if m not in known:
             p.error(f"--models: unknown model {m!r} (choose from {', '.join(sorted(known))})")
     for v in args.variants or []:
-        if v not in VARIANTS:
-            p.error(f"--variants: unknown variant {v!r} (choose from {', '.join(VARIANTS)})")
+        if v not in VARIANTS + AUTOCAST_VARIANTS:
+            p.error(f"--variants: unknown variant {v!r} (choose from "
+                    f"{', '.join(VARIANTS + AUTOCAST_VARIANTS)})")
     if args.quick and (args.long or set(args.models or ()) & set(LONG_NAMES)):
         print("note: --quick runs no long rows (--long and long --models ignored)", flush=True)
         args.long = False
@@ -153,16 +166,29 @@ def selected_models(args) -> dict[str, BenchModel]:
 
 def selected_variants(args) -> list[str]:
     chosen = set(args.variants or VARIANTS) | {BASELINE, "fx_bk eager"}
-    return [v for v in VARIANTS if v in chosen]
+    if args.autocast:
+        chosen |= set(AUTOCAST_VARIANTS)
+    return [v for v in VARIANTS + AUTOCAST_VARIANTS if v in chosen]
+
+
+def cold_caches(warm: bool) -> None:
+    """Unless ``warm``: every compilation with fresh, empty Inductor caches (no FX graph or
+    AOTAutograd cache hit, no kernel compiled by an earlier variant or run), also in the memory
+    subprocesses, which inherit the environment variable."""
+    if not warm:
+        torch.compiler.config.force_disable_caches = True
+        os.environ["TORCHINDUCTOR_FORCE_DISABLE_CACHES"] = "1"
 
 
 def main(argv=None) -> dict:
     args = parse_args(argv)
     if args.device == "cpu":
         torch.set_num_threads(args.threads)
+    cold_caches(args.warm_caches)
     # Opacus's hooks on a model whose input (token ids) needs no grad: harmless, once per step.
     warnings.filterwarnings("ignore", message="Full backward hook is firing")
     warnings.filterwarnings("ignore", message="Using a non-full backward hook")
+    warnings.filterwarnings("ignore", message="dynamo_pgo force disabled")  # cold caches
     if args.memory_server:
         memory_server(args)
         return {}
@@ -170,13 +196,15 @@ def main(argv=None) -> dict:
         print("MEMORY " + json.dumps(memory_child(args)), flush=True)
         return {}
     t_start = time.perf_counter()
+    warm_compiler(args.device)
     models = selected_models(args)
     variant_names = selected_variants(args)
     results = {
         "machine": machine_info(args),
         "config": {"quick": args.quick, "long": args.long, "rounds": args.rounds,
                    "steps_per_round": args.steps_per_round, "min_round_ms": args.min_round_ms,
-                   "warmup": args.warmup,
+                   "warmup": args.warmup, "autocast": args.autocast,
+                   "cold_caches": torch.compiler.config.force_disable_caches,
                    "max_grad_norm": args.max_grad_norm, "lr": args.lr, "seed": args.seed,
                    "variants": variant_names, "memory": not args.no_memory},
         "models": {},

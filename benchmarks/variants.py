@@ -9,8 +9,13 @@ optimizer step (for the private variants the clipped sum ``sum_i C_i grad_i``, n
 output is dropped before the backward pass, as in ``loss_fn(model(x), y).backward()``: what the
 memory measurement sees is the step itself.
 
+``autocast`` (``plain``, ``fx_bk_variant``): the forward runs under ``torch.autocast(device,
+dtype)``, the loss (in float32: the benchmark's loss casts the logits) and the backward outside
+it, as AMP does.
+
 ``benchmarks.step`` builds them through ``build_variant`` (SGD, the benchmark model's loss, no
-noise); ``python -m fx_bk.demo --compare`` calls ``plain`` and ``opacus_ghost`` with Adam, a
+noise; ``AUTOCAST_VARIANTS``: the two compiled ones under bf16 autocast);
+``python -m fx_bk.demo --compare`` calls ``plain`` and ``opacus_ghost`` with Adam, a
 noise multiplier, a seeded noise generator and an Opacus accountant.
 """
 
@@ -29,6 +34,9 @@ from fx_bk._torch_internals import mark_batch_dynamic
 BASELINE = "non-private compiled"
 VARIANTS = ("non-private eager", "non-private compiled", "Opacus hooks", "Opacus ghost",
             "fx_bk eager", "fx_bk compiled")
+# with ``--autocast bf16``: the forward under torch.autocast(device, dtype=torch.bfloat16)
+AUTOCAST_VARIANTS = ("non-private compiled bf16", "fx_bk compiled bf16")
+Autocast = tuple[str, torch.dtype]  # (device type, dtype) of torch.autocast
 
 OptimizerFactory = Callable[[list], torch.optim.Optimizer]
 LossFn = Callable[[object, torch.Tensor], torch.Tensor]  # (model output, y) -> scalar loss
@@ -73,9 +81,24 @@ def _forward_loss(fwd, loss_fn: LossFn, x, y, keep_outputs: bool):
     return loss_fn(out, y), _detached(keep_outputs, out)
 
 
+def _autocast_forward(fwd, autocast: Autocast | None):
+    """``fwd``, run under ``torch.autocast(*autocast)`` when given (the caller's loss and
+    backward stay outside it)."""
+    if autocast is None:
+        return fwd
+    device_type, dtype = autocast
+
+    def forward(x):
+        with torch.autocast(device_type, dtype=dtype):
+            return fwd(x)
+
+    return forward
+
+
 def _loss_step(name: str, model: nn.Module, fwd, opt, loss_fn: LossFn, dynamic_batch: bool,
-               **variant) -> Variant:
+               autocast: Autocast | None = None, **variant) -> Variant:
     """Variant whose step is ``loss_fn(fwd(x), y).backward()``, then ``opt.step()``."""
+    fwd = _autocast_forward(fwd, autocast)
 
     def step(x, y, keep_grads=False, keep_outputs=False):
         if dynamic_batch:
@@ -93,23 +116,26 @@ def _loss_step(name: str, model: nn.Module, fwd, opt, loss_fn: LossFn, dynamic_b
 
 
 def plain(model: nn.Module, *, optimizer: OptimizerFactory, loss_fn: LossFn,
-          compiled: bool = False, dynamic_batch: bool = False,
+          compiled: bool = False, dynamic_batch: bool = False, autocast: Autocast | None = None,
           name: str = "non-private") -> Variant:
     """Non-private training: ``model`` (``torch.compile(fullgraph=True)`` when ``compiled``;
-    ``dynamic_batch``: every batch marked dynamic, for Poisson batch sizes)."""
+    ``dynamic_batch``: every batch marked dynamic, for Poisson batch sizes; ``autocast``:
+    ``(device_type, dtype)`` of the forward's ``torch.autocast``)."""
     fwd = torch.compile(model, fullgraph=True) if compiled else model
     opt = optimizer(model.parameters())
-    return _loss_step(name, model, fwd, opt, loss_fn, dynamic_batch and compiled)
+    return _loss_step(name, model, fwd, opt, loss_fn, dynamic_batch and compiled, autocast)
 
 
 def fx_bk_variant(model: nn.Module, *, optimizer: OptimizerFactory, loss_fn: LossFn,
-                  max_grad_norm: float, compiled: bool = False, name: str = "fx_bk") -> Variant:
+                  max_grad_norm: float, compiled: bool = False, autocast: Autocast | None = None,
+                  name: str = "fx_bk") -> Variant:
     """``fx_bk.transform(model, max_grad_norm)``: one backward leaves ``sum_i C_i grad_i`` in
-    ``p.grad``; no noise (the caller's optimizer scales by 1 / B, as DP-SGD averages)."""
+    ``p.grad``; no noise (the caller's optimizer scales by 1 / B, as DP-SGD averages).
+    ``autocast``: as in ``plain``."""
     bk = fx_bk.transform(model, max_grad_norm=max_grad_norm)
     fwd = torch.compile(bk, fullgraph=True) if compiled else bk
     opt = optimizer([p for p in model.parameters() if p.requires_grad])
-    return _loss_step(name, model, fwd, opt, loss_fn, False, bk=bk)
+    return _loss_step(name, model, fwd, opt, loss_fn, False, autocast, bk=bk)
 
 
 def _dp_optimizer(cls, opt, *, max_grad_norm, expected_batch_size, noise_multiplier, generator,
@@ -204,11 +230,13 @@ def opacus_ghost(model: nn.Module, *, optimizer: OptimizerFactory, max_grad_norm
 
 
 def build_variant(name: str, bm, base: nn.Module, args) -> Variant:
-    """The benchmark's variant ``name`` (one of ``VARIANTS``) on a copy of ``base``: SGD at
-    ``args.lr``, the batch mean of ``bm.per_sample_loss``, clipping at ``args.max_grad_norm``,
-    no noise. A builder that raises gives a ``Variant`` with ``error`` set."""
+    """The benchmark's variant ``name`` (one of ``VARIANTS`` or ``AUTOCAST_VARIANTS``) on a copy
+    of ``base``: SGD at ``args.lr``, the batch mean of ``bm.per_sample_loss``, clipping at
+    ``args.max_grad_norm``, no noise. A builder that raises gives a ``Variant`` with ``error``
+    set."""
     model = copy.deepcopy(base)
     B, R = bm.batch_size, args.max_grad_norm
+    amp = (torch.device(args.device).type, torch.bfloat16)  # the "... bf16" variants
 
     def sgd(lr):
         return lambda params: torch.optim.SGD(params, lr=lr)
@@ -231,6 +259,11 @@ def build_variant(name: str, bm, base: nn.Module, args) -> Variant:
                                              max_grad_norm=R),
         "fx_bk compiled": lambda: fx_bk_variant(model, optimizer=sgd(args.lr / B), loss_fn=loss,
                                                 max_grad_norm=R, compiled=True),
+        "non-private compiled bf16": lambda: plain(model, optimizer=sgd(args.lr), loss_fn=loss,
+                                                   compiled=True, autocast=amp),
+        "fx_bk compiled bf16": lambda: fx_bk_variant(model, optimizer=sgd(args.lr / B),
+                                                     loss_fn=loss, max_grad_norm=R,
+                                                     compiled=True, autocast=amp),
     }
     try:
         v = builders[name]()

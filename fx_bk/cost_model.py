@@ -28,6 +28,11 @@ GHOST_BLOCK = 64  # positions per block of fx_bk::ghost_norm's symmetric Gram bl
 # is 5x faster for 3.8x fewer. Charging each gradient element this many multiply-adds fits both.
 INSTANTIATE_OVERHEAD = 128
 
+# A convolution's Gram of input positions ([P, P] per sample and group) is allowed up to this
+# many times the size of the im2col rows it replaces ([L, C K]).
+GRAM_MEMORY_FACTOR = 4
+
+
 
 def ghost_cost(t: int, d: int, p: int, block: int = GHOST_BLOCK) -> int:
     """Multiply-adds per sample of the blocked ghost norm: block rows k cover T - k columns."""
@@ -47,6 +52,30 @@ def gemm_strategy(t: int, d: int, p: int, *, rank_one: bool = True) -> tuple[Str
     if ghost_cost(t, d, p) < instantiated_cost(t, p, d):
         return Strategy.GHOST, ghost_cost(t, d, p)
     return Strategy.INSTANTIATE, t * p * d
+
+
+def position_gram_cost(windowed: int, positions: int, c: int, p: int, kernel: int) -> int:
+    """A convolution's ghost norm from the Grams of positions (per group, per sample): the
+    input's ``windowed`` (padded, read) positions of ``c`` channels, the ``positions`` outputs of
+    ``p`` channels, and the ``kernel`` shifted sums of the input Gram."""
+    return windowed * windowed * c + positions * positions * (p + kernel)
+
+
+def conv_strategy(positions: int, c: int, p: int, kernel: int,
+                  windowed: int | None) -> tuple[Strategy, int]:
+    """The cheapest of a convolution group's strategies and its multiply-adds per sample: the
+    ghost norm of im2col's ``[positions, c * kernel]`` rows, the ghost norm from the Grams of
+    ``windowed`` input positions (``None``: not available; only while that Gram is at most
+    ``GRAM_MEMORY_FACTOR`` times the size of im2col's rows), or the instantiated ``[p, c * kernel]``
+    gradient (charged as in :func:`gemm_strategy`)."""
+    d = c * kernel
+    options = [(ghost_cost(positions, d, p), Strategy.GHOST, ghost_cost(positions, d, p)),
+               (instantiated_cost(positions, p, d), Strategy.INSTANTIATE, positions * p * d)]
+    if windowed is not None and windowed ** 2 <= GRAM_MEMORY_FACTOR * positions * d:
+        gram = position_gram_cost(windowed, positions, c, p, kernel)
+        options.append((gram, Strategy.GHOST_GRAM, gram))
+    _, strategy, cost = min(options, key=lambda o: o[0])
+    return strategy, cost
 
 
 def max_ghost_positions(d: int, p: int, limit: int = 1 << 20) -> int:

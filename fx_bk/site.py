@@ -30,6 +30,8 @@ class Strategy(str, enum.Enum):
 
     RANK_ONE = "rank-one"  # T = 1: ||a||^2 ||g||^2
     GHOST = "ghost"  # <a a^T, g g^T>, no per-sample gradient built
+    # a convolution's ghost norm with a a^T summed from the Gram of input positions, no im2col
+    GHOST_GRAM = "ghost (position Grams)"
     INSTANTIATE = "instantiate"  # the per-sample gradients [B, *p.shape] are built
     # a dynamic length: ghost while T <= site.max_ghost_positions, else instantiated norms
     # (chosen per call by fx_bk::gemm_norm_by_length); the clipped sum is one GEMM either way
@@ -102,12 +104,28 @@ class DerivedValue:
 
 @dataclass
 class SiteValues:
-    """The runtime tensors of one site inside the joint graph."""
+    """The runtime tensors of one site inside the joint graph.
+
+    ``tensors`` and ``grad`` are float32 at least (what the norms are computed from). Under
+    autocast the op computed in a narrower dtype, ``compute_dtype``, and ``computed`` holds its
+    floating tensors (``"grad"`` too) in that dtype, the values the float32 copies were made
+    from: a rule opts into a clipped GEMM in the autocast dtype, as AMP's own weight-gradient
+    GEMM, by reading them (:meth:`operand`; ``rules/linear.py``).
+    """
 
     site: Site
     tensors: dict[str, torch.Tensor]  # role -> activation tensor (e.g. "input")
     grad: torch.Tensor  # dL/ds, same shape as the op's output
     batch: Any  # the batch size (a SymInt while tracing)
+    compute_dtype: torch.dtype | None = None  # bf16/fp16 under autocast, else None
+    computed: dict[str, torch.Tensor] = field(default_factory=dict)  # role -> [compute_dtype]
+
+    def operand(self, role: str) -> torch.Tensor:
+        """The tensor of ``role`` (``"grad"``: the output gradient) as the op computed with it:
+        in ``compute_dtype`` under autocast, else the tensor itself."""
+        if role in self.computed:
+            return self.computed[role]
+        return self.grad if role == "grad" else self.tensors[role]
 
 
 class Length(int):

@@ -11,9 +11,11 @@ The whole function is functionalized and traced by ``make_fx`` with the symbolic
 result is one aten graph for every batch size.
 
 Mixed precision: the forward runs under the program's autocast state (``prog.autocast``), so
-this trace records its casts; everything after it runs with autocast off on float32 copies of
-the site tensors (:func:`site_values`): the norms, clip factors and clipped sums are float32
-(float64 stays float64) and the clipped sums are returned in each parameter's dtype.
+this trace records its casts; everything after it runs with autocast off. The norms and clip
+factors are computed on float32 copies of the site tensors (:func:`site_values`; float64 stays
+float64); a rule's clipped GEMM may read the tensors in the autocast dtype instead (Linear and
+matmul do: bf16 operands, as AMP's weight-gradient GEMM), and the clipped sums are returned in
+each parameter's dtype.
 """
 
 from __future__ import annotations
@@ -175,7 +177,8 @@ def _bound(handler, primals):
 def site_values(site: Site, aux: list, out: torch.Tensor, grad: torch.Tensor,
                 batch) -> SiteValues:
     """The site's activations and output gradient in float32 at least (float16/bfloat16 under
-    autocast: the norms, clip factors and clipped sums are computed in float32).
+    autocast: the norms and clip factors are computed in float32), and under autocast also in
+    the op's dtype (``SiteValues.computed``: the operands of a rule's clipped GEMM).
 
     A floating activation is first rounded to the dtype the op computed in (its output's: a
     Linear under bf16 autocast multiplies ``a.bfloat16()``), so the per-sample gradients are
@@ -184,16 +187,25 @@ def site_values(site: Site, aux: list, out: torch.Tensor, grad: torch.Tensor,
     def wide(t: torch.Tensor) -> torch.Tensor:
         return t.to(accumulation_dtype(t))
 
-    tensors = {}
+    narrow = out.is_floating_point() and accumulation_dtype(out) != out.dtype
+    tensors, computed = {}, {}
     for role, i in site.aux.items():
         t = aux[i]
         if role == "out":
             continue
-        if t.is_floating_point() and out.is_floating_point():
-            t = wide(t.to(out.dtype) if out.dtype.itemsize < t.dtype.itemsize else t)
-        tensors[role] = _batch_first(t, site, batch) if role not in site.params else t
+        floating = t.is_floating_point() and out.is_floating_point()
+        if floating and out.dtype.itemsize < t.dtype.itemsize:
+            t = t.to(out.dtype)
+        if role not in site.params:
+            t = _batch_first(t, site, batch)
+        if floating and narrow and t.dtype == out.dtype:
+            computed[role] = t
+        tensors[role] = wide(t) if floating else t
+    g = _batch_first(grad.detach(), site, batch)
+    if narrow:
+        computed["grad"] = g
     rows = batch * site.row_group  # a row group: the rule's samples are the rows
-    return SiteValues(site, tensors, _batch_first(wide(grad.detach()), site, batch), rows)
+    return SiteValues(site, tensors, wide(g), rows, out.dtype if narrow else None, computed)
 
 
 def _batch_first(t: torch.Tensor, site: Site, batch) -> torch.Tensor:

@@ -7,6 +7,7 @@ import ast
 import contextlib
 import json
 import math
+import os
 import warnings
 from pathlib import Path
 
@@ -23,15 +24,24 @@ def _finite_pos(v) -> bool:
     return isinstance(v, float) and math.isfinite(v) and v > 0
 
 
-def test_step_benchmark_tiny_run(tmp_path, capsys):
-    out_json, out_png = tmp_path / "r.json", tmp_path / "r.png"
+@pytest.fixture
+def _process_state(monkeypatch):
+    """``step.main`` sets the thread count and cold Inductor caches (config and environment)
+    for the whole process: restored after the test."""
     threads = torch.get_num_threads()
-    try:
-        res = step.main(["--quick", "--models", "mlp", "--batch", "4", "--rounds", "1",
-                         "--steps-per-round", "1", "--warmup", "0", "--no-memory",
-                         "--json", str(out_json), "--plot", str(out_png)])
-    finally:
-        torch.set_num_threads(threads)
+    monkeypatch.setattr(torch.compiler.config, "force_disable_caches",
+                        torch.compiler.config.force_disable_caches)
+    monkeypatch.setenv("TORCHINDUCTOR_FORCE_DISABLE_CACHES",
+                       os.environ.get("TORCHINDUCTOR_FORCE_DISABLE_CACHES", "0"))
+    yield
+    torch.set_num_threads(threads)
+
+
+def test_step_benchmark_tiny_run(tmp_path, capsys, _process_state):
+    out_json, out_png = tmp_path / "r.json", tmp_path / "r.png"
+    res = step.main(["--quick", "--models", "mlp", "--batch", "4", "--rounds", "1",
+                     "--steps-per-round", "1", "--warmup", "0", "--no-memory",
+                     "--json", str(out_json), "--plot", str(out_png)])
     text = capsys.readouterr().out
 
     data = json.loads(out_json.read_text())
@@ -48,6 +58,11 @@ def test_step_benchmark_tiny_run(tmp_path, capsys):
                   "first_step_s"):
             assert _finite_pos(r[k]), (name, k, r[k])
     assert m["variants"][variants.BASELINE]["ratio"] == 1.0
+    assert data["config"]["cold_caches"] and data["machine"]["inductor_caches_disabled"]
+    fx = m["variants"]["fx_bk compiled"]  # first call, and the fx_bk passes' part of it
+    assert _finite_pos(fx["first_step_ratio"])
+    assert 0 < fx["fx_bk_passes_s"] < fx["first_step_s"]
+    assert m["variants"]["non-private compiled"]["fx_bk_passes_s"] is None
     for name in ("fx_bk compiled", "Opacus hooks", "Opacus ghost"):  # same clipped sum
         assert m["variants"][name]["grad_check_rel_diff"] < 1e-4, name
     floor = m["floor"]
@@ -58,6 +73,8 @@ def test_step_benchmark_tiny_run(tmp_path, capsys):
     for name in variants.VARIANTS:
         assert f"| mlp | {name} |" in text, name
     assert "arithmetic floor" in text and f"= {floor['floor']:.3f}" in text
+    assert "first call s (÷ non-private)" in text and "bf16" not in text
+    assert f"| {fx['first_step_s']:.1f} ({fx['first_step_ratio']:.2f}x) |" in text
     if res.get("plot"):  # matplotlib installed
         assert out_png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
@@ -69,6 +86,28 @@ def test_step_benchmark_tiny_run(tmp_path, capsys):
     header = next(ln for ln in lines if ln.startswith("| model | variant"))
     assert {ln.count("|") for ln in rows} == {header.count("|")}
     assert "| 11.0 | 2.00x | 100 [90] | 1.00x |" in rows[1]
+
+
+def test_step_benchmark_bf16_autocast(tmp_path, capsys, _process_state):
+    """``--autocast bf16``: the two compiled variants once more with a bf16 forward; their step
+    ratio, and gradients that differ from float32 by bf16 rounding (not 0: autocast ran)."""
+    out_json = tmp_path / "r.json"
+    step.main(["--quick", "--models", "mlp", "--batch", "4", "--rounds", "1",
+               "--steps-per-round", "1", "--warmup", "0", "--no-memory", "--no-plot",
+               "--autocast", "bf16", "--variants", "non-private eager", "--json",
+               str(out_json)])
+    text = capsys.readouterr().out
+    rows = json.loads(out_json.read_text())["models"]["mlp"]["variants"]
+    assert list(rows) == ["non-private eager", variants.BASELINE, "fx_bk eager",
+                          *variants.AUTOCAST_VARIANTS]
+    fx, np_ = rows["fx_bk compiled bf16"], rows["non-private compiled bf16"]
+    for r in (fx, np_):
+        assert r["error"] is None and _finite_pos(r["ratio"]), r
+        assert 1e-5 < r["grad_check_rel_diff"] < 0.2  # relative L2: bf16 rounding
+    assert fx["pair_ref"] == "non-private compiled bf16" and _finite_pos(fx["pair_ratio"])
+    assert fx["pair_ratio"] == pytest.approx(fx["ratio"] / np_["ratio"])  # one round
+    assert "bf16: fx_bk ÷ non-private" in text
+    assert f"| {fx['pair_ratio']:.2f}x [" in text
 
 
 def _quick_mlp(batch: int | None = None):

@@ -56,9 +56,10 @@ def test_every_weight_gradient_matmul_is_clipped(name):
 
 
 def test_conv_weight_gradients_come_from_the_convolution_kernel():
-    """Conv sites compute their weight gradients with ``convolution_backward`` (the per-sample
-    ones as one convolution with the batch folded into the groups, the clipped sum of a ghost
-    site from ``C * g``): im2col is only materialised for a ghost norm."""
+    """Conv sites compute their weight gradients with the convolution's weight-gradient kernel
+    (the per-sample ones by ``fx_bk::conv_per_sample_weight_grad``, the clipped sum of a ghost
+    site as ``convolution_backward`` of ``C * g``): im2col is only materialised for a ghost
+    norm."""
     model = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.ReLU(),  # L = 64: instantiate
                           nn.Conv2d(4, 32, 3, stride=4, padding=1), nn.ReLU(),  # L = 4: ghost
                           nn.Flatten(), nn.Linear(128, 5))
@@ -67,13 +68,14 @@ def test_conv_weight_gradients_come_from_the_convolution_kernel():
     (compiled,) = bk.programs
     prog, bw = compiled.prog, compiled.prog.bw_graph.graph
     assert [s.strategy for s in prog.sites if s.rule.name == "conv"] == ["instantiate", "ghost"]
-    weight_grads = [n for n in bw.nodes if n.target == aten.convolution_backward.default
-                    and n.args[-1][1]]  # output_mask: the weight gradient
-    groups = sorted(str(n.args[-2]) for n in weight_grads)
-    assert len(weight_grads) == 2 and groups[0] == "1" and groups[1] != "1", groups
+    clipped = [n for n in bw.nodes if n.target == aten.convolution_backward.default
+               and n.args[-1][1]]  # output_mask: the weight gradient
+    per_sample = [n for n in bw.nodes
+                  if n.target == torch.ops.fx_bk.conv_per_sample_weight_grad.default]
+    assert len(clipped) == 1 and clipped[0].args[-2] == 1 and len(per_sample) == 1
     clamps = [n for n in bw.nodes if n.target in (aten.clamp.default, aten.clamp_max.default)]
-    clipped = [n for n in weight_grads if n.args[-2] == 1]
     assert clamps[0] in _ancestors(clipped[0]), "the ghost site's weight gradient is C * g's"
+    assert clamps[0] not in _ancestors(per_sample[0]), "per-sample gradients come before C"
     unfolds = [n for n in bw.nodes if n.target == aten.unfold.default]
     assert 0 < len(unfolds) <= 2, "im2col only for the ghost site (one unfold per spatial dim)"
 

@@ -104,3 +104,46 @@ def test_embedding_clipped_grad_is_one_opaque_call_in_the_compiled_backward():
     backward = "\n".join(codes)
     assert "fx_bk.embedding_weight_grad" in backward
     assert "atomic_add" not in backward
+
+
+CONV_GEOMETRIES = [  # (transposed, x shape, weight shape, stride, padding, dilation, groups)
+    (False, (3, 4, 9, 8), (6, 4, 3, 3), [1, 1], [1, 1], [1, 1], 1),
+    (False, (3, 4, 9, 8), (6, 2, 3, 2), [2, 1], [0, 1], [1, 2], 2),
+    (False, (2, 3, 7), (4, 3, 3), [2], [1], [1], 1),
+    (True, (3, 4, 5, 5), (4, 3, 3, 3), [2, 2], [1, 1], [1, 1], 1),
+]
+
+
+@pytest.mark.parametrize("geometry", CONV_GEOMETRIES, ids=range(len(CONV_GEOMETRIES)))
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_conv_per_sample_weight_grad_is_each_samples_weight_grad(geometry, channels_last):
+    """Every sample's weight gradient, for contiguous and channels-last inputs (the layout
+    Inductor gives convolutions on CPU), equals the autograd weight gradient of that sample
+    alone; the FLOP formula counts the per-sample multiply-adds."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from fx_bk.kernels.conv_grad import conv_per_sample_weight_grad
+
+    transposed, x_shape, w_shape, stride, padding, dilation, groups = geometry
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(x_shape, generator=gen, dtype=torch.float64)
+    w = torch.randn(w_shape, generator=gen, dtype=torch.float64)
+    conv = {(False, 4): torch.nn.functional.conv2d, (False, 3): torch.nn.functional.conv1d,
+            (True, 4): torch.nn.functional.conv_transpose2d}[transposed, x.dim()]
+    kw = dict(stride=stride, padding=padding, dilation=dilation, groups=groups)
+    out_shape = conv(x, w, **kw).shape
+    g = torch.randn(out_shape, generator=gen, dtype=torch.float64)
+    expected = []
+    for i in range(x.shape[0]):
+        wi = w.clone().requires_grad_()
+        (conv(x[i : i + 1], wi, **kw) * g[i : i + 1]).sum().backward()
+        expected.append(wi.grad)
+    if channels_last and x.dim() == 4:
+        x, g = (t.contiguous(memory_format=torch.channels_last) for t in (x, g))
+    args = (list(w_shape), stride, padding, dilation, transposed, [0] * len(stride), groups)
+    with FlopCounterMode(display=False) as counter:
+        got = conv_per_sample_weight_grad(x, g, *args)
+    torch.testing.assert_close(got, torch.stack(expected), rtol=1e-10, atol=1e-10)
+    positions = (x_shape if transposed else out_shape)[2:]
+    per_sample = torch.Size(positions).numel() * torch.Size(w_shape).numel()
+    assert counter.get_total_flops() == 2 * x_shape[0] * per_sample

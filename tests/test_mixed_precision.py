@@ -4,7 +4,9 @@ The reference is the float32 vmap oracle without autocast, so the gradients diff
 rounding of the forward/backward (about 3 significant digits; measured max relative error
 5e-3 .. 1.4e-2, the same as plain non-private AMP vs float32 on these models): tolerance 3e-2.
 The per-sample norms are checked apart, at float32 precision, against norms computed in float64
-from the same bf16 activations and output gradients, and in the backward graph's dtypes.
+from the same bf16 activations and output gradients, and in the backward graph's dtypes. The
+clipped Linear/matmul GEMMs run as AMP's weight gradient (bf16 operands, a bf16 result): checked
+in the joint graph and in ``p.grad``, and their error vs float32 against plain AMP's.
 """
 
 from __future__ import annotations
@@ -17,6 +19,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import fx_bk
+from fx_bk.rules.linear import LinearRule
+from fx_bk.site import Strategy
 from fx_bk.testing import fx_bk_grads, max_rel_err, vmap_clipped_sum
 from fx_bk.testing.models import MODELS, batch_for
 
@@ -140,19 +144,99 @@ def test_norms_accumulate_in_float32(name):
     assert ((norms.double() - ref).abs() / ref).max().item() <= F32_TOL
 
 
-def test_clipping_runs_on_float32_site_tensors(monkeypatch):
-    """Under bf16 autocast the site outputs are bf16, but the norms, clip factors and clipped
-    sums (``fx_bk.clipping.clipped_gradients``, traced into the backward) receive float32
-    activations and output gradients, and return float32 norms and grads."""
+class MatmulNet(nn.Module):
+    """A bare parameter on the right of a matmul (the matmul rule; HF ``Conv1D``)."""
+
+    def __init__(self, d=24, p=40, classes=5):
+        super().__init__()
+        self.w = nn.Parameter(torch.randn(d, p) / 5)
+        self.head = nn.Linear(p, classes)
+
+    def forward(self, x):  # [B, T, d]
+        return self.head(torch.tanh(x @ self.w).mean(1))
+
+
+def _model(name: str, b: int, seed: int):
+    torch.manual_seed(seed)
+    if name == "seq":
+        model, x = SeqMLP(), torch.randn(b, 4, 32)
+    elif name == "matmul":
+        model, x = MatmulNet(), torch.randn(b, 6, 24)
+    else:
+        model = MODELS[name]()
+        return model, *batch_for(name, model, b, seed=seed)
+    return model, x, torch.randint(0, 5, (b,))
+
+
+def _gemm_weights(prog) -> dict:
+    """Weight name -> shape, for the Linear/matmul sites whose clipped sum is one GEMM."""
+    return {s.params["weight"]: tuple(s.shapes["weight"]) for s in prog.sites
+            if isinstance(s.rule, LinearRule) and "weight" in s.params
+            and s.strategy != Strategy.INSTANTIATE}
+
+
+@pytest.mark.parametrize("name", ["mlp", "transformer", "seq", "matmul", "reused"])
+def test_error_same_order_as_plain_amp(name):
+    """Without clipping (R = 1e6, every C = 1), fx_bk under bf16 autocast is as far from the
+    float32 oracle as plain non-private AMP is from plain float32 on the same model and batch
+    (its clipped GEMMs are AMP's weight-gradient GEMM: bf16 operands, a bf16 result)."""
+    model, x, y = _model(name, 16, seed=7)
+    ref = vmap_clipped_sum(model, x, y, 1e6)
+    plain = _amp_grads(model, model, x, y, "sum")
+    bk = fx_bk.transform(model, max_grad_norm=1e6, loss_reduction="sum")
+    got = _amp_grads(bk, model, x, y, "sum")
+    amp_err, bk_err = max_rel_err(plain, ref), max_rel_err(got, ref)
+    assert amp_err > 1e-4  # bf16 rounding is visible: the comparison means something
+    assert bk_err <= 2 * amp_err + 1e-3, (bk_err, amp_err)
+
+
+@pytest.mark.parametrize("name,compiled", [
+    ("transformer", False), ("seq", False), ("matmul", False), ("reused", False),
+    ("transformer", True),
+])
+def test_clipped_gemms_run_in_bf16(name, compiled):
+    """Under bf16 autocast the clipped weight gradient of a Linear/matmul site is one GEMM of
+    bf16 operands with a bf16 result, widened (AMP's weight gradient); a float32 GEMM of the
+    float32 copies (before) gives weights that bf16 does not represent. The per-sample norms
+    stay float32 (their precision: ``test_norms_accumulate_in_float32``)."""
+    model, x, y = _model(name, 8, seed=8)
+    bk = fx_bk.transform(model, max_grad_norm=0.5, loss_reduction="mean")
+    run = torch.compile(bk, fullgraph=True) if compiled else bk
+    got = _amp_grads(run, model, x, y)
+    ref = vmap_clipped_sum(model, x, y, 0.5)
+    assert max_rel_err(got, ref) <= BF16_TOL
+    assert bk.last_per_sample_norms.dtype == torch.float32
+    prog = bk.programs[0].prog
+    weights = _gemm_weights(prog)
+    assert weights, "no Linear/matmul site with a GEMM clipped sum"
+    for w in weights:
+        assert torch.equal(got[w], got[w].bfloat16().float()), w
+    mms = [n for n in prog.joint_graph.graph.nodes if n.target is torch.ops.aten.mm.default]
+    gemms = [n for n in mms if all(type(d) is int for d in n.meta["val"].shape)  # not [B.., *]
+             and tuple(n.meta["val"].shape) in weights.values()]
+    assert len(gemms) >= len(weights)
+    for n in gemms:
+        assert [a.meta["val"].dtype for a in n.args] == [torch.bfloat16] * 2, n.format_node()
+
+
+def test_norms_read_float32_copies_gemms_the_bf16_tensors(monkeypatch):
+    """Under bf16 autocast the site outputs are bf16; the norms, clip factors and clipped sums
+    (``fx_bk.clipping.clipped_gradients``, traced into the backward) receive float32
+    activations and output gradients, the Linear sites also the bf16 tensors the op computed
+    with (``SiteValues.computed``, read by the clipped GEMMs), and return float32 norms and
+    grads."""
     module = importlib.import_module("passes.build_joint")  # the package exports the function
     original = module.clipped_gradients
-    seen: dict = {"in": set(), "out": set()}
+    seen: dict = {"in": set(), "computed": set(), "out": set()}
 
     def spy(bundles, *args):
         for values, _, _ in bundles:
             for v in values:
                 seen["in"].update(t.dtype for t in [v.grad, *v.tensors.values()]
                                   if t.is_floating_point())
+                if isinstance(v.site.rule, LinearRule):
+                    assert v.compute_dtype == torch.bfloat16
+                    seen["computed"].update(t.dtype for t in v.computed.values())
         grads, norms = original(bundles, *args)
         seen["out"].update(t.dtype for t in [norms, *grads.values()])
         return grads, norms
@@ -165,4 +249,5 @@ def test_clipping_runs_on_float32_site_tensors(monkeypatch):
     site_out = {by_name[s.node].meta["val"].dtype for s in prog.sites}
     assert torch.bfloat16 in site_out  # the Linear sites ran in bf16
     assert seen["in"] == {torch.float32}
+    assert seen["computed"] == {torch.bfloat16}
     assert seen["out"] == {torch.float32}

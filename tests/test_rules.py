@@ -14,6 +14,8 @@ import torch
 import torch.nn as nn
 
 import fx_bk
+from fx_bk.rules import conv as conv_rules
+from fx_bk.site import Strategy
 from fx_bk.testing import fx_bk_grads, max_rel_err, vmap_clipped_sum
 
 
@@ -120,11 +122,11 @@ RULE_CASES = [
     RuleCase("conv1d-stride-dilation-pad", lambda: nn.Conv1d(2, 4, 3, stride=2, dilation=2,
              padding=3), 6, floats(2, 9), "conv", "ghost"),
     RuleCase("conv2d-ghost", lambda: nn.Conv2d(8, 16, 3, padding=1), 3, floats(8, 3, 3),
-             "conv", "ghost"),
+             "conv", "ghost (position Grams)"),
     RuleCase("conv2d-same-even-kernel", lambda: nn.Conv2d(2, 3, (2, 4), padding="same"), 5,
              floats(2, 4, 5), "conv", "instantiate"),
     RuleCase("conv2d-same-even-kernel-ghost", lambda: nn.Conv2d(16, 16, 2, padding="same"), 3,
-             floats(16, 3, 3), "conv", "ghost"),
+             floats(16, 3, 3), "conv", "ghost (position Grams)"),
     RuleCase("conv2d-valid-no-bias", lambda: nn.Conv2d(2, 3, 3, padding="valid", bias=False), 3,
              floats(2, 5, 5), "conv", "ghost"),
     RuleCase("conv2d-groups", lambda: nn.Conv2d(4, 6, 3, groups=2, stride=(1, 2)), 2,
@@ -136,7 +138,7 @@ RULE_CASES = [
     RuleCase("conv3d", lambda: nn.Conv3d(2, 3, 2, stride=(1, 2, 1)), 3, floats(2, 3, 4, 4),
              "conv", "ghost"),
     RuleCase("conv_transpose1d", lambda: nn.ConvTranspose1d(2, 3, 3), 10, floats(2, 8),
-             "conv_transpose", "ghost"),
+             "conv_transpose", "ghost (position Grams)"),
     RuleCase("conv_transpose1d-stride2-output-padding", lambda: nn.ConvTranspose1d(
              2, 3, 3, stride=2, padding=1, output_padding=1), 10, floats(2, 5),
              "conv_transpose", "ghost"),
@@ -145,7 +147,7 @@ RULE_CASES = [
              2, 3, 3, dilation=2, padding=2, output_padding=1), 7, floats(2, 6),
              "conv_transpose", "ghost"),
     RuleCase("conv_transpose2d-ghost", lambda: nn.ConvTranspose2d(16, 16, 3, padding=1), 3,
-             floats(16, 3, 3), "conv_transpose", "ghost"),
+             floats(16, 3, 3), "conv_transpose", "ghost (position Grams)"),
     RuleCase("conv_transpose2d-ghost-groups", lambda: nn.ConvTranspose2d(
              16, 16, 3, padding=1, groups=2, bias=False), 3, floats(16, 2, 3),
              "conv_transpose", "ghost"),
@@ -224,3 +226,25 @@ def test_rule_matches_vmap_oracle(case: RuleCase, reduction: str):
     assert {s.rule.name for s in body_sites} == {case.site}
     strategies = {s.strategy for s in body_sites}
     assert strategies == {case.strategy}, strategies
+
+
+CONV_CASES = [c for c in RULE_CASES if c.site in ("conv", "conv_transpose")
+              and c.strategy in ("ghost", "ghost (position Grams)", "instantiate")]
+CONV_STRATEGIES = (Strategy.GHOST, Strategy.GHOST_GRAM, Strategy.INSTANTIATE)
+
+
+@pytest.mark.parametrize("strategy", CONV_STRATEGIES, ids=[s.name for s in CONV_STRATEGIES])
+@pytest.mark.parametrize("case", CONV_CASES, ids=[c.id for c in CONV_CASES])
+def test_every_conv_strategy_matches_vmap_oracle(case: RuleCase, strategy, monkeypatch):
+    """Every convolution geometry of the table under each of the three strategies, whichever
+    the cost model would pick: the same clipped sum as the vmap oracle, in float64."""
+    monkeypatch.setattr(conv_rules, "conv_strategy", lambda *args: (strategy, 1))
+    torch.manual_seed(0)
+    model = Head(case.body(), case.width).double()
+    bk = fx_bk.transform(model, max_grad_norm=0.3, loss_reduction="sum")
+    g = torch.Generator().manual_seed(5)
+    x, y = case.inputs(g, 5), torch.randint(0, 3, (5,), generator=g)
+    err = max_rel_err(fx_bk_grads(bk, model, x, y, "sum"), vmap_clipped_sum(model, x, y, 0.3))
+    assert err <= 1e-10, f"{case.id} {strategy}: rel err {err:.2e}"
+    (compiled,) = bk.programs
+    assert {s.strategy for s in compiled.prog.sites if s.rule.name == case.site} == {strategy}

@@ -19,6 +19,11 @@ twice: its norm then includes the cross terms). Sites that share a parameter for
 :class:`BundleHandler`: the rule itself, a tie handler for sites of different rules
 (``tied.py``), or :class:`~fx_bk.rules.shared.InstantiateShared`.
 
+A site value's ``tensors`` and ``grad`` are float32 at least. Under autocast the value also holds
+them in the dtype the op computed in (``value.operand(role)``, ``value.compute_dtype``): a rule's
+clipped GEMM may read those, as AMP's weight gradient does (``linear.scale_smaller(...,
+dtype=value.compute_dtype)``); norms read the float32 ones.
+
 Adding an op: one file in ``fx_bk/rules/`` with a :class:`Rule` subclass decorated by
 :func:`register_rule` (every module of the package is imported), and one row in
 ``tests/test_rules.py``. From user code, the same decorator (``fx_bk.register_rule``).

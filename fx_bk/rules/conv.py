@@ -6,6 +6,12 @@ Linear formulas apply group by group:
 
 * ghost:        ``||G_i||^2 = sum_groups sum(a_i a_i^T * g_i g_i^T)``, cost about
                 g L^2 (Cin/g K + Cout/g) / 2 (``fx_bk::ghost_norm``: symmetric blocks)
+* ghost from position Grams (no im2col): ``(a_i a_i^T)[l, l'] = sum_k P_i[pos(l) + k,
+                pos(l') + k]`` with ``P_i`` the Gram of the padded input's P positions
+                (``[P, P]``, Cin/g channels), so ``a a^T`` is K strided windows of ``P`` summed:
+                cost g (P^2 Cin/g + L^2 (Cout/g + K)) (:func:`position_gram_norm`); with stride 1
+                P is about L, K times fewer multiply-adds than im2col's Gram and no ``[L, Cin K]``
+                copy of the input
 * instantiate:  ``G_i = g_i^T a_i`` per group                        cost g L (Cout/g)(Cin/g K)
 * clipped:      ``sum_i c_i G_i`` (``einsum(c, G)`` when instantiated)
 * bias:         ``b_i = sum_l g_il``.
@@ -15,19 +21,22 @@ convolution's own weight-gradient kernel (``aten.convolution_backward``, as auto
 non-private step), which never materialises ``a``: the clipped sum is the weight gradient of
 ``c * g`` (or of ``c * x`` against ``g``, whichever is smaller), and the per-sample gradients
 ``G`` of B samples are the weight gradient of one convolution with ``B * groups`` groups over the
-batch folded into the channels (``x: [1, B Cin, *S]``, ``g: [1, B Cout, *S']``). im2col +
+batch folded into the channels (``fx_bk::conv_per_sample_weight_grad``). The cost model
+(``conv_strategy``) picks the cheapest of the three per site. im2col +
 batched GEMM remain the path for asymmetric padding (``padding="same"`` with an even kernel),
 which ``convolution_backward`` cannot express.
 """
 
 from __future__ import annotations
 
+import itertools
 import math
 from dataclasses import dataclass
 
 import torch
 
-from fx_bk.cost_model import gemm_strategy
+from fx_bk.cost_model import conv_strategy
+from fx_bk.kernels.conv_grad import conv_per_sample_weight_grad
 from fx_bk.kernels.ghost_norm import ghost_norm
 from fx_bk.site import Strategy
 
@@ -50,8 +59,6 @@ class ConvState:
 
     bias: torch.Tensor | None = None  # [B, Cout] per-sample bias gradients
     per_sample_weight: torch.Tensor | None = None  # [B, *W] when instantiated
-    a: torch.Tensor | None = None  # ghost: [B, groups, L, Cin/g K] (im2col)
-    g: torch.Tensor | None = None  # ghost: [B, groups, L, Cout/g]
 
 
 def _tuple(value, n: int) -> tuple[int, ...]:
@@ -118,15 +125,12 @@ def conv_weight_grad(x: torch.Tensor, g: torch.Tensor, site, per_sample: bool,
     out_pad = _tuple(site.const_args.get("output_padding", 0), len(kernel)) if transposed else (
         (0,) * len(kernel))
     shape = list(site.shapes["weight"])
-    b = x.shape[0]
-    if per_sample:  # the batch folded into the channels: B * groups independent groups
-        x, g = x.reshape(1, -1, *x.shape[2:]), g.reshape(1, -1, *g.shape[2:])
-        shape[0], groups = shape[0] * b, groups * b
+    geometry = (list(stride), [left for left, _ in pads], list(dilation), transposed,
+                list(out_pad), groups)
+    if per_sample:
+        return conv_per_sample_weight_grad(x, g, shape, *geometry)
     weight = g.new_empty(1).expand(shape)  # only its shape is read
-    w = aten.convolution_backward(
-        g, x, weight, None, list(stride), [left for left, _ in pads], list(dilation),
-        transposed, list(out_pad), groups, [False, True, False])[1]
-    return w.reshape(b, *site.shapes["weight"]) if per_sample else w
+    return aten.convolution_backward(g, x, weight, None, *geometry, [False, True, False])[1]
 
 
 def positions_by_group(t: torch.Tensor, groups: int) -> torch.Tensor:
@@ -136,14 +140,50 @@ def positions_by_group(t: torch.Tensor, groups: int) -> torch.Tensor:
     return t.reshape(b, t.shape[1], groups, -1).transpose(1, 2)
 
 
+def read_positions(site, grid) -> list[int]:
+    """Per spatial dim, how many positions of the padded windowed tensor the ``grid`` windows
+    read: all up to the last window's end, or every ``stride``-th one for a 1-wide kernel."""
+    kernel, stride, dilation, _, _ = _geometry(site)
+    return [n if k == 1 else s * (n - 1) + d * (k - 1) + 1
+            for k, s, d, n in zip(kernel, stride, dilation, grid)]
+
+
+def position_gram_norm(windowed: torch.Tensor, plain: torch.Tensor, site, grid) -> torch.Tensor:
+    """``sum_groups <a_i a_i^T, q_i q_i^T>`` per sample, ``a = im2col(windowed)`` over the
+    ``grid`` windows and ``q`` = ``plain``'s positions, without im2col: ``(a a^T)[l, l']`` is
+    the sum over kernel offsets ``k`` of the Gram ``P`` of the padded windowed tensor's positions
+    at ``(pos(l) + k, pos(l') + k)``, so ``P`` ([P, P] per sample and group) is built once and
+    each offset reads a strided window of it. ``[B]``."""
+    kernel, stride, dilation, pads, groups = _geometry(site)
+    x = _zero_pad(windowed, pads)
+    used = read_positions(site, grid)
+    x = x[(slice(None), slice(None), *[  # the read positions only (1-wide kernels: strided)
+        slice(0, s * (m - 1) + 1, s) if k == 1 else slice(0, u)
+        for k, s, m, u in zip(kernel, stride, grid, used)])]
+    steps = [1 if k == 1 else s for k, s in zip(kernel, stride)]
+    b, spatial = x.shape[0], tuple(x.shape[2:])
+    xs = positions_by_group(x, groups)  # [B, g, P, C/g]
+    gram = (xs @ xs.transpose(-1, -2)).reshape(b, groups, *spatial, *spatial)
+    qs = positions_by_group(plain, groups)  # [B, g, L, Cout/g]
+    q = (qs @ qs.transpose(-1, -2)).reshape(b, groups, *grid, *grid)
+    a = None
+    for offset in itertools.product(*[range(k) for k in kernel]):
+        window = [slice(d * o, d * o + st * (m - 1) + 1, st)
+                  for o, d, st, m in zip(offset, dilation, steps, grid)]
+        term = gram[(slice(None), slice(None), *window, *window)]
+        a = term if a is None else a + term
+    return (a * q).reshape(b, -1).sum(1)
+
+
 @register_rule(aten.conv1d.default, aten.conv2d.default, aten.conv3d.default,
                aten.conv1d.padding, aten.conv2d.padding, aten.conv3d.padding)
 class ConvRule(Rule):
     rows_independent = True  # one image per row of dim 0
     name = "conv"
     param_args = ("weight", "bias")
-    strategies = ("ghost (im2col) or instantiated (one grouped weight-gradient convolution), by "
-                  "the cost model per site; bias instantiated")
+    strategies = ("ghost (from the Grams of positions, or of im2col rows) or instantiated (one "
+                  "grouped weight-gradient convolution), by the cost model per site; bias "
+                  "instantiated")
     tensor_args = ("input",)
 
     def is_transposed(self, site) -> bool:
@@ -157,13 +197,22 @@ class ConvRule(Rule):
         cout, cin_g, *kernel = site.shapes["weight"]
         return groups, math.prod(site.shapes["out"][2:]), cin_g * math.prod(kernel), cout // groups
 
+    @staticmethod
+    def grid(site) -> tuple[int, ...]:
+        """The window positions: the output's spatial shape."""
+        return tuple(site.shapes["out"][2:])
+
     def plan(self, sites):
         (s,) = sites
         groups, positions, k, p = self.sizes(s)
         if "weight" not in s.params:
             s.strategy, s.cost = Strategy.BIAS_ONLY, math.prod(s.shapes["out"][1:])
         else:
-            s.strategy, cost = gemm_strategy(positions, k, p, rank_one=False)
+            kernel = math.prod(s.shapes["weight"][2:])
+            grid = self.grid(s)
+            windowed = (None if any(not isinstance(n, int) for n in grid)
+                        else math.prod(read_positions(s, grid)))
+            s.strategy, cost = conv_strategy(positions, k // kernel, p, kernel, windowed)
             s.cost = groups * cost
 
     @staticmethod
@@ -173,6 +222,11 @@ class ConvRule(Rule):
         a = im2col(value.tensors["input"], value.site)
         a = a.reshape(a.shape[0], a.shape[1], groups, -1).transpose(1, 2)
         return a, positions_by_group(value.grad, groups)
+
+    @staticmethod
+    def _gram_operands(value):
+        """The windowed tensor (the input) and the other one (the output gradient)."""
+        return value.tensors["input"], value.grad
 
     def norm_sq(self, values):
         (value,) = values
@@ -188,7 +242,10 @@ class ConvRule(Rule):
                 per_group = ghost_norm(a.detach().reshape(b * groups, *a.shape[2:]),
                                        g.detach().reshape(b * groups, *g.shape[2:]))
                 norm = norm + per_group.reshape(b, groups).sum(1).to(norm.dtype)
-                state.a, state.g = a, g
+            elif site.strategy == Strategy.GHOST_GRAM:
+                windowed, plain = self._gram_operands(value)
+                norm = norm + position_gram_norm(windowed.detach(), plain.detach(), site,
+                                                 self.grid(site)).to(norm.dtype)
             else:
                 state.per_sample_weight = self._per_sample_weight(value)
                 norm = norm + squared_norm(state.per_sample_weight)
@@ -209,7 +266,8 @@ class ConvRule(Rule):
                 w = conv_weight_grad(x, cg, site, per_sample=False,
                                      transposed=self.is_transposed(site))
                 if w is None:  # im2col path: one batched GEMM over the groups
-                    g, a = state.g, keep_samples(c, state.a)
+                    a, g = self._grouped(value)
+                    a = keep_samples(c, a)
                     cg = scale_samples(c, g)  # NaN-safe: skipped samples add exactly zero
                     groups = a.shape[1]
                     lhs = cg.permute(1, 3, 0, 2).reshape(groups, g.shape[-1], -1)  # [g, p, B L]

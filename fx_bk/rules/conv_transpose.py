@@ -18,7 +18,8 @@ the input's, the others (only when ``op >= stride``, allowed with dil > stride) 
 That is the convolution rule with the roles swapped, per group: ``a = unfold(g): [B, g, L,
 Cout/g K]``, ``g' = x: [B, g, L, Cin/g]`` (L = prod(S) input positions), ``G_i = g'_i^T a_i:
 [Cin/g, Cout/g K]`` per group, which is ``W``'s layout. Ghost ``sum(a a^T * g' g'^T)`` (cost
-g L^2 (Cout/g K + Cin/g)) or instantiation (cost g L (Cin/g)(Cout/g K)), chosen per site as for
+g L^2 (Cout/g K + Cin/g); or ``a a^T`` from the Gram of ``g``'s padded positions, see
+``conv.position_gram_norm``) or instantiation (cost g L (Cin/g)(Cout/g K)), chosen per site as for
 convolutions; clipped sum ``sum_i c_i G_i``; bias ``b_i = sum over output positions of g_i``.
 """
 
@@ -38,8 +39,9 @@ aten = torch.ops.aten
                aten.conv_transpose3d.input)
 class ConvTransposeRule(ConvRule):
     name = "conv_transpose"
-    strategies = ("ghost (im2col of the output gradient) or instantiated (one grouped "
-                  "weight-gradient convolution), by the cost model per site; bias instantiated")
+    strategies = ("ghost (from the Grams of the output gradient's positions, or of its im2col "
+                  "rows) or instantiated (one grouped weight-gradient convolution), by the cost "
+                  "model per site; bias instantiated")
 
     def is_transposed(self, site) -> bool:
         return True
@@ -50,6 +52,16 @@ class ConvTransposeRule(ConvRule):
         cin, cout_g, *kernel = site.shapes["weight"]
         positions = math.prod(site.shapes["input"][2:])
         return groups, positions, cout_g * math.prod(kernel), cin // groups
+
+    @staticmethod
+    def grid(site) -> tuple[int, ...]:
+        """The window positions: the input's spatial shape."""
+        return tuple(site.shapes["input"][2:])
+
+    @staticmethod
+    def _gram_operands(value):
+        """The windowed tensor (the output gradient) and the other one (the input)."""
+        return value.grad, value.tensors["input"]
 
     @staticmethod
     def _grouped(value):
@@ -74,9 +86,17 @@ class ConvolutionRule(ConvTransposeRule):
         return bool(site.const_args.get("transposed"))
 
     def sizes(self, site):
-        cls = ConvTransposeRule if site.const_args.get("transposed") else ConvRule
-        return cls.sizes(site)
+        return self._formulas(site).sizes(site)
 
     def _grouped(self, value):
-        cls = ConvTransposeRule if value.site.const_args.get("transposed") else ConvRule
-        return cls._grouped(value)
+        return self._formulas(value.site)._grouped(value)
+
+    def grid(self, site):
+        return self._formulas(site).grid(site)
+
+    def _gram_operands(self, value):
+        return self._formulas(value.site)._gram_operands(value)
+
+    @staticmethod
+    def _formulas(site):
+        return ConvTransposeRule if site.const_args.get("transposed") else ConvRule

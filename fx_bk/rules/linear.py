@@ -9,7 +9,9 @@ All leading non-batch dims fold into T positions: ``a: [B, T, d]``, ``g: [B, T, 
 * instantiate:  ``G_i = g_i^T a_i``, ``||G_i||^2 = sum G_i^2``  cost T p d,   memory B p d
 * clipped:      ``sum_i c_i G_i = (c g)^T a = g^T (c a)`` (one GEMM, the smaller of ``a`` and ``g``
                 scaled: for an LM head ``a`` has d columns, ``g`` V; ``einsum(c, G)`` when
-                instantiated)
+                instantiated). Under autocast the GEMM reads bf16 operands (the scaled one
+                rounded once) and its bf16 result is widened, as AMP's weight gradient; the
+                norms read float32 copies
 * bias:         ``b_i = sum_t g_it``,  clipped ``c @ b``.
 
 The strategy is chosen per site from its static shapes by the time model of
@@ -59,12 +61,28 @@ def batch_first(t: torch.Tensor, value: SiteValues) -> torch.Tensor:
     return t.reshape(value.batch, -1, t.shape[-1])
 
 
-def scale_smaller(a: torch.Tensor, g: torch.Tensor, c: torch.Tensor):
+def scale_smaller(a: torch.Tensor, g: torch.Tensor, c: torch.Tensor,
+                  dtype: torch.dtype | None = None):
     """``(a, c * g)`` or ``(c * a, g)``, whichever scales fewer elements: ``sum_i c_i g_i^T a_i``
-    is bilinear, so the clip factors ``c: [B]`` may go on either factor (both batch-first)."""
+    is bilinear, so the clip factors ``c: [B]`` may go on either factor (both batch-first).
+
+    ``dtype``: the GEMM's operand dtype under autocast (``a`` and ``g`` already in it, see
+    ``SiteValues.operand``): the scaled factor is computed in ``c``'s dtype (float32) and
+    rounded to ``dtype`` once."""
+    def scale(x):
+        return scale_samples(c, x) if dtype is None else scale_samples(c, x.to(c.dtype)).to(dtype)
+
     if math.prod(g.shape[1:]) <= math.prod(a.shape[1:]):  # per-sample sizes: static
-        return keep_samples(c, a), scale_samples(c, g)
-    return scale_samples(c, a), keep_samples(c, g)
+        return keep_samples(c, a), scale(g)
+    return scale(a), keep_samples(c, g)
+
+
+def gemm_dtype(values: list[SiteValues]) -> torch.dtype | None:
+    """The operand dtype of a clipped GEMM over ``values``: the sites' autocast dtype when they
+    share one (AMP's weight-gradient GEMM: bf16 operands, fp32 accumulation, a bf16 result
+    then widened), else None (the float32-at-least site tensors)."""
+    dtypes = {v.compute_dtype for v in values}
+    return dtypes.pop() if len(dtypes) == 1 else None
 
 
 @register_rule(aten.linear.default)
@@ -94,10 +112,12 @@ class LinearRule(Rule):
             s.strategy, s.cost, s.max_ghost_positions = strategy, cost, threshold
 
     @staticmethod
-    def _flat(values: list[SiteValues]):
-        """Concatenate every site's positions: a [B, T, d], g [B, T, p] (also from [B*T, d])."""
-        a = [batch_first(v.tensors["input"], v) for v in values]
-        g = [batch_first(v.grad, v) for v in values]
+    def _flat(values: list[SiteValues], computed: bool = False):
+        """Concatenate every site's positions: a [B, T, d], g [B, T, p] (also from [B*T, d]);
+        ``computed``: in the autocast dtype (``SiteValues.operand``)."""
+        a = [batch_first(v.operand("input") if computed else v.tensors["input"], v)
+             for v in values]
+        g = [batch_first(v.operand("grad") if computed else v.grad, v) for v in values]
         if len(values) == 1:
             return a[0], g[0]
         return torch.cat(a, 1), torch.cat(g, 1)
@@ -140,11 +160,14 @@ class LinearRule(Rule):
             return grads
         if state.per_sample_weight is not None:
             grads[weight] = weighted_sum(c, state.per_sample_weight)
-        else:
-            a, g = scale_smaller(state.a, state.g, c)  # (c g)^T a = g^T (c a)
+        else:  # under autocast: bf16 operands (the float32 copies are the norms' only)
+            dtype = gemm_dtype(values)
+            a, g = (state.a, state.g) if dtype is None else self._flat(values, computed=True)
+            a, g = scale_smaller(a, g, c, dtype)  # (c g)^T a = g^T (c a)
             g = g.reshape(-1, g.shape[-1])  # [B T, p]
             a = a.reshape(-1, a.shape[-1])  # [B T, d]
-            grads[weight] = a.t() @ g if self.transposed_weight else g.t() @ a
+            w = a.t() @ g if self.transposed_weight else g.t() @ a
+            grads[weight] = w.to(accumulation_dtype(w))
         return grads
 
     def _per_sample_weight(self, a, g):

@@ -1,0 +1,77 @@
+#!/usr/bin/env bash
+# One call on a fresh CUDA machine (H100/H200): install, the kernel tests, the CUDA oracle tests
+# (float32 and bf16 autocast), and the quick step benchmark on CUDA; logs, JUnit XML and the
+# benchmark JSON under $OUT (default ./gpu_check_out). Every stage runs under `timeout`, capped
+# by what is left of TOTAL_S (default 500 s), so the whole script ends in under 9 minutes.
+#   bash benchmarks/gpu_check.sh            # exit status: 0 when every stage passed
+set -uo pipefail
+cd "$(dirname "$0")/.."
+REPO=$PWD
+OUT=${OUT:-$REPO/gpu_check_out}
+TOTAL_S=${TOTAL_S:-500}
+mkdir -p "$OUT"
+export PYTHONPATH="$REPO${PYTHONPATH:+:$PYTHONPATH}"  # works even where the install fails
+export PYTHONUNBUFFERED=1
+SUMMARY=()
+FAILED=0
+PYTEST=(python -m pytest -q -rs -o addopts= -p no:cacheprovider)
+
+# run NAME BUDGET_S CMD...: CMD under timeout min(BUDGET_S, time left), output to $OUT/NAME.log
+run() {
+  local name=$1 budget=$2
+  shift 2
+  local left=$((TOTAL_S - SECONDS - 5))
+  local limit=$((budget < left ? budget : left))
+  if ((limit < 10)); then
+    SUMMARY+=("$(printf '%-16s SKIPPED (no time left of TOTAL_S=%s)' "$name" "$TOTAL_S")")
+    FAILED=1
+    return
+  fi
+  echo "=== $name (limit ${limit} s): $*"
+  local t0=$SECONDS rc
+  timeout -k 10 "$limit" "$@" 2>&1 | tee "$OUT/$name.log"
+  rc=${PIPESTATUS[0]}
+  local status="ok"
+  if ((rc == 124 || rc == 137)); then status="TIMED OUT"; elif ((rc != 0)); then status="FAILED"; fi
+  ((rc != 0)) && FAILED=1
+  local last
+  last=$(grep -E "passed|failed|skipped|error|wall time" "$OUT/$name.log" | tail -1)
+  SUMMARY+=("$(printf '%-16s %-9s rc=%-3s %4ss  %s' "$name" "$status" "$rc" \
+                $((SECONDS - t0)) "$last")")
+}
+
+# 1. environment and install (the machine may have no network: pip then fails fast and the
+#    repo is used from PYTHONPATH with the torch / triton already installed)
+{
+  nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader || true
+  python -c "import torch; print('torch', torch.__version__, 'cuda', torch.version.cuda,
+'available', torch.cuda.is_available(),
+torch.cuda.get_device_name() if torch.cuda.is_available() else '')"
+  python -c "import triton; print('triton', triton.__version__)" || echo "triton: NOT installed"
+} 2>&1 | tee "$OUT/env.log"
+INSTALL='python -m pip install -q --disable-pip-version-check --retries 0 --timeout 10 -e ".[test]" \
+  || python -m pip install -q --disable-pip-version-check --no-deps --no-build-isolation -e . \
+  || echo "pip install failed: using PYTHONPATH=$PYTHONPATH"
+python -c "import fx_bk, torch; assert torch.cuda.is_available(), \"no CUDA device\"
+print(\"fx_bk from\", fx_bk.__file__)"'
+run install 120 bash -c "$INSTALL"
+
+# 2. the CUDA tests: the Triton ghost-norm kernel compiled for the GPU, and the oracle checks
+#    (MLP, transformer, GroupNorm CNN; eager and compiled; float32 and bf16 autocast)
+run test_cuda 150 "${PYTEST[@]}" tests/test_cuda.py --junitxml="$OUT/test_cuda.xml"
+# 3. the kernel tests (the blocked formula, the custom op, Triton's interpreter, embedding grad)
+run test_kernels 60 "${PYTEST[@]}" tests/test_kernels.py --junitxml="$OUT/test_kernels.xml"
+# 4. step benchmark on CUDA, quick sizes, the bf16 columns; then peak memory
+#    (torch.cuda.max_memory_allocated, a fresh process per variant) of one model
+run bench_step 180 python -m benchmarks.step --quick --device cuda --autocast bf16 --rounds 3 \
+  --no-memory --no-plot --json "$OUT/step-quick-cuda.json"
+run bench_memory 90 python -m benchmarks.step --quick --device cuda --models encoder \
+  --variants "fx_bk compiled" --rounds 2 --no-plot --json "$OUT/step-quick-cuda-memory.json"
+
+echo
+echo "=== summary (${SECONDS} s of TOTAL_S=${TOTAL_S}; logs in $OUT)"
+printf '%s\n' "${SUMMARY[@]}" | tee "$OUT/summary.txt"
+for f in "$OUT"/bench_step.log "$OUT"/bench_memory.log; do  # the benchmark tables
+  [[ -f $f ]] && sed -n '/^| model | arithmetic floor/,/^$/p' "$f"
+done
+exit "$FAILED"
