@@ -22,6 +22,7 @@ from .partition_joint import partition_joint
 from .plan_sites import plan_sites
 from .program import BKProgram, Bundle
 from .prove_sample_independence import prove_sample_independence
+from .schedule_backward import schedule_backward
 from .trace_model import trace_model
 
 ANALYSIS_PASSES = (
@@ -33,7 +34,7 @@ ANALYSIS_PASSES = (
     plan_sites,
     emit_aux_outputs,
 )
-BUILD_PASSES = (build_joint, partition_joint)
+BUILD_PASSES = (build_joint, partition_joint, schedule_backward)
 CRITERION_PASSES = (trace_model, prove_sample_independence)  # a loss function alone
 
 __all__ = ["ANALYSIS_PASSES", "BUILD_PASSES", "CRITERION_PASSES", "BKProgram", "Bundle",

@@ -57,6 +57,8 @@ class BKProgram:
     joint_graph: torch.fx.GraphModule | None = None
     fw_graph: torch.fx.GraphModule | None = None
     bw_graph: torch.fx.GraphModule | None = None
+    backward_moves: int = 0  # backward nodes moved earlier by schedule_backward
+    backward_peaks: tuple[int, int] = (0, 0)  # its peak_bytes before and after
     differentiable_outputs: list[bool] = field(default_factory=list)
     graded_params: list[str] = field(default_factory=list)  # trainable params with a site
     batch_locations: dict = field(default_factory=dict)  # node -> passes.batch_locations value

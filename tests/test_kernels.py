@@ -116,12 +116,16 @@ CONV_GEOMETRIES = [  # (transposed, x shape, weight shape, stride, padding, dila
 
 @pytest.mark.parametrize("geometry", CONV_GEOMETRIES, ids=range(len(CONV_GEOMETRIES)))
 @pytest.mark.parametrize("channels_last", [False, True])
-def test_conv_per_sample_weight_grad_is_each_samples_weight_grad(geometry, channels_last):
+@pytest.mark.parametrize("chunk", [None, 2], ids=["one-chunk", "chunks-of-2"])
+def test_conv_per_sample_weight_grad_is_each_samples_weight_grad(geometry, channels_last, chunk,
+                                                                  monkeypatch):
     """Every sample's weight gradient, for contiguous and channels-last inputs (the layout
-    Inductor gives convolutions on CPU), equals the autograd weight gradient of that sample
-    alone; the FLOP formula counts the per-sample multiply-adds."""
+    Inductor gives convolutions on CPU), the whole batch in one chunk or in chunks of two samples
+    (the last one shorter), equals the autograd weight gradient of that sample alone; the FLOP
+    formula counts the per-sample multiply-adds."""
     from torch.utils.flop_counter import FlopCounterMode
 
+    from fx_bk.kernels import conv_grad
     from fx_bk.kernels.conv_grad import conv_per_sample_weight_grad
 
     transposed, x_shape, w_shape, stride, padding, dilation, groups = geometry
@@ -140,6 +144,8 @@ def test_conv_per_sample_weight_grad_is_each_samples_weight_grad(geometry, chann
         expected.append(wi.grad)
     if channels_last and x.dim() == 4:
         x, g = (t.contiguous(memory_format=torch.channels_last) for t in (x, g))
+    if chunk is not None:  # bytes of `chunk` samples' inputs and output gradients
+        monkeypatch.setattr(conv_grad, "CHUNK_BYTES", chunk * 8 * (x[0].numel() + g[0].numel()))
     args = (list(w_shape), stride, padding, dilation, transposed, [0] * len(stride), groups)
     with FlopCounterMode(display=False) as counter:
         got = conv_per_sample_weight_grad(x, g, *args)

@@ -24,6 +24,7 @@ def test_each_pass_logs_its_result_in_order(caplog):
     assert by_pass["plan_sites"].count("[linear]") == 3 and "rank-one" in by_pass["plan_sites"]
     assert "0 problems" in by_pass["prove_sample_independence"]
     assert "backward" in by_pass["partition_joint"]
+    assert "modelled backward peak" in by_pass["schedule_backward"]
     assert not any(r.name == "fx_bk.graphs" for r in caplog.records)  # its level is separate
 
 
@@ -35,7 +36,8 @@ def test_graph_code_is_logged_on_its_own_logger(caplog):
     graphs = [r.getMessage() for r in caplog.records if r.name == "fx_bk.graphs"]
     assert [g.split("\n")[0] for g in graphs] == [
         "trace_model: forward_graph", "emit_aux_outputs: forward_graph",
-        "build_joint: joint_graph", "partition_joint: fw_graph", "partition_joint: bw_graph"]
+        "build_joint: joint_graph", "partition_joint: fw_graph", "partition_joint: bw_graph",
+        "schedule_backward: bw_graph"]
     assert "fx_bk.ghost_norm" in graphs[-1]  # the backward holds the BK norms
 
 
