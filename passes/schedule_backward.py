@@ -58,7 +58,10 @@ def nbytes(node: torch.fx.Node) -> int | None:
     vals = val if isinstance(val, (tuple, list)) else (val,)
     if not vals or not all(isinstance(v, torch.Tensor) for v in vals):
         return None
-    return sum(math.prod(sym_hint(s) for s in v.shape) * v.element_size() for v in vals)
+    try:
+        return sum(math.prod(sym_hint(s) for s in v.shape) * v.element_size() for v in vals)
+    except TypeError:  # a size without an example value: the node is left where it is
+        return None
 
 
 def _is_item(node: torch.fx.Node) -> bool:
