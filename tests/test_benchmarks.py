@@ -27,13 +27,16 @@ def _finite_pos(v) -> bool:
 @pytest.fixture
 def _process_state(monkeypatch):
     """``step.main`` sets the thread count and cold Inductor caches (config and environment)
-    for the whole process: restored after the test."""
+    for the whole process: restored after the test. The config entry is restored by assignment:
+    pytest's ``monkeypatch.setattr`` undoes an attribute missing from a module's ``__dict__``
+    with ``delattr`` (pytest >= 9.2), which hides a torch config entry for the rest of the
+    process."""
     threads = torch.get_num_threads()
-    monkeypatch.setattr(torch.compiler.config, "force_disable_caches",
-                        torch.compiler.config.force_disable_caches)
+    cold = torch.compiler.config.force_disable_caches
     monkeypatch.setenv("TORCHINDUCTOR_FORCE_DISABLE_CACHES",
                        os.environ.get("TORCHINDUCTOR_FORCE_DISABLE_CACHES", "0"))
     yield
+    torch.compiler.config.force_disable_caches = cold
     torch.set_num_threads(threads)
 
 
