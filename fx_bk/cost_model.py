@@ -33,7 +33,6 @@ INSTANTIATE_OVERHEAD = 128
 GRAM_MEMORY_FACTOR = 4
 
 
-
 def ghost_cost(t: int, d: int, p: int, block: int = GHOST_BLOCK) -> int:
     """Multiply-adds per sample of the blocked ghost norm: block rows k cover T - k columns."""
     return sum(min(block, t - k) * (t - k) for k in range(0, t, block)) * (d + p)
@@ -69,7 +68,8 @@ def conv_strategy(positions: int, c: int, p: int, kernel: int,
     ``GRAM_MEMORY_FACTOR`` times the size of im2col's rows), or the instantiated ``[p, c * kernel]``
     gradient (charged as in :func:`gemm_strategy`)."""
     d = c * kernel
-    options = [(ghost_cost(positions, d, p), Strategy.GHOST, ghost_cost(positions, d, p)),
+    ghost = ghost_cost(positions, d, p)
+    options = [(ghost, Strategy.GHOST, ghost),
                (instantiated_cost(positions, p, d), Strategy.INSTANTIATE, positions * p * d)]
     if windowed is not None and windowed ** 2 <= GRAM_MEMORY_FACTOR * positions * d:
         gram = position_gram_cost(windowed, positions, c, p, kernel)

@@ -41,14 +41,8 @@ aten = torch.ops.aten
 # output, say ([B, G] next to [B, C, H, W])
 SLACK = 1.01
 
-# ops whose output aliases their first input (no allocation)
-ALIASES = frozenset({
-    aten.view.default, aten._unsafe_view.default, aten.reshape.default, aten.permute.default,
-    aten.transpose.int, aten.t.default, aten.expand.default, aten.slice.Tensor,
-    aten.select.int, aten.unsqueeze.default, aten.squeeze.dim, aten.squeeze.dims,
-    aten.squeeze.default, aten.alias.default, aten.detach.default, aten.as_strided.default,
-    aten.unfold.default, aten.diagonal.default,
-})
+# a view in fact though its schema does not say so (Inductor lowers it as a view too)
+UNDECLARED_VIEWS = frozenset({aten._unsafe_view.default})
 
 
 def nbytes(node: torch.fx.Node) -> int | None:
@@ -69,7 +63,17 @@ def _is_item(node: torch.fx.Node) -> bool:
 
 
 def _is_alias(node: torch.fx.Node) -> bool:
-    return node.op == "call_function" and node.target in ALIASES
+    """An op whose output aliases its first input (no allocation): a view by its schema."""
+    return node.op == "call_function" and (getattr(node.target, "is_view", False)
+                                           or node.target in UNDECLARED_VIEWS)
+
+
+def _storage_roots(nodes) -> dict[torch.fx.Node, torch.fx.Node]:
+    """Every node -> the node owning its storage (through any chain of aliases)."""
+    root = {}
+    for n in nodes:
+        root[n] = root[n.args[0]] if _is_alias(n) else n
+    return root
 
 
 def _is_random(node: torch.fx.Node) -> bool:
@@ -82,9 +86,7 @@ def schedule_early(gm: torch.fx.GraphModule, after: torch.fx.Node | None = None)
     graph = gm.graph
     stay = set() if after is None else _descendants(after)
     order = {n: float(i) for i, n in enumerate(graph.nodes)}  # a moved node: between neighbours
-    root = {}  # node -> the node owning its storage
-    for n in graph.nodes:
-        root[n] = root[n.args[0]] if _is_alias(n) else n
+    root = _storage_roots(graph.nodes)
 
     def readers(r: torch.fx.Node) -> list[torch.fx.Node]:
         """The non-alias users of storage ``r`` (through any chain of aliases)."""
@@ -155,9 +157,8 @@ def peak_bytes(gm: torch.fx.GraphModule) -> int:
     are its items): the quantity this pass lowers, as a model of the compiled backward's tensor
     peak."""
     nodes = list(gm.graph.nodes)
-    root, last, size = {}, {}, {}
+    root, last, size = _storage_roots(nodes), {}, {}
     for i, n in enumerate(nodes):
-        root[n] = root[n.args[0]] if _is_alias(n) else n
         for a in n.all_input_nodes:
             last[root[a]] = i
         tuple_out = isinstance(n.meta.get("val"), (tuple, list))
