@@ -111,18 +111,22 @@ CONV_GEOMETRIES = [  # (transposed, x shape, weight shape, stride, padding, dila
     (False, (3, 4, 9, 8), (6, 2, 3, 2), [2, 1], [0, 1], [1, 2], 2),
     (False, (2, 3, 7), (4, 3, 3), [2], [1], [1], 1),
     (True, (3, 4, 5, 5), (4, 3, 3, 3), [2, 2], [1, 1], [1, 1], 1),
+    (False, (3, 4, 9, 8), (5, 4, 3, 2), [1, 2], [2, 0], [2, 1], 1),
+    (False, (3, 2, 5, 4, 6), (3, 2, 2, 3, 1), [1, 2, 1], [1, 0, 0], [2, 1, 1], 1),
 ]
 
 
 @pytest.mark.parametrize("geometry", CONV_GEOMETRIES, ids=range(len(CONV_GEOMETRIES)))
 @pytest.mark.parametrize("channels_last", [False, True])
 @pytest.mark.parametrize("chunk", [None, 2], ids=["one-chunk", "chunks-of-2"])
+@pytest.mark.parametrize("path", ["chosen", "folded"])
 def test_conv_per_sample_weight_grad_is_each_samples_weight_grad(geometry, channels_last, chunk,
-                                                                  monkeypatch):
+                                                                  path, monkeypatch):
     """Every sample's weight gradient, for contiguous and channels-last inputs (the layout
     Inductor gives convolutions on CPU), the whole batch in one chunk or in chunks of two samples
-    (the last one shorter), equals the autograd weight gradient of that sample alone; the FLOP
-    formula counts the per-sample multiply-adds."""
+    (the last one shorter), by the path the op chooses (im2col + batched GEMM for ungrouped
+    convolutions on CPU) and by the folded grouped convolution, equals the autograd weight
+    gradient of that sample alone; the FLOP formula counts the per-sample multiply-adds."""
     from torch.utils.flop_counter import FlopCounterMode
 
     from fx_bk.kernels import conv_grad
@@ -133,6 +137,7 @@ def test_conv_per_sample_weight_grad_is_each_samples_weight_grad(geometry, chann
     x = torch.randn(x_shape, generator=gen, dtype=torch.float64)
     w = torch.randn(w_shape, generator=gen, dtype=torch.float64)
     conv = {(False, 4): torch.nn.functional.conv2d, (False, 3): torch.nn.functional.conv1d,
+            (False, 5): torch.nn.functional.conv3d,
             (True, 4): torch.nn.functional.conv_transpose2d}[transposed, x.dim()]
     kw = dict(stride=stride, padding=padding, dilation=dilation, groups=groups)
     out_shape = conv(x, w, **kw).shape
@@ -144,8 +149,12 @@ def test_conv_per_sample_weight_grad_is_each_samples_weight_grad(geometry, chann
         expected.append(wi.grad)
     if channels_last and x.dim() == 4:
         x, g = (t.contiguous(memory_format=torch.channels_last) for t in (x, g))
-    if chunk is not None:  # bytes of `chunk` samples' inputs and output gradients
-        monkeypatch.setattr(conv_grad, "CHUNK_BYTES", chunk * 8 * (x[0].numel() + g[0].numel()))
+    if chunk is not None:
+        monkeypatch.setattr(conv_grad, "_samples_per_chunk", lambda *_: chunk)
+    if path == "folded":
+        monkeypatch.setattr(conv_grad, "_use_im2col", lambda *_: False)
+    else:
+        assert conv_grad._use_im2col(x, transposed, groups) == (not transposed and groups == 1)
     args = (list(w_shape), stride, padding, dilation, transposed, [0] * len(stride), groups)
     with FlopCounterMode(display=False) as counter:
         got = conv_per_sample_weight_grad(x, g, *args)
