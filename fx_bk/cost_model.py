@@ -62,18 +62,21 @@ def position_gram_cost(windowed: int, positions: int, c: int, p: int, kernel: in
 
 def conv_strategy(positions: int, c: int, p: int, kernel: int,
                   windowed: int | None) -> tuple[Strategy, int]:
-    """The cheapest of a convolution group's strategies and its multiply-adds per sample: the
-    ghost norm of im2col's ``[positions, c * kernel]`` rows, the ghost norm from the Grams of
-    ``windowed`` input positions (``None``: not available; only while that Gram is at most
-    ``GRAM_MEMORY_FACTOR`` times the size of im2col's rows), or the instantiated ``[p, c * kernel]``
-    gradient (charged as in :func:`gemm_strategy`)."""
+    """The cheapest of a convolution group's strategies, by complete cost, and the multiply-adds
+    per sample of its norm: the ghost norm of im2col's ``[positions, c * kernel]`` rows, the
+    ghost norm from the Grams of ``windowed`` input positions (``None``: not available; only
+    while that Gram is at most ``GRAM_MEMORY_FACTOR`` times the size of im2col's rows), each
+    plus its clipped sum (one weight-gradient convolution of ``positions * p * d``), or the
+    instantiated ``[p, c * kernel]`` gradient (charged as in :func:`gemm_strategy`), whose
+    clipped sum is a weighted sum of what it already holds."""
     d = c * kernel
+    clipped = positions * p * d
     ghost = ghost_cost(positions, d, p)
-    options = [(ghost, Strategy.GHOST, ghost),
+    options = [(ghost + clipped, Strategy.GHOST, ghost),
                (instantiated_cost(positions, p, d), Strategy.INSTANTIATE, positions * p * d)]
     if windowed is not None and windowed ** 2 <= GRAM_MEMORY_FACTOR * positions * d:
         gram = position_gram_cost(windowed, positions, c, p, kernel)
-        options.append((gram, Strategy.GHOST_GRAM, gram))
+        options.append((gram + clipped, Strategy.GHOST_GRAM, gram))
     _, strategy, cost = min(options, key=lambda o: o[0])
     return strategy, cost
 

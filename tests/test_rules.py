@@ -248,3 +248,31 @@ def test_every_conv_strategy_matches_vmap_oracle(case: RuleCase, strategy, monke
     assert err <= 1e-10, f"{case.id} {strategy}: rel err {err:.2e}"
     (compiled,) = bk.programs
     assert {s.strategy for s in compiled.prog.sites if s.rule.name == case.site} == {strategy}
+
+
+@pytest.mark.parametrize("shape, expected", [
+    # the benchmark CNN's 64-channel 16x16 conv: the position Gram's norm (11.5 M) is below
+    # instantiation's charge (14.2 M), but with its clipped weight-gradient conv (9.4 M) it is not
+    ((256, 64, 64, 9, 18 * 18), Strategy.INSTANTIATE),
+    ((64, 128, 128, 9, 10 * 10), Strategy.GHOST_GRAM),  # 128 channels at 8x8
+    ((64, 64, 128, 9, None), Strategy.GHOST),  # stride 2 from 16x16 (no position Gram)
+    ((1024, 32, 32, 9, 34 * 34), Strategy.INSTANTIATE),  # 32 channels at 32x32
+])
+def test_conv_strategy_compares_complete_costs(shape, expected):
+    """A ghost convolution pays its norm and a clipped weight-gradient convolution
+    (``positions * p * d``); an instantiated one its charged per-sample gradients only."""
+    from fx_bk import cost_model
+
+    positions, c, p, kernel, windowed = shape
+    strategy, norm_cost = cost_model.conv_strategy(positions, c, p, kernel, windowed)
+    assert strategy == expected
+    d = c * kernel
+    ghost = cost_model.ghost_cost(positions, d, p) + positions * p * d
+    gram = (cost_model.position_gram_cost(windowed, positions, c, p, kernel) + positions * p * d
+            if windowed is not None else None)
+    instantiate = cost_model.instantiated_cost(positions, p, d)
+    complete = {Strategy.GHOST: ghost, Strategy.GHOST_GRAM: gram,
+                Strategy.INSTANTIATE: instantiate}
+    assert complete[expected] == min(v for v in complete.values() if v is not None)
+    if expected == Strategy.INSTANTIATE:
+        assert norm_cost == positions * p * d

@@ -182,9 +182,9 @@ class ConvRule(Rule):
     rows_independent = True  # one image per row of dim 0
     name = "conv"
     param_args = ("weight", "bias")
-    strategies = ("ghost (from the Grams of positions, or of im2col rows) or instantiated (one "
-                  "grouped weight-gradient convolution), by the cost model per site; bias "
-                  "instantiated")
+    strategies = ("ghost (from the Grams of positions, or of im2col rows) or instantiated "
+                  "(batched GEMMs over im2col windows on CPU, else one grouped weight-gradient "
+                  "convolution), by the cost model per site; bias instantiated")
     tensor_args = ("input",)
 
     def is_transposed(self, site) -> bool:
