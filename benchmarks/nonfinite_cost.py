@@ -1,11 +1,13 @@
 """What skipping non-finite samples costs: fx_bk compiled with and without the masking.
 
 A sample whose norm is NaN/Inf gets ``C = 0`` and its values are zeroed where the clipped sums
-read them (``fx_bk.rules.scale_samples`` / ``keep_samples`` / ``weighted_sum``): on a clipped
-GEMM ``(C g)^T a`` the mask on ``g`` fuses into its scaling, the one on ``a`` is an extra pass.
-This script builds each benchmark model twice, once with those helpers replaced by the plain
-products (no masking; NaN-unsafe), and times both in one process, interleaved, rotating who
-goes first. Printed: median step (ms) of each and the ratio masked / plain, median over rounds.
+read them (``fx_bk.rules.scale_samples`` / ``keep_samples`` / ``weighted_sum`` in the graph, where
+the mask on a scaled tensor fuses into its scaling and the one on an unscaled convolution input
+is an extra pass; inside ``fx_bk::clipped_gemm``, a Linear site's clipped GEMM, on CPU only when
+some ``C_i`` is zero). This script builds each benchmark model twice, once with those helpers
+and the op replaced by the plain products (no masking; NaN-unsafe), and times both in one
+process, interleaved, rotating who goes first. Printed: median step (ms) of each and the ratio
+masked / plain, median over rounds.
 
     python -m benchmarks.nonfinite_cost [--quick] [--models mlp encoder] [--rounds 15]
 """
@@ -33,13 +35,19 @@ def _plain_sum(c, t):
     return torch.tensordot(c.to(t.dtype), t, dims=1)
 
 
+def _plain_gemm(a, g, c, transposed):
+    a, g = (_plain_scale(c, a), g) if a.shape[-1] < g.shape[-1] else (a, _plain_scale(c, g))
+    a, g = a.reshape(-1, a.shape[-1]), g.reshape(-1, g.shape[-1])
+    return a.t() @ g if transposed else g.t() @ a
+
+
 @contextlib.contextmanager
 def unmasked():
     """The rules' NaN-safe helpers replaced by plain products while a program is traced."""
     saved = []
     for mod in (base, conv, embedding, linear):
         for name, plain in (("scale_samples", _plain_scale), ("keep_samples", lambda c, t: t),
-                            ("weighted_sum", _plain_sum)):
+                            ("weighted_sum", _plain_sum), ("clipped_gemm", _plain_gemm)):
             if hasattr(mod, name):
                 saved.append((mod, name, getattr(mod, name)))
                 setattr(mod, name, plain)

@@ -11,7 +11,8 @@ import fx_bk
 from fx_bk.testing.models import MODELS, batch_for
 
 aten = torch.ops.aten
-MATMULS = {aten.mm.default, aten.addmm.default, aten.bmm.default, aten.matmul.default}
+MATMULS = {aten.mm.default, aten.addmm.default, aten.bmm.default, aten.matmul.default,
+           torch.ops.fx_bk.clipped_gemm.default}  # a Linear site's clipped GEMM
 
 
 def _ancestors(node: torch.fx.Node) -> set[torch.fx.Node]:

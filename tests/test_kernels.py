@@ -1,7 +1,7 @@
 """fx_bk::ghost_norm: the blocked symmetric formula, the custom op's fake implementation, and
 the Triton kernel (run by Triton's interpreter on CPU, in a subprocess: TRITON_INTERPRET must be
 set before triton is imported). fx_bk::embedding_weight_grad: rows summed per index, opaque to
-Inductor."""
+Inductor. fx_bk::clipped_gemm: a Linear site's clipped weight gradient, any operand dtype."""
 
 from __future__ import annotations
 
@@ -162,3 +162,66 @@ def test_conv_per_sample_weight_grad_is_each_samples_weight_grad(geometry, chann
     positions = (x_shape if transposed else out_shape)[2:]
     per_sample = torch.Size(positions).numel() * torch.Size(w_shape).numel()
     assert counter.get_total_flops() == 2 * x_shape[0] * per_sample
+
+
+CLIPPED_GEMM_SHAPES = [(4, 3, 5, 7), (4, 3, 7, 5), (3, 1, 6, 6), (2, 9, 4, 1)]  # B, T, d, p
+
+
+def _clipped_gemm_reference(a, g, c, transposed):
+    """``sum_i c_i g_i^T a_i`` sample by sample, skipping the samples with ``c_i = 0``."""
+    terms = [ci * (ai.t() @ gi if transposed else gi.t() @ ai)
+             for ai, gi, ci in zip(a, g, c) if ci != 0]
+    return torch.stack(terms).sum(0)
+
+
+@pytest.mark.parametrize("shape", CLIPPED_GEMM_SHAPES, ids=[str(s) for s in CLIPPED_GEMM_SHAPES])
+@pytest.mark.parametrize("transposed", [False, True])
+@pytest.mark.parametrize("skipped", ["none", "finite", "nonfinite"])
+def test_clipped_gemm_is_the_clipped_sum(shape, transposed, skipped):
+    """``fx_bk::clipped_gemm`` equals the sum of the clipped per-sample gradients whichever
+    operand is the smaller one; a sample with ``c_i = 0`` adds exactly zero, also when its
+    activation and output gradient hold NaN and Inf (both operands, so whichever is scaled);
+    the FLOP formula counts the GEMM."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from fx_bk.kernels.clipped_gemm import clipped_gemm
+
+    b, t, d, p = shape
+    gen = torch.Generator().manual_seed(b * t + d)
+    a = torch.randn(b, t, d, generator=gen, dtype=torch.float64)
+    g = torch.randn(b, t, p, generator=gen, dtype=torch.float64)
+    c = torch.rand(b, generator=gen, dtype=torch.float64) + 0.1
+    if skipped != "none":
+        c[1] = 0.0
+    if skipped == "nonfinite":
+        a[1, 0, 0], g[1, -1, -1] = float("nan"), float("inf")
+    with FlopCounterMode(display=False) as counter:
+        got = clipped_gemm(a, g, c, transposed)
+    want = _clipped_gemm_reference(a, g, c, transposed)
+    assert got.shape == ((d, p) if transposed else (p, d))
+    torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
+    assert counter.get_total_flops() == 2 * b * t * d * p
+    torch.library.opcheck(torch.ops.fx_bk.clipped_gemm.default, (a, g, c, transposed))
+
+
+@pytest.mark.parametrize("smaller", ["a", "g"])
+def test_clipped_gemm_in_bf16_scales_in_float32_and_rounds_once(smaller):
+    """bf16 operands (autocast): the smaller operand is scaled by the float32 clip factors and
+    rounded to bf16 once, and the GEMM runs on bf16 operands with a bf16 result, as AMP's
+    weight-gradient GEMM does."""
+    from fx_bk.kernels.clipped_gemm import clipped_gemm
+
+    gen = torch.Generator().manual_seed(3)
+    d, p = (4, 8) if smaller == "a" else (8, 4)
+    a = torch.randn(3, 5, d, generator=gen).bfloat16()
+    g = torch.randn(3, 5, p, generator=gen).bfloat16()
+    c = torch.rand(3, generator=gen) + 0.1
+    cv = c.reshape(-1, 1, 1)
+    if smaller == "a":
+        sa, sg = (a.float() * cv).bfloat16(), g
+    else:
+        sa, sg = a, (g.float() * cv).bfloat16()
+    want = sg.reshape(-1, p).t() @ sa.reshape(-1, d)
+    got = clipped_gemm(a, g, c, False)
+    assert got.dtype == torch.bfloat16
+    assert torch.equal(got, want)

@@ -211,12 +211,13 @@ def test_clipped_gemms_run_in_bf16(name, compiled):
     assert weights, "no Linear/matmul site with a GEMM clipped sum"
     for w in weights:
         assert torch.equal(got[w], got[w].bfloat16().float()), w
-    mms = [n for n in prog.joint_graph.graph.nodes if n.target is torch.ops.aten.mm.default]
-    gemms = [n for n in mms if all(type(d) is int for d in n.meta["val"].shape)  # not [B.., *]
-             and tuple(n.meta["val"].shape) in weights.values()]
-    assert len(gemms) >= len(weights)
-    for n in gemms:
-        assert [a.meta["val"].dtype for a in n.args] == [torch.bfloat16] * 2, n.format_node()
+    gemms = [n for n in prog.joint_graph.graph.nodes
+             if n.target is torch.ops.fx_bk.clipped_gemm.default]
+    assert sorted(tuple(n.meta["val"].shape) for n in gemms) == sorted(weights.values())
+    for n in gemms:  # a, g in bf16; the clip factors float32
+        dtypes = [a.meta["val"].dtype for a in n.args[:3]]
+        assert dtypes == [torch.bfloat16] * 2 + [torch.float32], n.format_node()
+        assert n.meta["val"].dtype == torch.bfloat16, n.format_node()
 
 
 def test_norms_read_float32_copies_gemms_the_bf16_tensors(monkeypatch):

@@ -41,6 +41,8 @@ import math
 
 import torch
 
+from .flops import register_flops
+
 aten = torch.ops.aten
 
 CHUNK_BYTES = 2 * 2**20  # folded: the input and output gradient of one chunk of samples
@@ -134,15 +136,4 @@ def _flops(x_shape, g_shape, weight_shape, stride, padding, dilation, transposed
     return 2 * x_shape[0] * positions * math.prod(weight_shape)
 
 
-def _register_flop_formula() -> None:
-    """Lets ``FlopCounterMode`` count the op (the benchmark's arithmetic floor); idempotent."""
-    try:
-        from torch.utils.flop_counter import flop_registry, register_flop_formula
-    except ImportError:
-        return
-    op = torch.ops.fx_bk.conv_per_sample_weight_grad
-    if op not in flop_registry:
-        register_flop_formula(op)(_flops)
-
-
-_register_flop_formula()
+register_flops(torch.ops.fx_bk.conv_per_sample_weight_grad, _flops)

@@ -25,6 +25,8 @@ import torch
 
 from fx_bk.cost_model import GHOST_BLOCK, ghost_cost
 
+from .flops import register_flops
+
 DEFAULT_BLOCK = GHOST_BLOCK
 
 
@@ -113,17 +115,5 @@ def _gemm_norm_flops(a_shape, g_shape, max_ghost_positions: int, **kwargs) -> in
     return 2 * b * t * d * g_shape[-1] + 2 * b * d * g_shape[-1]
 
 
-def _register_flop_formula() -> None:
-    """Lets ``FlopCounterMode`` count the norm ops; idempotent, and a no-op (fx_bk still
-    imports) where ``torch.utils.flop_counter`` lacks the registry."""
-    try:
-        from torch.utils.flop_counter import flop_registry, register_flop_formula
-    except ImportError:
-        return
-    for op, formula in ((torch.ops.fx_bk.ghost_norm, _ghost_norm_flops),
-                        (torch.ops.fx_bk.gemm_norm_by_length, _gemm_norm_flops)):
-        if op not in flop_registry:
-            register_flop_formula(op)(formula)
-
-
-_register_flop_formula()
+register_flops(torch.ops.fx_bk.ghost_norm, _ghost_norm_flops)
+register_flops(torch.ops.fx_bk.gemm_norm_by_length, _gemm_norm_flops)

@@ -21,8 +21,8 @@ twice: its norm then includes the cross terms). Sites that share a parameter for
 
 A site value's ``tensors`` and ``grad`` are float32 at least. Under autocast the value also holds
 them in the dtype the op computed in (``value.operand(role)``, ``value.compute_dtype``): a rule's
-clipped GEMM may read those, as AMP's weight gradient does (``linear.scale_smaller(...,
-dtype=value.compute_dtype)``); norms read the float32 ones.
+clipped GEMM may read those, as AMP's weight gradient does (the Linear rule's
+``fx_bk::clipped_gemm``); norms read the float32 ones.
 
 Adding an op: one file in ``fx_bk/rules/`` with a :class:`Rule` subclass decorated by
 :func:`register_rule` (every module of the package is imported), and one row in

@@ -8,8 +8,9 @@ All leading non-batch dims fold into T positions: ``a: [B, T, d]``, ``g: [B, T, 
                 memory B T block (``fx_bk/kernels/ghost_norm.py``; Triton on CUDA)
 * instantiate:  ``G_i = g_i^T a_i``, ``||G_i||^2 = sum G_i^2``  cost T p d,   memory B p d
 * clipped:      ``sum_i c_i G_i = (c g)^T a = g^T (c a)`` (one GEMM, the smaller of ``a`` and ``g``
-                scaled: for an LM head ``a`` has d columns, ``g`` V; ``einsum(c, G)`` when
-                instantiated). Under autocast the GEMM reads bf16 operands (the scaled one
+                scaled: for an LM head ``a`` has d columns, ``g`` V; the opaque op
+                ``fx_bk::clipped_gemm``, ``fx_bk/kernels/clipped_gemm.py``; ``einsum(c, G)``
+                when instantiated). Under autocast the GEMM reads bf16 operands (the scaled one
                 rounded once) and its bf16 result is widened, as AMP's weight gradient; the
                 norms read float32 copies
 * bias:         ``b_i = sum_t g_it``,  clipped ``c @ b``.
@@ -23,21 +24,19 @@ positions are concatenated along T, which gives the exact norm including the cro
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, field
 
 import torch
 
 from fx_bk.cost_model import gemm_plan, positions
+from fx_bk.kernels.clipped_gemm import clipped_gemm
 from fx_bk.kernels.ghost_norm import gemm_norm_by_length, ghost_norm
 from fx_bk.site import SiteValues, Strategy, is_dynamic
 
 from .base import (
     Rule,
     accumulation_dtype,
-    keep_samples,
     register_rule,
-    scale_samples,
     squared_norm,
     weighted_sum,
 )
@@ -59,22 +58,6 @@ def batch_first(t: torch.Tensor, value: SiteValues) -> torch.Tensor:
     """A site tensor (batch-first: ``site_values`` unfolded any other layout) as
     ``[B, T, last]``."""
     return t.reshape(value.batch, -1, t.shape[-1])
-
-
-def scale_smaller(a: torch.Tensor, g: torch.Tensor, c: torch.Tensor,
-                  dtype: torch.dtype | None = None):
-    """``(a, c * g)`` or ``(c * a, g)``, whichever scales fewer elements: ``sum_i c_i g_i^T a_i``
-    is bilinear, so the clip factors ``c: [B]`` may go on either factor (both batch-first).
-
-    ``dtype``: the GEMM's operand dtype under autocast (``a`` and ``g`` already in it, see
-    ``SiteValues.operand``): the scaled factor is computed in ``c``'s dtype (float32) and
-    rounded to ``dtype`` once."""
-    def scale(x):
-        return scale_samples(c, x) if dtype is None else scale_samples(c, x.to(c.dtype)).to(dtype)
-
-    if math.prod(g.shape[1:]) <= math.prod(a.shape[1:]):  # per-sample sizes: static
-        return keep_samples(c, a), scale(g)
-    return scale(a), keep_samples(c, g)
 
 
 def gemm_dtype(values: list[SiteValues]) -> torch.dtype | None:
@@ -163,10 +146,7 @@ class LinearRule(Rule):
         else:  # under autocast: bf16 operands (the float32 copies are the norms' only)
             dtype = gemm_dtype(values)
             a, g = (state.a, state.g) if dtype is None else self._flat(values, computed=True)
-            a, g = scale_smaller(a, g, c, dtype)  # (c g)^T a = g^T (c a)
-            g = g.reshape(-1, g.shape[-1])  # [B T, p]
-            a = a.reshape(-1, a.shape[-1])  # [B T, d]
-            w = a.t() @ g if self.transposed_weight else g.t() @ a
+            w = clipped_gemm(a, g, c, self.transposed_weight)  # (c g)^T a = g^T (c a)
             grads[weight] = w.to(accumulation_dtype(w))
         return grads
 
