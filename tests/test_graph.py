@@ -56,6 +56,27 @@ def test_every_weight_gradient_matmul_is_clipped(name):
         assert clamps[0] in _ancestors(mm), f"{mm} computes a weight gradient without C"
 
 
+def test_clipped_gemm_is_the_op_over_positions_and_in_the_graph_at_one_position():
+    """A Linear site over T > 1 positions gets its clipped weight gradient from one
+    ``fx_bk::clipped_gemm`` (no scaling kernels of its own for Inductor); a site with one
+    position per sample keeps the GEMM in the graph, where the scaling fuses into the kernel
+    that produces its output gradient. Both read the clip factors."""
+    model = nn.Sequential(nn.Linear(6, 8), nn.ReLU(), nn.Linear(8, 4), nn.Flatten(),
+                          nn.Linear(20, 3))
+    bk = fx_bk.transform(model, max_grad_norm=1.0)
+    bk(torch.randn(4, 5, 6))
+    (compiled,) = bk.programs
+    prog, bw = compiled.prog, compiled.prog.bw_graph.graph
+    assert [s.strategy for s in prog.sites] == ["ghost", "ghost", "rank-one"]
+    ops = [n for n in bw.nodes if n.target == torch.ops.fx_bk.clipped_gemm.default]
+    assert sorted(tuple(n.meta["val"].shape) for n in ops) == [(4, 8), (8, 6)]
+    head = [n for n in bw.nodes if n.target in MATMULS - {torch.ops.fx_bk.clipped_gemm.default}
+            and _static_shape(n) in {(3, 20), (20, 3)}]
+    assert len(head) == 1
+    clamp = next(n for n in bw.nodes if n.target in (aten.clamp.default, aten.clamp_max.default))
+    assert all(clamp in _ancestors(n) for n in ops + head)
+
+
 def test_conv_weight_gradients_come_from_the_convolution_kernel():
     """Conv sites compute their weight gradients with the convolution's weight-gradient kernel
     (the per-sample ones by ``fx_bk::conv_per_sample_weight_grad``, the clipped sum of a ghost

@@ -3,7 +3,10 @@
 ``a: [B, T, d]``, ``g: [B, T, p]``, ``c: [B]`` -> ``[p, d]`` (``[d, p]`` with ``transposed``,
 the ``x @ W`` layout). The sum is bilinear, so the clip factors go on whichever operand has fewer
 elements per sample (``a`` for an LM head, whose ``g`` has V columns); then one GEMM over the
-``B T`` rows: ``(c g)^T a`` or ``g^T (c a)``.
+``B T`` rows: ``(c g)^T a`` or ``g^T (c a)``. Used for sites over several positions (T > 1); a
+site with one position per sample keeps its GEMM in the graph (``LinearRule._clipped_rows``),
+where the scaling fuses into the kernel that produces ``g``: on the benchmark MLP (five such
+sites, 20 ms steps) this op measured 1.01-1.16x the step time.
 
 A sample with ``c_i = 0`` (a skipped non-finite sample, or one over the bound under global
 clipping) must add exactly zero, and ``0 * NaN`` is NaN: its rows are zeroed in both operands.
