@@ -32,6 +32,7 @@ Adding an op: one file in ``fx_bk/rules/`` with a :class:`Rule` subclass decorat
 from __future__ import annotations
 
 import abc
+import math
 from dataclasses import dataclass
 from typing import Any, Protocol, runtime_checkable
 
@@ -278,6 +279,22 @@ def keep_samples(c: torch.Tensor, per_sample: torch.Tensor) -> torch.Tensor:
     factor of a clipped GEMM ``(c g)^T a`` (a skipped NaN sample in ``a`` would poison it)."""
     cv = c.reshape(-1, *[1] * (per_sample.dim() - 1))
     return torch.where(cv != 0, per_sample, 0.0)
+
+
+def scale_smaller(x: torch.Tensor, g: torch.Tensor, c: torch.Tensor,
+                  dtype: torch.dtype | None = None):
+    """``(keep(x), c g)`` or ``(c x, keep(g))``, whichever scales fewer elements per sample (a
+    static choice): a clipped weight gradient ``sum_i c_i W(x_i, g_i)`` is bilinear in its input
+    and output gradient. ``dtype``: both already in a narrower GEMM dtype (autocast); the scaled
+    one is computed in ``c``'s dtype and rounded to it once."""
+    def scale(t):
+        if dtype is None:
+            return scale_samples(c, t)
+        return scale_samples(c, t.to(c.dtype)).to(dtype)
+
+    if math.prod(g.shape[1:]) <= math.prod(x.shape[1:]):
+        return keep_samples(c, x), scale(g)
+    return scale(x), keep_samples(c, g)
 
 
 def weighted_sum(c: torch.Tensor, per_sample: torch.Tensor) -> torch.Tensor:

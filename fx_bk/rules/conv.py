@@ -46,6 +46,7 @@ from .base import (
     keep_samples,
     register_rule,
     scale_samples,
+    scale_smaller,
     squared_norm,
     weighted_sum,
 )
@@ -59,14 +60,6 @@ class ConvState:
 
     bias: torch.Tensor | None = None  # [B, Cout] per-sample bias gradients
     per_sample_weight: torch.Tensor | None = None  # [B, *W] when instantiated
-
-
-def _scale_smaller(x: torch.Tensor, g: torch.Tensor, c: torch.Tensor):
-    """``(keep(x), c g)`` or ``(c x, keep(g))``, whichever scales fewer elements: the clipped
-    weight gradient ``sum_i c_i W(x_i, g_i)`` is bilinear in ``x`` and ``g``."""
-    if math.prod(g.shape[1:]) <= math.prod(x.shape[1:]):  # per-sample sizes: static
-        return keep_samples(c, x), scale_samples(c, g)
-    return scale_samples(c, x), keep_samples(c, g)
 
 
 def _tuple(value, n: int) -> tuple[int, ...]:
@@ -270,7 +263,7 @@ class ConvRule(Rule):
             if state.per_sample_weight is not None:
                 w = weighted_sum(c, state.per_sample_weight)
             else:
-                x, cg = _scale_smaller(value.tensors["input"], value.grad, c)
+                x, cg = scale_smaller(value.tensors["input"], value.grad, c)
                 w = conv_weight_grad(x, cg, site, per_sample=False,
                                      transposed=self.is_transposed(site))
                 if w is None:  # im2col path: one batched GEMM over the groups
