@@ -22,7 +22,7 @@ import time
 import torch
 
 import fx_bk
-from fx_bk.rules import base, conv, embedding, linear
+from fx_bk.rules import base, conv, embedding, linear, pool, sample_math
 
 from .bench_models import bench_models
 
@@ -45,7 +45,7 @@ def _plain_gemm(a, g, c, transposed):
 def unmasked():
     """The rules' NaN-safe helpers replaced by plain products while a program is traced."""
     saved = []
-    for mod in (base, conv, embedding, linear):
+    for mod in (sample_math, pool, base, conv, embedding, linear):
         for name, plain in (("scale_samples", _plain_scale), ("keep_samples", lambda c, t: t),
                             ("weighted_sum", _plain_sum), ("clipped_gemm", _plain_gemm)):
             if hasattr(mod, name):

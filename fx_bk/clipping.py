@@ -5,7 +5,8 @@ from __future__ import annotations
 import torch
 
 from .config import AUTOMATIC_GAMMA, CLIP_EPS, BKConfig
-from .rules import BundleHandler
+from .rules import BundleHandler, Rule
+from .rules.pool import GradientPool, pooling
 from .site import SiteValues
 
 
@@ -40,12 +41,23 @@ def clipped_gradients(
     """
     scale = batch if config.loss_reduction == "mean" else 1
     totals: list = [None] * len(config.group_bounds)
+    # a rule's own bundles pool their small per-sample gradients per group (fx_bk/rules/pool.py)
+    pools = [GradientPool() for _ in totals]
+
+    def pool_of(handler, k):
+        return pools[k] if isinstance(handler, Rule) else None
+
     states = []
     for values, handler, k in bundles:
-        norm_sq, state = handler.norm_sq(values)
+        with pooling(pool_of(handler, k)):
+            norm_sq, state = handler.norm_sq(values)
         states.append(state)
         totals[k] = norm_sq if totals[k] is None else totals[k] + norm_sq
-    ref = next(t for t in totals if t is not None)
+    for k, pool in enumerate(pools):
+        pooled = pool.norm_sq()
+        if pooled is not None:
+            totals[k] = pooled if totals[k] is None else totals[k] + pooled
+    ref = next(t for t in totals if isinstance(t, torch.Tensor))
     norms = torch.stack([
         (t if t is not None else torch.zeros_like(ref)).sqrt() * scale for t in totals
     ], dim=1)  # [B, K]
@@ -56,7 +68,10 @@ def clipped_gradients(
     finite = torch.isfinite(norms).all(1)  # a NaN/Inf sample contributes exactly zero:
     c = torch.where(finite[:, None], c, 0.0)  # C = 0; the rules' clipped sums add exactly
     # zero for it (fx_bk.rules.scale_samples / keep_samples / weighted_sum: 0 * NaN is NaN)
+    for k, pool in enumerate(pools):
+        pool.c = c[:, k]
     grads: dict[str, torch.Tensor] = {}
     for (values, handler, k), state in zip(bundles, states):
-        grads.update(handler.clipped_grads(values, state, c[:, k]))
+        with pooling(pool_of(handler, k)):
+            grads.update(handler.clipped_grads(values, state, pools[k].c))
     return grads, norms

@@ -77,6 +77,28 @@ def test_clipped_gemm_is_the_op_over_positions_and_in_the_graph_at_one_position(
     assert all(clamp in _ancestors(n) for n in ops + head)
 
 
+def test_small_per_sample_gradients_are_reduced_together():
+    """The biases' and LayerNorms' per-sample gradients of a clipping group are concatenated
+    once (fx_bk/rules/pool.py): one reduction for their norm, one for their clipped sums,
+    instead of two per parameter; one concatenation per group."""
+    model = nn.Sequential(nn.Linear(6, 8), nn.LayerNorm(8), nn.Linear(8, 8), nn.LayerNorm(8),
+                          nn.Linear(8, 3))
+    first = ["0.weight", "0.bias", "1.weight", "1.bias"]
+    rest = [n for n, _ in model.named_parameters() if n not in first]
+
+    def pooled(**kw):
+        bk = fx_bk.transform(model, max_grad_norm=1.0, **kw)
+        bk(torch.randn(4, 5, 6))
+        (compiled,) = bk.programs
+        assert [s.strategy for s in compiled.prog.sites] == ["ghost", "instantiate"] * 2 + [
+            "ghost"]
+        cats = [n for n in compiled.prog.bw_graph.graph.nodes if n.target == aten.cat.default]
+        return sorted((n.meta["val"].shape[1], len(n.args[0])) for n in cats)
+
+    assert pooled() == [(8 + 16 + 8 + 16 + 3, 7)]  # 3 Linear biases, 2 x LayerNorm (w, b)
+    assert pooled(clipping_style=[first, rest]) == [(8 + 16, 3), (8 + 16 + 3, 4)]
+
+
 def test_conv_weight_gradients_come_from_the_convolution_kernel():
     """Conv sites compute their weight gradients with the convolution's weight-gradient kernel
     (the per-sample ones by ``fx_bk::conv_per_sample_weight_grad``, the clipped sum of a ghost

@@ -26,6 +26,7 @@ from .base import (
     unregister_rule,
     weighted_sum,
 )
+from .pool import instantiated_norm, instantiated_sum
 from .shared import InstantiateShared, bundle_handler
 
 __all__ = [
@@ -37,6 +38,8 @@ __all__ = [
     "accumulation_dtype",
     "bundle_handler",
     "fallback_rule",
+    "instantiated_norm",
+    "instantiated_sum",
     "keep_samples",
     "register_rule",
     "register_tie_handler",

@@ -1,4 +1,5 @@
-"""The rule contract, the rule registry, and the math the rules share.
+"""The rule contract and the rule registry (the per-sample math the rules share is in
+``sample_math.py``, re-exported here).
 
 A **rule** computes, for one site (an op on trainable parameters; see ``fx_bk/site.py``), from
 the tensors the op saw (activations ``a``) and the gradient of the loss w.r.t. the op's output
@@ -11,6 +12,10 @@ the tensors the op saw (activations ``a``) and the gradient of the loss w.r.t. t
 * ``per_sample_grads(value) -> {param name: [B, *p.shape]}``: the per-sample gradients
   themselves. Every rule has them: they are the default ``norm_sq``/``clipped_grads`` and what
   a parameter shared by sites of different rules falls back to.
+
+Small instantiated per-sample gradients (biases, norm weights) go through
+``instantiated_norm`` / ``instantiated_sum`` (``pool.py``): the clip stage then reduces all of a
+clipping group's together, one norm and one weighted sum, instead of two reductions each.
 
 ``values`` holds one :class:`~fx_bk.site.SiteValues`, or several when the rule's
 ``can_merge(sites)`` says it computes their summed gradient exactly (the same Linear called
@@ -32,7 +37,6 @@ Adding an op: one file in ``fx_bk/rules/`` with a :class:`Rule` subclass decorat
 from __future__ import annotations
 
 import abc
-import math
 from dataclasses import dataclass
 from typing import Any, Protocol, runtime_checkable
 
@@ -42,6 +46,17 @@ from fx_bk._torch_internals import is_op_overload
 from fx_bk.cost_model import plan_instantiated
 from fx_bk.errors import ConfigError
 from fx_bk.site import Site, SiteValues, Strategy
+
+from .pool import instantiated_norm, instantiated_sum
+from .sample_math import (  # noqa: F401  (re-exported: the rules import them from here)
+    accumulation_dtype,
+    keep_samples,
+    scale_samples,
+    scale_smaller,
+    squared_norm,
+    sum_pairs,
+    weighted_sum,
+)
 
 RULES: dict = {}  # op overload -> Rule instance (dedicated rules)
 TIE_HANDLERS: list = []  # bundle handlers for sites of different rules (``matches(sites)``)
@@ -55,12 +70,13 @@ class PerSampleGrads:
     grads: dict[str, torch.Tensor]  # name -> [B, *p.shape]
 
     def norm_sq(self) -> torch.Tensor:
-        """``sum_p ||G_i,p||^2``: [B]."""
-        return sum(squared_norm(g) for g in self.grads.values())
+        """``sum_p ||G_i,p||^2``: [B]; under the clip stage's pool the pooled terms are 0 here
+        and counted by the pool, so add it once, as is, into the bundle's norm (``pool.py``)."""
+        return sum(instantiated_norm(g) for g in self.grads.values())
 
     def clipped(self, c: torch.Tensor) -> dict[str, torch.Tensor]:
         """``sum_i c_i G_i,p`` per parameter."""
-        return {name: weighted_sum(c, g) for name, g in self.grads.items()}
+        return {name: instantiated_sum(c, g) for name, g in self.grads.items()}
 
 
 class Rule(abc.ABC):
@@ -259,59 +275,3 @@ def register_tie_handler(handler) -> None:
     """A bundle handler for sites of different rules that share a parameter; it is used for
     the bundles where ``handler.matches(sites)`` is true."""
     TIE_HANDLERS.append(handler)
-
-
-def accumulation_dtype(t: torch.Tensor) -> torch.dtype:
-    """Norms are accumulated in at least float32."""
-    return torch.float32 if t.dtype in (torch.float16, torch.bfloat16) else t.dtype
-
-
-def scale_samples(c: torch.Tensor, per_sample: torch.Tensor) -> torch.Tensor:
-    """``c_i * per_sample[i]`` (batch dim 0), exactly zero where ``c_i = 0`` even if the sample
-    holds NaN/Inf (a skipped non-finite sample: ``0 * NaN`` would be NaN). One fused
-    elementwise pass under Inductor."""
-    cv = c.to(per_sample.dtype).reshape(-1, *[1] * (per_sample.dim() - 1))
-    return torch.where(cv != 0, per_sample * cv, 0.0)
-
-
-def keep_samples(c: torch.Tensor, per_sample: torch.Tensor) -> torch.Tensor:
-    """``per_sample`` with the samples whose ``c_i = 0`` set to exactly zero: the unscaled
-    factor of a clipped GEMM ``(c g)^T a`` (a skipped NaN sample in ``a`` would poison it)."""
-    cv = c.reshape(-1, *[1] * (per_sample.dim() - 1))
-    return torch.where(cv != 0, per_sample, 0.0)
-
-
-def scale_smaller(x: torch.Tensor, g: torch.Tensor, c: torch.Tensor,
-                  dtype: torch.dtype | None = None):
-    """``(keep(x), c g)`` or ``(c x, keep(g))``, whichever scales fewer elements per sample (a
-    static choice): a clipped weight gradient ``sum_i c_i W(x_i, g_i)`` is bilinear in its input
-    and output gradient. ``dtype``: both already in a narrower GEMM dtype (autocast); the scaled
-    one is computed in ``c``'s dtype and rounded to it once."""
-    def scale(t):
-        if dtype is None:
-            return scale_samples(c, t)
-        return scale_samples(c, t.to(c.dtype)).to(dtype)
-
-    if math.prod(g.shape[1:]) <= math.prod(x.shape[1:]):
-        return keep_samples(c, x), scale(g)
-    return scale(x), keep_samples(c, g)
-
-
-def weighted_sum(c: torch.Tensor, per_sample: torch.Tensor) -> torch.Tensor:
-    """``sum_i c_i * per_sample[i]``; c: [B], per_sample: [B, *shape] -> [*shape]; samples with
-    ``c_i = 0`` add exactly zero (``scale_samples``). Inductor fuses it into one reduction."""
-    return scale_samples(c, per_sample).sum(0)
-
-
-def sum_pairs(t: torch.Tensor) -> torch.Tensor:
-    """``[B, T, T']`` -> ``[B]``, summed over ``T'`` and then ``T``: two reductions of one length
-    each. Inductor's CPU code guards a float32 sum on its size (more than 4096 elements or
-    not); one reduction over ``T * T'`` would put that guard at T = 64, inside the lengths a run
-    sees, and a symbolic-length graph would recompile there."""
-    return t.sum(2).sum(1)
-
-
-def squared_norm(per_sample: torch.Tensor) -> torch.Tensor:
-    """[B, *shape] -> [B]."""
-    flat = per_sample.reshape(per_sample.shape[0], -1)
-    return flat.to(accumulation_dtype(flat)).pow(2).sum(1)

@@ -47,9 +47,8 @@ from .base import (
     register_rule,
     scale_samples,
     scale_smaller,
-    squared_norm,
-    weighted_sum,
 )
+from .pool import instantiated_norm, instantiated_sum
 
 aten = torch.ops.aten
 
@@ -235,7 +234,7 @@ class ConvRule(Rule):
         norm = torch.zeros((), dtype=value.grad.dtype, device=value.grad.device)
         if "bias" in site.params:
             state.bias = value.grad.reshape(*value.grad.shape[:2], -1).sum(2)  # [B, Cout]
-            norm = norm + squared_norm(state.bias)
+            norm = norm + instantiated_norm(state.bias)
         if "weight" in site.params:
             if site.strategy == Strategy.GHOST:  # per (sample, group), blocked symmetric Gram
                 a, g = self._grouped(value)
@@ -249,7 +248,7 @@ class ConvRule(Rule):
                                                  self.grid(site)).to(norm.dtype)
             else:
                 state.per_sample_weight = self._per_sample_weight(value)
-                norm = norm + squared_norm(state.per_sample_weight)
+                norm = norm + instantiated_norm(state.per_sample_weight)
         return norm, state
 
     def clipped_grads(self, values, state: ConvState, c):
@@ -257,11 +256,11 @@ class ConvRule(Rule):
         site = value.site
         out = {}
         if state.bias is not None:
-            out[site.params["bias"]] = weighted_sum(c, state.bias)
+            out[site.params["bias"]] = instantiated_sum(c, state.bias)
         if "weight" in site.params:
             shape = site.shapes["weight"]
             if state.per_sample_weight is not None:
-                w = weighted_sum(c, state.per_sample_weight)
+                w = instantiated_sum(c, state.per_sample_weight)
             else:
                 x, cg = scale_smaller(value.tensors["input"], value.grad, c)
                 w = conv_weight_grad(x, cg, site, per_sample=False,

@@ -41,6 +41,7 @@ from .base import (
     squared_norm,
     weighted_sum,
 )
+from .pool import instantiated_norm, instantiated_sum
 
 aten = torch.ops.aten
 
@@ -118,12 +119,13 @@ class LinearRule(Rule):
             norm = ghost_norm(a.detach(), g.detach()).to(acc)
         elif strategy == Strategy.INSTANTIATE:
             state.per_sample_weight = self._per_sample_weight(a, g)  # [B, p, d]
-            norm = squared_norm(state.per_sample_weight)
+            norm = instantiated_norm(state.per_sample_weight)
         elif strategy == Strategy.BY_LENGTH:
             threshold = values[0].site.max_ghost_positions  # ghost or instantiated, per call
             norm = gemm_norm_by_length(a.detach(), g.detach(), threshold).to(acc)
+        bias_norm = squared_norm if strategy == Strategy.RANK_ONE else instantiated_norm
         for bg in state.bias.values():
-            norm = norm + squared_norm(bg)
+            norm = norm + bias_norm(bg)
         return norm, state
 
     @staticmethod
@@ -138,12 +140,17 @@ class LinearRule(Rule):
         return out
 
     def clipped_grads(self, values, state: LinearState, c):
-        grads = {name: weighted_sum(c, b) for name, b in state.bias.items()}
+        # at one position per sample (rank-one) the bias gradient is g itself: its norm is the
+        # weight norm's factor already and its sum fuses into g's kernel; pooled, it would be
+        # copied (fx_bk/rules/pool.py)
+        rank_one = values[0].site.strategy == Strategy.RANK_ONE
+        bias_sum = weighted_sum if rank_one else instantiated_sum
+        grads = {name: bias_sum(c, b) for name, b in state.bias.items()}
         weight = values[0].site.params.get("weight")
         if weight is None:
             return grads
         if state.per_sample_weight is not None:
-            grads[weight] = weighted_sum(c, state.per_sample_weight)
+            grads[weight] = instantiated_sum(c, state.per_sample_weight)
         else:  # under autocast: bf16 operands (the float32 copies are the norms' only)
             dtype = gemm_dtype(values)
             a, g = (state.a, state.g) if dtype is None else self._flat(values, computed=True)
