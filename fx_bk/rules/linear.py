@@ -154,7 +154,7 @@ class LinearRule(Rule):
         else:  # under autocast: bf16 operands (the float32 copies are the norms' only)
             dtype = gemm_dtype(values)
             a, g = (state.a, state.g) if dtype is None else self._flat(values, computed=True)
-            if values[0].site.strategy == Strategy.RANK_ONE:
+            if rank_one:
                 w = self._clipped_rows(a, g, c, dtype)
             else:
                 w = clipped_gemm(a, g, c, self.transposed_weight)  # (c g)^T a = g^T (c a)
