@@ -124,6 +124,30 @@ def test_conv_weight_gradients_come_from_the_convolution_kernel():
     assert 0 < len(unfolds) <= 2, "im2col only for the ghost site (one unfold per spatial dim)"
 
 
+@pytest.mark.parametrize("strategy", ["GHOST", "GHOST_GRAM"])
+def test_conv_ghost_norm_pads_in_one_op_and_windows_the_gram_in_one_view(strategy, monkeypatch):
+    """A padded conv's ghost norm pads by writing into a zero tensor (``slice_scatter``, one
+    fused kernel), not by concatenating zero blocks (one kernel per block); the position-Gram
+    norm takes all kernel offsets as one strided view of the Gram, not a slice per dim and
+    offset. Exactness of both: tests/test_rules.py."""
+    from fx_bk.rules import conv as conv_rules
+    from fx_bk.site import Strategy
+
+    monkeypatch.setattr(conv_rules, "conv_strategy", lambda *a: (Strategy[strategy], 1))
+    model = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1, bias=False), nn.Flatten(),
+                          nn.Linear(4 * 36, 2, bias=False))
+    bk = fx_bk.transform(model, max_grad_norm=1.0)
+    bk(torch.randn(3, 3, 6, 6))
+    (compiled,) = bk.programs
+    assert [s.strategy for s in compiled.prog.sites if s.rule.name == "conv"] == [
+        Strategy[strategy]]
+    ops = [n.target for n in compiled.prog.joint_graph.graph.nodes]
+    assert aten.cat.default not in ops
+    assert ops.count(aten.slice_scatter.default) == 2  # one per padded spatial dim
+    windows = ops.count(aten.as_strided.default)
+    assert windows == (1 if strategy == "GHOST_GRAM" else 0)
+
+
 def test_one_backward_per_loss_backward(monkeypatch):
     model = MODELS["transformer"]()
     bk = fx_bk.transform(model, max_grad_norm=1.0)

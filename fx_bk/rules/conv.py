@@ -30,7 +30,6 @@ which ``convolution_backward`` cannot express.
 
 from __future__ import annotations
 
-import itertools
 import math
 from dataclasses import dataclass
 
@@ -83,18 +82,20 @@ def _geometry(site):
 
 
 def _zero_pad(x: torch.Tensor, pads) -> torch.Tensor:
-    """Zero padding of the spatial dims by concatenation (``F.pad`` specializes the batch size
-    when traced with a symbolic batch: measured on torch 2.13)."""
+    """Zero padding of the spatial dims (``pads``: ``(left, right)`` per spatial dim): ``x``
+    copied into a window of a zero tensor, which the functionalized trace records as one
+    ``slice_scatter`` per padded dim, lowered by Inductor to one fused kernel (``F.pad`` and
+    ``constant_pad_nd`` specialize the batch size when traced with a symbolic batch, measured
+    on torch 2.13; a concatenation of zero blocks compiles to one kernel per block)."""
+    if not any(left or right for left, right in pads):
+        return x
+    shape = list(x.shape)
     for i, (left, right) in enumerate(pads):
-        dim = 2 + i
-        parts = []
-        for width in (left, right):
-            shape = list(x.shape)
-            shape[dim] = width
-            parts.append(x.new_zeros(shape))
-        if left or right:
-            x = torch.cat([parts[0], x, parts[1]], dim)
-    return x
+        shape[2 + i] += left + right
+    out = x.new_zeros(shape)
+    out[(slice(None), slice(None), *[slice(left, left + n)
+                                     for (left, _), n in zip(pads, x.shape[2:])])] = x
+    return out
 
 
 def im2col(x: torch.Tensor, site, grid=None) -> torch.Tensor:
@@ -161,18 +162,28 @@ def position_gram_norm(windowed: torch.Tensor, plain: torch.Tensor, site, grid) 
         slice(0, s * (m - 1) + 1, s) if k == 1 else slice(0, u)
         for k, s, m, u in zip(kernel, stride, grid, used)])]
     steps = [1 if k == 1 else s for k, s in zip(kernel, stride)]
-    b, spatial = x.shape[0], tuple(x.shape[2:])
+    b, spatial, n = x.shape[0], tuple(x.shape[2:]), len(kernel)
     xs = positions_by_group(x, groups)  # [B, g, P, C/g]
     gram = (xs @ xs.transpose(-1, -2)).reshape(b, groups, *spatial, *spatial)
     qs = positions_by_group(plain, groups)  # [B, g, L, Cout/g]
     q = (qs @ qs.transpose(-1, -2)).reshape(b, groups, *grid, *grid)
-    a = None
-    for offset in itertools.product(*[range(k) for k in kernel]):
-        window = [slice(d * o, d * o + st * (m - 1) + 1, st)
-                  for o, d, st, m in zip(offset, dilation, steps, grid)]
-        term = gram[(slice(None), slice(None), *window, *window)]
-        a = term if a is None else a + term
+    a = kernel_windows(gram, kernel, dilation, steps, grid).sum(tuple(range(2, 2 + n)))
     return (a * q).reshape(b, -1).sum(1)
+
+
+def kernel_windows(gram: torch.Tensor, kernel, dilation, steps, grid) -> torch.Tensor:
+    """``[B, g, *P, *P]`` (a contiguous Gram of positions) -> ``[B, g, *K, *grid, *grid]``:
+    for kernel offset ``k``, the entries ``(pos(l) + k, pos(l') + k)``, ``pos(l) = l * step``,
+    one strided view: the offset moves along both position axes at once (one traced op where
+    slicing takes one per dim and offset)."""
+    n = len(kernel)
+    strides = gram.stride()
+    row, col = strides[2 : 2 + n], strides[2 + n :]
+    return gram.as_strided(
+        (*gram.shape[:2], *kernel, *grid, *grid),
+        (*strides[:2], *[d * (r + c) for d, r, c in zip(dilation, row, col)],
+         *[st * r for st, r in zip(steps, row)], *[st * c for st, c in zip(steps, col)]),
+    )
 
 
 @register_rule(aten.conv1d.default, aten.conv2d.default, aten.conv3d.default,
