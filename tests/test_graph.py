@@ -8,6 +8,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import fx_bk
+from fx_bk.rules import conv as conv_rules
+from fx_bk.site import Strategy
 from fx_bk.testing.models import MODELS, batch_for
 
 aten = torch.ops.aten
@@ -130,9 +132,6 @@ def test_conv_ghost_norm_pads_in_one_op_and_windows_the_gram_in_one_view(strateg
     fused kernel), not by concatenating zero blocks (one kernel per block); the position-Gram
     norm takes all kernel offsets as one strided view of the Gram, not a slice per dim and
     offset. Exactness of both: tests/test_rules.py."""
-    from fx_bk.rules import conv as conv_rules
-    from fx_bk.site import Strategy
-
     monkeypatch.setattr(conv_rules, "conv_strategy", lambda *a: (Strategy[strategy], 1))
     model = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1, bias=False), nn.Flatten(),
                           nn.Linear(4 * 36, 2, bias=False))
