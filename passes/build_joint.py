@@ -7,8 +7,13 @@ graph's inputs (params, buffers, tensor inputs) followed by the clipping bounds 
 backward's one-clip-per-step check reads (``fx_bk/step_guard.py``). Inside, the parameters
 are fresh leaves that require grad and ``torch.autograd.grad`` is taken w.r.t. the site
 outputs only: autograd never builds an unclipped weight-gradient matmul.
-The whole function is functionalized and traced by ``make_fx`` with the symbolic batch, so the
-result is one aten graph for every batch size.
+The whole function is traced by ``make_fx`` with the symbolic batch, so the result is one aten
+graph for every batch size. Functionalization (in-place ops rewritten, as the partitioner needs)
+is applied only where there is something to rewrite: when the forward graph updates a tensor in
+place, or when the plain trace recorded an in-place op (a backward formula's, say), which then
+is traced again functionalized. A trace without in-place ops is already functional, and the
+functionalizing tensor wrapper doubled the trace's time (measured: MLP 1.2 -> 0.7 s, encoder
+3.8 -> 2.4 s, GPT-2 3.5 -> 1.6 s on 2 CPU threads; the same ops recorded).
 
 Mixed precision: the forward runs under the program's autocast state (``prog.autocast``), so
 this trace records its casts; everything after it runs with autocast off. The norms and clip
@@ -22,7 +27,7 @@ from __future__ import annotations
 
 import torch
 
-from fx_bk._torch_internals import functionalize, make_fx, set_flat_codegen
+from fx_bk._torch_internals import functionalize, make_fx, mutating_ops, set_flat_codegen
 from fx_bk.autocast import disabled, entered
 from fx_bk.clipping import clipped_gradients
 from fx_bk.errors import FxBkError, Problem, UnsupportedModelError, raise_if_any
@@ -55,7 +60,11 @@ def build_joint(prog: BKProgram) -> None:
     joint = make_joint_function(prog)
     try:
         with prog.mode.fake_mode:
-            gm = make_fx(functionalize(joint))([*prog.fake_inputs, bounds], tangents)
+            gm = None
+            if not mutating_ops(prog.forward_graph):
+                gm = make_fx(joint)([*prog.fake_inputs, bounds], tangents)
+            if gm is None or mutating_ops(gm):
+                gm = make_fx(functionalize(joint))([*prog.fake_inputs, bounds], tangents)
     except RuntimeError as e:  # vmap refuses an op of a parameter-only chain
         derived = _instantiated_derivations(prog)
         if not derived:

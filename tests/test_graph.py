@@ -2,14 +2,19 @@
 
 from __future__ import annotations
 
+import importlib
+
 import pytest
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
 import fx_bk
+from fx_bk._torch_internals import mutating_ops
 from fx_bk.rules import conv as conv_rules
+from fx_bk.rules.linear import LinearRule
 from fx_bk.site import Strategy
+from fx_bk.testing import max_rel_err, vmap_clipped_sum
 from fx_bk.testing.models import MODELS, batch_for
 
 aten = torch.ops.aten
@@ -145,6 +150,49 @@ def test_conv_ghost_norm_pads_in_one_op_and_windows_the_gram_in_one_view(strateg
     assert ops.count(aten.slice_scatter.default) == 2  # one per padded spatial dim
     windows = ops.count(aten.as_strided.default)
     assert windows == (1 if strategy == "GHOST_GRAM" else 0)
+
+
+class _InPlaceReLU(nn.Module):
+    def __init__(self, inplace: bool):
+        super().__init__()
+        self.net = nn.Sequential(nn.Linear(5, 8), nn.ReLU(inplace=inplace), nn.Linear(8, 3))
+
+    def forward(self, x):
+        return self.net(x)
+
+
+@pytest.mark.parametrize("case", ["functional", "in-place forward", "in-place rule"])
+def test_joint_trace_is_functionalized_only_where_something_updates_in_place(case, monkeypatch):
+    """The joint trace runs under functionalization (a tensor wrapper that doubles the trace's
+    time) only when the forward graph updates a tensor in place, or when the plain trace
+    recorded an in-place op (here a rule's), which is then traced again functionalized: the
+    joint graph never holds an in-place op, and the clipped sums are exact either way."""
+    build_joint = importlib.import_module("passes.build_joint")
+    calls = []
+    real = build_joint.functionalize
+    monkeypatch.setattr(build_joint, "functionalize", lambda fn: calls.append(fn) or real(fn))
+    if case == "in-place rule":
+        norm_sq = LinearRule.norm_sq
+
+        def mutating_norm_sq(self, values):
+            norm, state = norm_sq(self, values)
+            norm = norm.clone()
+            norm.mul_(1.0)  # an in-place op in the joint trace
+            return norm, state
+
+        monkeypatch.setattr(LinearRule, "norm_sq", mutating_norm_sq)
+    torch.manual_seed(0)
+    model = _InPlaceReLU(inplace=case == "in-place forward").double()
+    x, y = torch.randn(6, 5, dtype=torch.float64), torch.randint(0, 3, (6,))
+    bk = fx_bk.transform(model, max_grad_norm=0.1, loss_reduction="sum")
+    F.cross_entropy(bk(x), y, reduction="sum").backward()
+    (compiled,) = bk.programs
+    assert bool(mutating_ops(compiled.prog.forward_graph)) == (case == "in-place forward")
+    assert len(calls) == (0 if case == "functional" else 1)
+    assert mutating_ops(compiled.prog.joint_graph) == []
+    ref = vmap_clipped_sum(model, x, y, 0.1, loss_fn=lambda o, t: F.cross_entropy(o, t))
+    got = {n: p.grad for n, p in model.named_parameters()}
+    assert max_rel_err(got, ref) < 1e-10
 
 
 def test_one_backward_per_loss_backward(monkeypatch):

@@ -59,6 +59,7 @@ __all__ = [
     "make_fx",
     "mark_batch_dynamic",
     "marked_dynamic_dims",
+    "mutating_ops",
     "normalize_call",
     "op_display_name",
     "op_schema",
@@ -120,9 +121,10 @@ PRIVATE_APIS = {
         "make_fx(decomposition_table=...)",
         "parameter-only ops as core aten, whose vmap batch rules keep the batch symbolic",
         "torch 2.13"),
-    "is_op_overload / op_schema / op_display_name": (
+    "is_op_overload / op_schema / op_display_name / mutating_ops": (
         "torch._ops.OpOverload, OpOverload._schema",
-        "rule lookup, the fallback rule's op filter, error messages", "torch 2.13"),
+        "rule lookup, the fallback rule's op filter, error messages, in-place ops in a trace",
+        "torch 2.13"),
     "normalize_call": (
         "torch.fx.operator_schemas.normalize_function",
         "an op call's arguments by schema name", "torch 2.13"),
@@ -260,6 +262,12 @@ def is_op_overload(target) -> bool:
 def op_schema(op):
     """The ``torch._C.FunctionSchema`` of an op overload."""
     return op._schema
+
+
+def mutating_ops(gm: torch.fx.GraphModule) -> list[torch.fx.Node]:
+    """The nodes of ``gm`` that update a tensor in place (an op whose schema mutates)."""
+    return [n for n in gm.graph.nodes if n.op == "call_function" and is_op_overload(n.target)
+            and op_schema(n.target).is_mutable]
 
 
 def op_display_name(target) -> str:

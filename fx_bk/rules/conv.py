@@ -83,19 +83,25 @@ def _geometry(site):
 
 def _zero_pad(x: torch.Tensor, pads) -> torch.Tensor:
     """Zero padding of the spatial dims (``pads``: ``(left, right)`` per spatial dim): ``x``
-    copied into a window of a zero tensor, which the functionalized trace records as one
-    ``slice_scatter`` per padded dim, lowered by Inductor to one fused kernel (``F.pad`` and
-    ``constant_pad_nd`` specialize the batch size when traced with a symbolic batch, measured
-    on torch 2.13; a concatenation of zero blocks compiles to one kernel per block)."""
-    if not any(left or right for left, right in pads):
+    written into a zero tensor by one ``slice_scatter`` per padded dim, which Inductor lowers
+    to one fused kernel (``F.pad`` and ``constant_pad_nd`` specialize the batch size when traced
+    with a symbolic batch, measured on torch 2.13; a concatenation of zero blocks compiles to
+    one kernel per block). Functional: the joint trace needs no functionalization for it."""
+    padded = [i for i, (left, right) in enumerate(pads) if left or right]
+    if not padded:
         return x
-    shape = list(x.shape)
-    for i, (left, right) in enumerate(pads):
-        shape[2 + i] += left + right
-    out = x.new_zeros(shape)
-    out[(slice(None), slice(None), *[slice(left, left + n)
-                                     for (left, _), n in zip(pads, x.shape[2:])])] = x
-    return out
+
+    def write(src: torch.Tensor, dims: list[int]) -> torch.Tensor:
+        """``src`` padded along ``dims`` (spatial dims, outermost first)."""
+        i, left = dims[0], pads[dims[0]][0]
+        shape = list(src.shape)
+        for j in dims:
+            shape[2 + j] += pads[j][0] + pads[j][1]
+        inner = src if len(dims) == 1 else write(src, dims[1:])
+        n = src.shape[2 + i]
+        return torch.slice_scatter(src.new_zeros(shape), inner, 2 + i, left, left + n)
+
+    return write(x, padded)
 
 
 def im2col(x: torch.Tensor, site, grid=None) -> torch.Tensor:
