@@ -8,12 +8,13 @@ backward's one-clip-per-step check reads (``fx_bk/step_guard.py``). Inside, the 
 are fresh leaves that require grad and ``torch.autograd.grad`` is taken w.r.t. the site
 outputs only: autograd never builds an unclipped weight-gradient matmul.
 The whole function is traced by ``make_fx`` with the symbolic batch, so the result is one aten
-graph for every batch size. Functionalization (in-place ops rewritten, as the partitioner needs)
-is applied only where there is something to rewrite: when the forward graph updates a tensor in
-place, or when the plain trace recorded an in-place op (a backward formula's, say), which then
-is traced again functionalized. A trace without in-place ops is already functional, and the
-functionalizing tensor wrapper doubled the trace's time (measured: MLP 1.2 -> 0.7 s, encoder
-3.8 -> 2.4 s, GPT-2 3.5 -> 1.6 s on 2 CPU threads; the same ops recorded).
+graph for every batch size. Functionalization (in-place ops rewritten, as the partitioner
+needs) is applied only where there is something to rewrite: when the forward graph updates a
+tensor in place, or when the plain trace meets an in-place op (dropout's ``bernoulli_`` in
+training, a rule's or a backward formula's), where it stops and the joint is traced again
+functionalized. A trace without in-place ops is already functional, and the functionalizing
+tensor wrapper doubled the trace's time (measured: MLP 1.2 -> 0.7 s, encoder 3.8 -> 2.4 s,
+GPT-2 3.5 -> 1.6 s on 2 CPU threads; the same ops recorded).
 
 Mixed precision: the forward runs under the program's autocast state (``prog.autocast``), so
 this trace records its casts; everything after it runs with autocast off. The norms and clip
@@ -27,7 +28,13 @@ from __future__ import annotations
 
 import torch
 
-from fx_bk._torch_internals import functionalize, make_fx, mutating_ops, set_flat_codegen
+from fx_bk._torch_internals import (
+    functionalize,
+    make_fx,
+    mutating_ops,
+    set_flat_codegen,
+    stop_at_in_place_ops,
+)
 from fx_bk.autocast import disabled, entered
 from fx_bk.clipping import clipped_gradients
 from fx_bk.errors import FxBkError, Problem, UnsupportedModelError, raise_if_any
@@ -60,10 +67,8 @@ def build_joint(prog: BKProgram) -> None:
     joint = make_joint_function(prog)
     try:
         with prog.mode.fake_mode:
-            gm = None
-            if not mutating_ops(prog.forward_graph):
-                gm = make_fx(joint)([*prog.fake_inputs, bounds], tangents)
-            if gm is None or mutating_ops(gm):
+            gm = _plain_trace(prog, joint, bounds, tangents)
+            if gm is None:
                 gm = make_fx(functionalize(joint))([*prog.fake_inputs, bounds], tangents)
     except RuntimeError as e:  # vmap refuses an op of a parameter-only chain
         derived = _instantiated_derivations(prog)
@@ -94,6 +99,22 @@ def build_joint(prog: BKProgram) -> None:
     raise_if_any(problems)
     prog.size_guards = guards
     prog.joint_graph = gm
+
+
+def _plain_trace(prog: BKProgram, joint, bounds, tangents) -> torch.fx.GraphModule | None:
+    """The joint graph traced without functionalization, or None where it would hold an
+    in-place op: the forward graph has one, or the trace meets one (stopped there: dropout's
+    ``bernoulli_`` in training is one, early in the forward) or recorded one. The plain trace
+    only saves time: whatever else stops it (an op the stopping mode cannot pass, such as a
+    higher-order op without a rule for it, or the model's own error) is left to the
+    functionalized trace, which raises it as it did before."""
+    if mutating_ops(prog.forward_graph):
+        return None
+    try:
+        gm = make_fx(stop_at_in_place_ops(joint))([*prog.fake_inputs, bounds], tangents)
+    except Exception:  # InPlaceOpTraced, or anything else: traced again functionalized
+        return None
+    return None if mutating_ops(gm) else gm
 
 
 def _bounds_device_source(prog: BKProgram) -> int:

@@ -152,46 +152,61 @@ def test_conv_ghost_norm_pads_in_one_op_and_windows_the_gram_in_one_view(strateg
     assert windows == (1 if strategy == "GHOST_GRAM" else 0)
 
 
-class _InPlaceReLU(nn.Module):
-    def __init__(self, inplace: bool):
+class _TwoLayers(nn.Module):
+    def __init__(self, case: str):
         super().__init__()
-        self.net = nn.Sequential(nn.Linear(5, 8), nn.ReLU(inplace=inplace), nn.Linear(8, 3))
+        middle = {"in-place forward": nn.ReLU(inplace=True), "dropout": nn.Dropout(0.5)}
+        self.net = nn.Sequential(nn.Linear(5, 8), middle.get(case, nn.ReLU()), nn.Linear(8, 3))
 
     def forward(self, x):
         return self.net(x)
 
 
-@pytest.mark.parametrize("case", ["functional", "in-place forward", "in-place rule"])
+@pytest.mark.parametrize("case", ["functional", "in-place forward", "in-place rule", "dropout"])
 def test_joint_trace_is_functionalized_only_where_something_updates_in_place(case, monkeypatch):
     """The joint trace runs under functionalization (a tensor wrapper that doubles the trace's
-    time) only when the forward graph updates a tensor in place, or when the plain trace
-    recorded an in-place op (here a rule's), which is then traced again functionalized: the
-    joint graph never holds an in-place op, and the clipped sums are exact either way."""
+    time) only when the forward graph updates a tensor in place, or when the plain trace meets
+    an in-place op (a rule's here; dropout's ``bernoulli_`` in training), where it stops and the
+    joint is traced again functionalized: the joint graph never holds an in-place op, and the
+    clipped sums are exact either way."""
     build_joint = importlib.import_module("passes.build_joint")
-    calls = []
-    real = build_joint.functionalize
-    monkeypatch.setattr(build_joint, "functionalize", lambda fn: calls.append(fn) or real(fn))
-    if case == "in-place rule":
-        norm_sq = LinearRule.norm_sq
+    functionalized, rule_calls = [], []
+    real_functionalize, norm_sq = build_joint.functionalize, LinearRule.norm_sq
+    monkeypatch.setattr(build_joint, "functionalize",
+                        lambda fn: functionalized.append(fn) or real_functionalize(fn))
 
-        def mutating_norm_sq(self, values):
-            norm, state = norm_sq(self, values)
+    def counted_norm_sq(self, values):
+        rule_calls.append(values)
+        norm, state = norm_sq(self, values)
+        if case == "in-place rule":
             norm = norm.clone()
             norm.mul_(1.0)  # an in-place op in the joint trace
-            return norm, state
+        return norm, state
 
-        monkeypatch.setattr(LinearRule, "norm_sq", mutating_norm_sq)
+    monkeypatch.setattr(LinearRule, "norm_sq", counted_norm_sq)
     torch.manual_seed(0)
-    model = _InPlaceReLU(inplace=case == "in-place forward").double()
+    model = _TwoLayers(case).double()
     x, y = torch.randn(6, 5, dtype=torch.float64), torch.randint(0, 3, (6,))
-    bk = fx_bk.transform(model, max_grad_norm=0.1, loss_reduction="sum")
-    F.cross_entropy(bk(x), y, reduction="sum").backward()
+    max_grad_norm = 1e3 if case == "dropout" else 0.1  # dropout: replayed against plain grads
+    bk = fx_bk.transform(model, max_grad_norm=max_grad_norm, loss_reduction="sum")
+    bk(x)  # build
     (compiled,) = bk.programs
     assert bool(mutating_ops(compiled.prog.forward_graph)) == (case == "in-place forward")
-    assert len(calls) == (0 if case == "functional" else 1)
+    assert len(functionalized) == (0 if case == "functional" else 1)
     assert mutating_ops(compiled.prog.joint_graph) == []
-    ref = vmap_clipped_sum(model, x, y, 0.1, loss_fn=lambda o, t: F.cross_entropy(o, t))
-    got = {n: p.grad for n, p in model.named_parameters()}
+    # two Linear bundles per full trace; the plain trace stopped at the first in-place op
+    assert len(rule_calls) == (3 if case == "in-place rule" else 2)
+    torch.manual_seed(7)
+    model.zero_grad()
+    F.cross_entropy(bk(x), y, reduction="sum").backward()
+    got = {n: p.grad.clone() for n, p in model.named_parameters()}
+    if case == "dropout":  # R is large: the clipped sum is the plain gradient of the same mask
+        torch.manual_seed(7)
+        model.zero_grad()
+        F.cross_entropy(model(x), y, reduction="sum").backward()
+        ref = {n: p.grad for n, p in model.named_parameters()}
+    else:
+        ref = vmap_clipped_sum(model, x, y, max_grad_norm, loss_fn=F.cross_entropy)
     assert max_rel_err(got, ref) < 1e-10
 
 

@@ -25,7 +25,7 @@ from torch.fx.experimental.proxy_tensor import disable_proxy_modes_tracing, make
 from torch.fx.experimental.symbolic_shapes import statically_known_true
 from torch.fx.operator_schemas import normalize_function
 from torch.fx.passes.fake_tensor_prop import FakeTensorProp
-from torch.utils._python_dispatch import _disable_current_modes
+from torch.utils._python_dispatch import TorchDispatchMode, _disable_current_modes
 
 from .autograd_graph import (
     backward_hooks,
@@ -42,6 +42,7 @@ from .symbolic import (
 )
 
 __all__ = [
+    "InPlaceOpTraced",
     "SymbolicBatchMode",
     "backward_hooks",
     "current_graph_task_id",
@@ -68,6 +69,7 @@ __all__ = [
     "recording_tensor_hooks",
     "set_flat_codegen",
     "statically_known_true",
+    "stop_at_in_place_ops",
     "sym_expr",
     "sym_hint",
 ]
@@ -125,6 +127,9 @@ PRIVATE_APIS = {
         "torch._ops.OpOverload, OpOverload._schema",
         "rule lookup, the fallback rule's op filter, error messages, in-place ops in a trace",
         "torch 2.13"),
+    "stop_at_in_place_ops": (
+        "torch.utils._python_dispatch.TorchDispatchMode",
+        "stop a plain (not functionalized) trace at its first in-place op", "torch 2.13"),
     "normalize_call": (
         "torch.fx.operator_schemas.normalize_function",
         "an op call's arguments by schema name", "torch 2.13"),
@@ -268,6 +273,33 @@ def mutating_ops(gm: torch.fx.GraphModule) -> list[torch.fx.Node]:
     """The nodes of ``gm`` that update a tensor in place (an op whose schema mutates)."""
     return [n for n in gm.graph.nodes if n.op == "call_function" and is_op_overload(n.target)
             and op_schema(n.target).is_mutable]
+
+
+class InPlaceOpTraced(Exception):
+    """Raised under :func:`stop_at_in_place_ops` by the first op that updates a tensor in
+    place."""
+
+
+class _StopAtInPlaceOps(TorchDispatchMode):
+    supports_higher_order_operators = True  # passed through like any op that is not in place
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if is_op_overload(func) and op_schema(func).is_mutable:
+            raise InPlaceOpTraced(op_display_name(func))
+        return func(*args, **(kwargs or {}))
+
+
+def stop_at_in_place_ops(fn):
+    """``fn`` run so that the first op it dispatches that updates a tensor in place raises
+    :class:`InPlaceOpTraced` (under ``make_fx``: the trace stops there, before the rest is
+    traced for nothing). Ops that a mode below decomposes are not seen: check the graph too
+    (:func:`mutating_ops`)."""
+
+    def wrapped(*args):
+        with _StopAtInPlaceOps():
+            return fn(*args)
+
+    return wrapped
 
 
 def op_display_name(target) -> str:
