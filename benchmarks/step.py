@@ -52,6 +52,9 @@ A variant that fails on a model is reported as ``n/a (reason)``. The modules, on
   matmul-like ops, convolutions, attention, ``fx_bk::ghost_norm``; not elementwise ops or
   reductions), ``floor = bk / base``, printed next to the measured fx_bk compiled ratio;
 * ``benchmarks/report.py``: the markdown table and the bar chart.
+
+After each model its rows are printed and the results so far written to the JSON file (with
+``"partial": true`` until the run ends), so a run stopped early keeps the models it finished.
 """
 
 from __future__ import annotations
@@ -180,6 +183,17 @@ def cold_caches(warm: bool) -> None:
         os.environ["TORCHINDUCTOR_FORCE_DISABLE_CACHES"] = "1"
 
 
+def _write_partial(results: dict, json_path: str, name: str) -> None:
+    """After each model: its rows printed (memory columns empty until the end) and the results
+    so far written as JSON with ``"partial": true``, so that a run stopped later (a slow model's
+    rounds, a time limit) keeps the models it finished."""
+    results["partial"] = True
+    print("\n" + table({**results, "models": {name: results["models"][name]}}), flush=True)
+    with open(json_path, "w") as f:
+        json.dump(results, f, indent=2)
+    print(f"wrote {json_path} (partial: {', '.join(results['models'])})", flush=True)
+
+
 def main(argv=None) -> dict:
     args = parse_args(argv)
     if args.device == "cpu":
@@ -210,10 +224,14 @@ def main(argv=None) -> dict:
         "models": {},
     }
     phases = results["phase_s"] = {}
+    stem = "step-quick" if args.quick else "step"
+    json_path = args.json or str(RESULTS / f"{stem}.json")
+    Path(json_path).parent.mkdir(parents=True, exist_ok=True)
     for name, bm in models.items():
         t0 = time.perf_counter()
         results["models"][name] = run_model(bm, args, variant_names)
         phases[name] = time.perf_counter() - t0
+        _write_partial(results, json_path, name)
     if not args.no_memory:
         t0 = time.perf_counter()
         print("\nmemory: one fresh process per model and variant", flush=True)
@@ -225,9 +243,7 @@ def main(argv=None) -> dict:
     print(table(results))
     print(f"\nwall time {results['wall_s']:.0f} s ("
           + ", ".join(f"{k} {v:.0f} s" for k, v in results["phase_s"].items()) + ")")
-    stem = "step-quick" if args.quick else "step"
-    json_path = args.json or str(RESULTS / f"{stem}.json")
-    Path(json_path).parent.mkdir(parents=True, exist_ok=True)
+    results.pop("partial", None)
     with open(json_path, "w") as f:
         json.dump(results, f, indent=2)
     print(f"wrote {json_path}")

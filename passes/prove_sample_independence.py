@@ -19,8 +19,6 @@ line: every other value that mixes samples and reaches an output or a trainable 
 
 from __future__ import annotations
 
-import itertools
-
 import sympy
 import torch
 
@@ -152,38 +150,16 @@ def _probe_batch(prog: BKProgram) -> list[torch.Tensor]:
 
 
 class _Recorder(torch.fx.Interpreter):
-    """Runs the forward graph on the probe batch as far as it is asked to, and keeps a copy of
-    every node's value. Only the ops before the last probed op run: the probed ops of a
-    transformer (its mask's indexing) come first, and the rest of the forward (the language
-    model head at its full vocabulary, say) would cost more than all the others, ten times more
-    under bf16 autocast on a CPU without bf16 matmul units."""
+    """Runs the forward graph and keeps every node's value."""
 
-    def __init__(self, gm: torch.fx.GraphModule, args: list):
+    def __init__(self, gm):
         super().__init__(gm)
         self.values: dict[torch.fx.Node, object] = {}
-        self.failed: Exception | None = None
-        self.env = {}
-        self.args_iter = iter(args)
-        self._pending = iter(gm.graph.nodes)
 
-    def run_before(self, node: torch.fx.Node) -> None:
-        """Every node before ``node`` run (or the run stopped at the first that raised:
-        ``failed``); random ops draw from a fixed seed."""
-        if self.failed is not None:
-            return
-        try:
-            with torch.random.fork_rng(devices=[]), torch.no_grad():
-                torch.manual_seed(0)
-                for n in self._pending:
-                    if n is node:
-                        break
-                    out = self.env[n] = self.run_node(n)
-                    self.values[n] = out.detach().clone() if isinstance(out, torch.Tensor) else out
-                    for dead in self.user_to_last_uses.get(n, []):
-                        del self.env[dead]
-        except Exception as e:  # noqa: BLE001 - reported as the op's proof failing
-            self.failed = e
-        self._pending = itertools.chain([node], self._pending)
+    def run_node(self, n):
+        out = super().run_node(n)
+        self.values[n] = out.detach().clone() if isinstance(out, torch.Tensor) else out
+        return out
 
 
 class _Probe:
@@ -191,24 +167,31 @@ class _Probe:
 
     def __init__(self, prog: BKProgram):
         self.prog = prog
-        self.recorder: _Recorder | None = None
+        self.values = None
+        self.failed: Exception | None = None
 
-    def _start(self) -> _Recorder:
+    def _run(self):
         prog = self.prog
         model = prog.model
         params, buffers = dict(model.named_parameters()), dict(model.named_buffers())
         state = [params[n].detach() for n in prog.param_names]
         state += [buffers[n].detach().clone() for n in prog.buffer_names]
-        return _Recorder(prog.forward_graph, [*state, *_probe_batch(prog)])
+        rec = _Recorder(prog.forward_graph)
+        try:
+            with torch.random.fork_rng(devices=[]), torch.no_grad():
+                torch.manual_seed(0)
+                rec.run(*state, *_probe_batch(prog))
+        except Exception as e:  # noqa: BLE001 - reported as the op's proof failing
+            self.failed = e
+        self.values = rec.values
 
     def __call__(self, node, locs, ctx):
-        if self.recorder is None:
-            self.recorder = self._start()
-        self.recorder.run_before(node)
+        if self.values is None:
+            self._run()
         try:
-            return _probe_op(node, locs, ctx, self.recorder.values)
+            return _probe_op(node, locs, ctx, self.values)
         except Exception as e:  # noqa: BLE001
-            why = self.recorder.failed or e
+            why = self.failed or e
             return Mixed(node, f"is an op fx_bk has no rule for, and proving it on a probe "
                                f"failed ({type(why).__name__}: {why}); express it with ops "
                                f"fx_bk knows, or keep it outside the fx_bk module")

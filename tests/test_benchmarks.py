@@ -49,6 +49,7 @@ def test_step_benchmark_tiny_run(tmp_path, capsys, _process_state):
 
     data = json.loads(out_json.read_text())
     assert set(data) >= {"machine", "config", "models", "wall_s"}
+    assert "partial" not in data and f"wrote {out_json} (partial: mlp)" in text
     assert {"cpu", "cpu_count", "threads", "torch", "date"} <= set(data["machine"])
     assert list(data["models"]) == ["mlp"]
     m = data["models"]["mlp"]

@@ -7,8 +7,6 @@ the clipped sum by at most R.
 
 from __future__ import annotations
 
-import importlib
-
 import pytest
 import torch
 import torch.nn as nn
@@ -241,42 +239,6 @@ def test_unknown_ops_are_proven_on_a_probe():
     with pytest.raises(fx_bk.UnsupportedModelError, match="fx_bk_test.shift_batch"):
         _step(Net(shift_batch), x, y)
     _step(Net(square), x, y)
-
-
-@torch.library.custom_op("fx_bk_test::needs_four_samples", mutates_args=())
-def needs_four_samples(x: torch.Tensor) -> torch.Tensor:
-    if x.shape[0] < 4:
-        raise RuntimeError("needs at least four samples")
-    return x * 2
-
-
-@needs_four_samples.register_fake
-def _(x):
-    return torch.empty_like(x)
-
-
-def test_the_probe_runs_the_forward_only_as_far_as_the_probed_op(monkeypatch):
-    """The probe records the forward's values up to the op it proves, not the ops after it (a
-    language model's head at its full vocabulary would cost more than the rest)."""
-    prove = importlib.import_module("passes.prove_sample_independence")
-    ran = []
-    run_node = prove._Recorder.run_node
-    monkeypatch.setattr(prove._Recorder, "run_node", lambda self, n: ran.append(n) or
-                        run_node(self, n))
-    bk = fx_bk.transform(Net(square), max_grad_norm=R)
-    bk(torch.randn(4, 4))
-    (compiled,) = bk.programs
-    nodes = list(compiled.prog.forward_graph.graph.nodes)
-    probed = next(n for n in nodes if n.target is torch.ops.fx_bk_test.square.default)
-    assert ran == nodes[:nodes.index(probed)]
-
-
-def test_an_op_that_fails_on_the_probe_is_rejected_with_the_reason():
-    x, y = torch.randn(4, 4), torch.randint(0, 3, (4,))
-    with pytest.raises(fx_bk.UnsupportedModelError,
-                       match="(?s)fx_bk_test.needs_four_samples.*proving it on a probe failed "
-                             r"\(RuntimeError: needs at least four samples"):
-        _step(Net(needs_four_samples), x, y)
 
 
 def test_loss_inside_the_model_must_be_a_mean_of_per_sample_terms():
