@@ -23,7 +23,8 @@ import sympy
 import torch
 
 import fx_bk.losses  # noqa: F401  (registers fx_bk::check_labelled_mean)
-from fx_bk._torch_internals import normalize_call
+from fx_bk._torch_internals import is_op_overload, normalize_call
+from fx_bk.autocast import entered
 from fx_bk.errors import Problem
 
 from .batch_locations import PROBE, SHARED, Context, Loss, Mixed, Sample, Shared, transfer
@@ -149,52 +150,93 @@ def _probe_batch(prog: BKProgram) -> list[torch.Tensor]:
     return out
 
 
-class _Recorder(torch.fx.Interpreter):
-    """Runs the forward graph and keeps every node's value."""
+def _leaves_state_alone(node: torch.fx.Node) -> bool:
+    """Does running ``node`` leave the thread's global state (autocast, grad mode) as it was? An
+    aten op or a Python operator does; a region's ``_enter_autocast``, say, does not."""
+    if node.op in ("placeholder", "get_attr", "output"):
+        return True
+    return node.op == "call_function" and (
+        is_op_overload(node.target) or getattr(node.target, "__module__", None) == "_operator")
 
-    def __init__(self, gm):
+
+class _Recorder(torch.fx.Interpreter):
+    """Runs the forward graph on the probe batch as far as it is asked to, and keeps a copy of
+    every node's value. Only the ops before the last probed op run: the probed ops of a
+    transformer (its mask's indexing) come first, and the rest of the forward (the language
+    model head at its full vocabulary, say) would cost more than all the others, ten times more
+    under bf16 autocast on a CPU without bf16 matmul units. The run stops early only while every
+    node run so far left the global state alone: once the graph has entered an autocast region
+    (a ``forward`` wrapped in ``torch.autocast``, as accelerate does) it runs to its end, so the
+    region is left within the same call."""
+
+    def __init__(self, gm: torch.fx.GraphModule, args: list):
         super().__init__(gm)
         self.values: dict[torch.fx.Node, object] = {}
+        self.failed: Exception | None = None
+        self.env = {}
+        self.args_iter = iter(args)
+        self._nodes = list(gm.graph.nodes)
+        self._index = {n: i for i, n in enumerate(self._nodes)}
+        self._next = 0
+        self._last_stop = next(
+            (i for i, n in enumerate(self._nodes) if not _leaves_state_alone(n)), len(self._nodes))
 
-    def run_node(self, n):
-        out = super().run_node(n)
-        self.values[n] = out.detach().clone() if isinstance(out, torch.Tensor) else out
-        return out
+    def run_before(self, node: torch.fx.Node) -> None:
+        """Every node before ``node`` run (or the run stopped at the first that raised:
+        ``failed``); random ops draw from a fixed seed."""
+        if self.failed is not None:
+            return
+        stop = self._index[node]
+        if stop > self._last_stop:
+            stop = len(self._nodes)
+        entered_here: list[torch.fx.Node] = []
+        try:
+            with torch.random.fork_rng(devices=[]), torch.no_grad():
+                torch.manual_seed(0)
+                while self._next < stop:
+                    n = self._nodes[self._next]
+                    self._next += 1
+                    out = self.env[n] = self.run_node(n)
+                    self.values[n] = out.detach().clone() if isinstance(out, torch.Tensor) else out
+                    if isinstance(out, torch.autocast):
+                        entered_here.append(n)
+                    entered_here = [e for e in entered_here if e not in n.all_input_nodes]
+                    for dead in self.user_to_last_uses.get(n, []):
+                        del self.env[dead]
+        except Exception as e:  # noqa: BLE001 - reported as the op's proof failing
+            self.failed = e
+            for region in reversed(entered_here):  # the regions the graph did not get to leave
+                self.values[region].__exit__(None, None, None)
 
 
 class _Probe:
-    """Proves an op the table does not know, on the forward's values at a small batch."""
+    """Proves an op the table does not know, on the forward's values at a small batch, under
+    the autocast state the forward was traced for."""
 
     def __init__(self, prog: BKProgram):
         self.prog = prog
-        self.values = None
-        self.failed: Exception | None = None
+        self.recorder: _Recorder | None = None
 
-    def _run(self):
+    def _start(self) -> _Recorder:
         prog = self.prog
         model = prog.model
         params, buffers = dict(model.named_parameters()), dict(model.named_buffers())
         state = [params[n].detach() for n in prog.param_names]
         state += [buffers[n].detach().clone() for n in prog.buffer_names]
-        rec = _Recorder(prog.forward_graph)
-        try:
-            with torch.random.fork_rng(devices=[]), torch.no_grad():
-                torch.manual_seed(0)
-                rec.run(*state, *_probe_batch(prog))
-        except Exception as e:  # noqa: BLE001 - reported as the op's proof failing
-            self.failed = e
-        self.values = rec.values
+        return _Recorder(prog.forward_graph, [*state, *_probe_batch(prog)])
 
     def __call__(self, node, locs, ctx):
-        if self.values is None:
-            self._run()
-        try:
-            return _probe_op(node, locs, ctx, self.values)
-        except Exception as e:  # noqa: BLE001
-            why = self.failed or e
-            return Mixed(node, f"is an op fx_bk has no rule for, and proving it on a probe "
-                               f"failed ({type(why).__name__}: {why}); express it with ops "
-                               f"fx_bk knows, or keep it outside the fx_bk module")
+        with entered(self.prog.autocast):
+            if self.recorder is None:
+                self.recorder = self._start()
+            self.recorder.run_before(node)
+            try:
+                return _probe_op(node, locs, ctx, self.recorder.values)
+            except Exception as e:  # noqa: BLE001
+                why = self.recorder.failed or e
+                return Mixed(node, f"is an op fx_bk has no rule for, and proving it on a probe "
+                                   f"failed ({type(why).__name__}: {why}); express it with ops "
+                                   f"fx_bk knows, or keep it outside the fx_bk module")
 
 
 PROBE_SAMPLES = (0, 2)

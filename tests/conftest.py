@@ -11,6 +11,20 @@ def _fresh_dynamo():
     torch._dynamo.reset()
 
 
+@pytest.fixture(autouse=True)
+def _global_state_left_alone():
+    """A test that leaves autocast on or grad mode off fails here, by name (and the state is put
+    back), instead of changing the dtypes of whatever test runs next in the same process."""
+    yield
+    leaked = {kind: torch.get_autocast_dtype(kind) for kind in ("cpu", "cuda")
+              if torch.is_autocast_enabled(kind)}
+    grad = torch.is_grad_enabled()
+    for kind in leaked:
+        torch.set_autocast_enabled(kind, False)
+    torch.set_grad_enabled(True)
+    assert not leaked and grad, f"autocast left on {leaked}, grad mode {grad}"
+
+
 # Compiled variants that repeat what a kept variant already checks (same model, the other
 # reduction or bound; the eager run of the same model), kept out of CI as `slow` so the suite
 # stays under 20 minutes on 2 cores: `python -m pytest -m slow` runs them.

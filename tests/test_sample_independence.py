@@ -7,6 +7,8 @@ the clipped sum by at most R.
 
 from __future__ import annotations
 
+import importlib
+
 import pytest
 import torch
 import torch.nn as nn
@@ -15,7 +17,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import fx_bk
-from fx_bk.testing import loop_clipped_sum
+from fx_bk.testing import loop_clipped_sum, max_rel_err
 
 R = 0.5
 
@@ -239,6 +241,71 @@ def test_unknown_ops_are_proven_on_a_probe():
     with pytest.raises(fx_bk.UnsupportedModelError, match="fx_bk_test.shift_batch"):
         _step(Net(shift_batch), x, y)
     _step(Net(square), x, y)
+
+
+@torch.library.custom_op("fx_bk_test::needs_four_samples", mutates_args=())
+def needs_four_samples(x: torch.Tensor) -> torch.Tensor:
+    if x.shape[0] < 4:
+        raise RuntimeError("needs at least four samples")
+    return x * 2
+
+
+@needs_four_samples.register_fake
+def _(x):
+    return torch.empty_like(x)
+
+
+def test_the_probe_runs_the_forward_only_as_far_as_the_probed_op(monkeypatch):
+    """The probe records the forward's values up to the op it proves, not the ops after it (a
+    language model's head at its full vocabulary would cost more than the rest)."""
+    prove = importlib.import_module("passes.prove_sample_independence")
+    ran = []
+    run_node = prove._Recorder.run_node
+    monkeypatch.setattr(prove._Recorder, "run_node", lambda self, n: ran.append(n) or
+                        run_node(self, n))
+    bk = fx_bk.transform(Net(square), max_grad_norm=R)
+    bk(torch.randn(4, 4))
+    (compiled,) = bk.programs
+    nodes = list(compiled.prog.forward_graph.graph.nodes)
+    probed = next(n for n in nodes if n.target is torch.ops.fx_bk_test.square.default)
+    assert ran == nodes[:nodes.index(probed)]
+
+
+def test_an_op_that_fails_on_the_probe_is_rejected_with_the_reason():
+    x, y = torch.randn(4, 4), torch.randint(0, 3, (4,))
+    with pytest.raises(fx_bk.UnsupportedModelError,
+                       match="(?s)fx_bk_test.needs_four_samples.*proving it on a probe failed "
+                             r"\(RuntimeError: needs at least four samples"):
+        _step(Net(needs_four_samples), x, y)
+
+
+class AutocastForward(Net):
+    """``forward`` inside its own bf16 autocast region, as accelerate wraps a model's forward:
+    the traced graph enters and leaves the region (``_enter_autocast`` / ``_exit_autocast``)."""
+
+    def forward(self, x):
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            return super().forward(x).float()
+
+
+@pytest.mark.parametrize("mid", [square, needs_four_samples], ids=["proven", "probe-fails"])
+def test_the_probe_leaves_an_autocast_region_of_the_forward_closed(mid):
+    """A forward graph that enters an autocast region runs to its end (or, where an op raises,
+    has its open regions left): never a bf16 state leaking into the caller's float32 code."""
+    x, y = torch.randn(4, 4), torch.randint(0, 3, (4,))
+    if mid is square:
+        model = AutocastForward(square)
+        _step(model, x, y)
+        got = {n: p.grad.clone() for n, p in model.named_parameters()}
+    else:
+        with pytest.raises(fx_bk.UnsupportedModelError, match="needs at least four samples"):
+            _step(AutocastForward(needs_four_samples), x, y)
+    assert not torch.is_autocast_enabled("cpu")
+    assert torch.matmul(torch.randn(2, 2), torch.randn(2, 2)).dtype == torch.float32
+    if mid is square:  # and the gradient is the clipped sum of the bf16 forward's
+        ref = loop_clipped_sum(model, (x, y), None, R, loss_of=lambda m, xy: F.cross_entropy(
+            m(xy[0]), xy[1], reduction="sum"))
+        assert max_rel_err(got, ref) <= 3e-2
 
 
 def test_loss_inside_the_model_must_be_a_mean_of_per_sample_terms():
