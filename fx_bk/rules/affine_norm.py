@@ -6,8 +6,10 @@ parameters, so they are instantiated (strategy ``instantiate``):
 
     w_i = sum g_i * x_hat_i,   b_i = sum g_i      over the dims the parameters are broadcast along
 
-norm ``||w_i||^2 + ||b_i||^2``, clipped sum ``sum_i c_i w_i``. One row of :data:`AFFINE_NORMS`
-per op:
+norm ``||w_i||^2 + ||b_i||^2``, clipped sum ``sum_i c_i w_i``. Group norm's come from the two
+per-channel sums its backward computes anyway (``ds = sum g_i * x_i``, ``db = sum g_i``; ATen's
+decomposition of ``native_group_norm_backward``), ``w_i = (ds - db * mean) * rstd``, so Inductor
+computes each sum once (:func:`_group_norm_grads`). One row of :data:`AFFINE_NORMS` per op:
 
 | op | x | parameters | summed over |
 |---|---|---|---|
@@ -44,10 +46,29 @@ class AffineNorm:
     strategies: str
     reject: Callable | None = None  # (const_args) -> reason or None
     trailing: bool = False  # normalizes the last dims only: the leading ones are rows
+    # (g, x, const_args) -> (w_i, b_i) from the op's own backward sums, instead of normalize
+    grads_from_sums: Callable | None = None
 
 
 def _trailing(args) -> int:
     return len(args["normalized_shape"])
+
+
+def _group_norm_grads(g, x, args):
+    """Per-sample ``[B, C]`` weight and bias gradients of ``group_norm`` from the sums its input
+    gradient needs, written as ATen's ``native_group_norm_backward`` decomposition writes them
+    (``ds``, ``db``), with the statistics of the forward's normalization (the same
+    ``native_group_norm`` on the same input). The weight gradient is PyTorch's own ``dgamma``
+    formula, one sample at a time."""
+    n, c, groups = x.shape[0], x.shape[1], args["num_groups"]
+    hw = x[0, 0].numel()
+    db = g.reshape(n, c, hw).sum(2)
+    ds = (g * x).reshape(n, c, hw).sum(2)
+    _, mean, rstd = aten.native_group_norm(x, None, None, n, c, hw, groups, args.get("eps", 1e-5))
+    per_channel = (n, groups, c // groups)
+    mean = mean.unsqueeze(-1).expand(per_channel).reshape(n, c)
+    rstd = rstd.unsqueeze(-1).expand(per_channel).reshape(n, c)
+    return (ds - db * mean) * rstd, db
 
 
 AFFINE_NORMS = (
@@ -61,7 +82,7 @@ AFFINE_NORMS = (
         "group_norm", aten.group_norm.default, ("weight", "bias"),
         lambda x, a: F.group_norm(x, a["num_groups"], None, None, a.get("eps", 1e-5)),
         lambda x, a: tuple(range(2, x.dim())),
-        "instantiated (weight and/or bias)",
+        "instantiated (weight and/or bias)", grads_from_sums=_group_norm_grads,
     ),
     AffineNorm(
         "instance_norm", aten.instance_norm.default, ("weight", "bias"),
@@ -101,6 +122,13 @@ class AffineNormRule(Rule):
         x, args, params = value.tensors["input"], value.site.const_args, value.site.params
         dims = self.spec.summed_dims(x, args)
         out = {}
+        if self.spec.grads_from_sums is not None:
+            w, b = self.spec.grads_from_sums(value.grad, x, args)
+            if "weight" in params:
+                out[params["weight"]] = w
+            if "bias" in params:
+                out[params["bias"]] = b
+            return out
         if "weight" in params:
             w = value.grad * self.spec.normalize(x, args)
             out[params["weight"]] = w.sum(dims) if dims else w
