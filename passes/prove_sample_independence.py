@@ -163,11 +163,10 @@ class _Recorder(torch.fx.Interpreter):
     """Runs the forward graph on the probe batch as far as it is asked to, and keeps a copy of
     every node's value. Only the ops before the last probed op run: the probed ops of a
     transformer (its mask's indexing) come first, and the rest of the forward (the language
-    model head at its full vocabulary, say) would cost more than all the others, ten times more
-    under bf16 autocast on a CPU without bf16 matmul units. The run stops early only while every
-    node run so far left the global state alone: once the graph has entered an autocast region
-    (a ``forward`` wrapped in ``torch.autocast``, as accelerate does) it runs to its end, so the
-    region is left within the same call."""
+    model head at its full vocabulary, say) would cost more than all the others. The run stops
+    early only while every node run so far left the global state alone: once the graph has
+    entered an autocast region (a ``forward`` wrapped in ``torch.autocast``, as accelerate does)
+    it runs to its end, so the region is left within the same call."""
 
     def __init__(self, gm: torch.fx.GraphModule, args: list):
         super().__init__(gm)
