@@ -175,7 +175,7 @@ def _gemm_weights(prog) -> dict:
             and s.strategy != Strategy.INSTANTIATE}
 
 
-@pytest.mark.parametrize("name", ["mlp", "transformer", "seq", "matmul", "reused"])
+@pytest.mark.parametrize("name", ["mlp", "transformer", "seq", "matmul", "reused", "resnet_gn"])
 def test_error_same_order_as_plain_amp(name):
     """Without clipping (R = 1e6, every C = 1), fx_bk under bf16 autocast is as far from the
     float32 oracle as plain non-private AMP is from plain float32 on the same model and batch
@@ -222,6 +222,28 @@ def test_clipped_gemms_run_in_bf16(name, compiled):
         assert n.meta["val"].dtype == torch.bfloat16, n.format_node()
     for n in ops:
         assert n.args[2].meta["val"].dtype == torch.float32, n.format_node()
+
+
+@pytest.mark.parametrize("compiled", [False, True], ids=["eager", "compiled"])
+def test_per_sample_conv_gradients_run_in_bf16(compiled, monkeypatch):
+    """An instantiated convolution's per-sample weight gradients under bf16 autocast are AMP's
+    weight gradient, one sample at a time: the op reads the bf16 input and output gradient the
+    convolution computed with and returns bf16, widened to float32 for the norms and the
+    clipped sum (both from the same values); without autocast it reads float32."""
+    conv_rules = importlib.import_module("fx_bk.rules.conv")
+    monkeypatch.setattr(conv_rules, "conv_strategy", lambda *args: (Strategy.INSTANTIATE, 1))
+    model, bk, run, x, y = _setup("resnet_gn", 6, seed=9, r=0.5, compiled=compiled)
+    _amp_grads(run, model, x, y)  # its error: test_error_same_order_as_plain_amp[resnet_gn]
+    fx_bk_grads(run, model, x, y, "mean")  # the float32 program
+    dtypes = {}
+    for program in bk.programs:
+        ops = [n for n in program.prog.joint_graph.graph.nodes
+               if n.target is torch.ops.fx_bk.conv_per_sample_weight_grad.default]
+        assert ops, "no instantiated convolution"
+        dtypes[program.prog.autocast[0][1]] = {
+            (n.args[0].meta["val"].dtype, n.args[1].meta["val"].dtype, n.meta["val"].dtype)
+            for n in ops}
+    assert dtypes == {True: {(torch.bfloat16,) * 3}, False: {(torch.float32,) * 3}}
 
 
 def test_norms_read_float32_copies_gemms_the_bf16_tensors(monkeypatch):

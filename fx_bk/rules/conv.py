@@ -298,11 +298,14 @@ class ConvRule(Rule):
         return out
 
     def _per_sample_weight(self, value) -> torch.Tensor:
-        """``[B, *W]``: by the convolution's weight-gradient kernel, else im2col + GEMM."""
-        w = conv_weight_grad(value.tensors["input"], value.grad, value.site, per_sample=True,
-                             transposed=self.is_transposed(value.site))
+        """``[B, *W]``: by the convolution's weight-gradient kernel, else im2col + GEMM. Under
+        autocast the op reads the operands in the dtype the convolution computed in, as AMP's
+        own weight gradient (float32 accumulation, a result in that dtype), widened after: the
+        norms and the clipped sum are both computed from those widened values."""
+        w = conv_weight_grad(value.operand("input"), value.operand("grad"), value.site,
+                             per_sample=True, transposed=self.is_transposed(value.site))
         if w is not None:
-            return w
+            return w.to(value.grad.dtype)
         a, g = self._grouped(value)
         G = g.transpose(-1, -2) @ a  # [B, g, Cout/g, Cin/g K] in W's layout
         return G.reshape(G.shape[0], *value.site.shapes["weight"])
