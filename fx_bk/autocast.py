@@ -8,9 +8,9 @@ call (:func:`current_state`), keys its program cache on it, and re-enters it exp
 joint trace, where ``make_fx`` (not pre-dispatch) records the casts as ``_to_copy`` ops, so the
 partitioned forward/backward graphs are self-contained and run with autocast off
 (:func:`disabled`). The per-sample norms, clip factors and clipped sums run with autocast off:
-norms and clip factors on float32 copies of the site tensors; a rule's clipped GEMM may read
-the site tensors in the autocast dtype instead (``SiteValues.computed``: Linear and matmul do,
-as AMP's own weight-gradient GEMM; see ``passes/build_joint.py``).
+norms, clip factors and clipped sums on float32 copies of the site tensors; instantiated
+per-sample gradients may read them in the autocast dtype (``SiteValues.computed``: convolutions,
+as AMP's own weight-gradient kernel; see ``passes/build_joint.py``).
 """
 
 from __future__ import annotations

@@ -109,8 +109,10 @@ class SiteValues:
     ``tensors`` and ``grad`` are float32 at least (what the norms are computed from). Under
     autocast the op computed in a narrower dtype, ``compute_dtype``, and ``computed`` holds its
     floating tensors (``"grad"`` too) in that dtype, the values the float32 copies were made
-    from: a rule opts into a clipped GEMM in the autocast dtype, as AMP's own weight-gradient
-    GEMM, by reading them (:meth:`operand`; ``rules/linear.py``).
+    from: a rule computes instantiated per-sample gradients in the autocast dtype, as AMP's own
+    weight-gradient kernel, by reading them (:meth:`operand`; ``rules/conv.py``), and widens
+    the result before its norms and clipped sum (never a clipped sum over the batch from them:
+    NOTE [clipped GEMM dtype] in ``rules/linear.py``).
     """
 
     site: Site

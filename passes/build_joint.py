@@ -19,9 +19,9 @@ GPT-2 3.5 -> 1.6 s on 2 CPU threads; the same ops recorded).
 Mixed precision: the forward runs under the program's autocast state (``prog.autocast``), so
 this trace records its casts; everything after it runs with autocast off. The norms and clip
 factors are computed on float32 copies of the site tensors (:func:`site_values`; float64 stays
-float64); a rule's clipped GEMM may read the tensors in the autocast dtype instead (Linear and
-matmul do: bf16 operands, as AMP's weight-gradient GEMM), and the clipped sums are returned in
-each parameter's dtype.
+float64); a rule's instantiated per-sample gradients may come from the tensors in the autocast
+dtype (convolutions: AMP's weight-gradient kernel), widened before their norms and sum, and the
+clipped sums are returned in each parameter's dtype.
 """
 
 from __future__ import annotations

@@ -5,8 +5,9 @@ rounding of the forward/backward (about 3 significant digits; measured max relat
 5e-3 .. 1.4e-2, the same as plain non-private AMP vs float32 on these models): tolerance 3e-2.
 The per-sample norms are checked apart, at float32 precision, against norms computed in float64
 from the same bf16 activations and output gradients, and in the backward graph's dtypes. The
-clipped Linear/matmul GEMMs run as AMP's weight gradient (bf16 operands, a bf16 result): checked
-in the joint graph and in ``p.grad``, and their error vs float32 against plain AMP's.
+clipped Linear/matmul GEMMs read the float32 copies (a bf16 GEMM lets one sample exceed the
+bound: shown on the op), instantiated convolutions' per-sample gradients the bf16 operands;
+both checked in the joint graph, and the error vs float32 against plain AMP's.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import fx_bk
+from fx_bk.kernels.clipped_gemm import clipped_gemm
 from fx_bk.rules.linear import LinearRule
 from fx_bk.site import Strategy
 from fx_bk.testing import fx_bk_grads, max_rel_err, vmap_clipped_sum
@@ -26,6 +28,7 @@ from fx_bk.testing.models import MODELS, batch_for
 
 BF16_TOL = 3e-2  # bf16 keeps 8 significant bits
 F32_TOL = 1e-5
+R_DEMO = 1.0
 
 
 def _amp_grads(bk, model, x, y, reduction="mean") -> dict:
@@ -179,7 +182,8 @@ def _gemm_weights(prog) -> dict:
 def test_error_same_order_as_plain_amp(name):
     """Without clipping (R = 1e6, every C = 1), fx_bk under bf16 autocast is as far from the
     float32 oracle as plain non-private AMP is from plain float32 on the same model and batch
-    (its clipped GEMMs are AMP's weight-gradient GEMM: bf16 operands, a bf16 result)."""
+    (the bf16 forward and backward; the clipped sums read float32 copies, and instantiated
+    convolutions AMP's bf16 weight-gradient kernel)."""
     model, x, y = _model(name, 16, seed=7)
     ref = vmap_clipped_sum(model, x, y, 1e6)
     plain = _amp_grads(model, model, x, y, "sum")
@@ -190,15 +194,29 @@ def test_error_same_order_as_plain_amp(name):
     assert bk_err <= 2 * amp_err + 1e-3, (bk_err, amp_err)
 
 
+def test_a_bf16_clipped_gemm_would_let_one_sample_exceed_the_bound():
+    """Why the clipped GEMMs read float32 under autocast: one sample (T = 2) whose position terms
+    nearly cancel, ``||G|| = 1.03``; with ``c g`` and the sum rounded to bf16 its clipped
+    contribution is 4.2 R, from the same values in float32 it is R."""
+    a = torch.tensor([[[1.7421875], [1.765625]]])  # [B=1, T=2, d=1], bf16 values
+    g = torch.tensor([[[496.0], [-490.0]]])  # [1, 2, p=1]
+    norm = (g * a).sum().abs()
+    c = (R_DEMO / (norm + 1e-6)).reshape(1)
+    narrow = clipped_gemm(a.bfloat16(), g.bfloat16(), c, False).float().norm()
+    wide = clipped_gemm(a, g, c, False).norm()
+    assert narrow > 4 * R_DEMO
+    assert wide <= R_DEMO * (1 + 1e-5)
+
+
 @pytest.mark.parametrize("name,compiled", [
     ("transformer", False), ("seq", False), ("matmul", False), ("reused", False),
     ("transformer", True),
 ])
-def test_clipped_gemms_run_in_bf16(name, compiled):
-    """Under bf16 autocast the clipped weight gradient of a Linear/matmul site is one GEMM of
-    bf16 operands with a bf16 result, widened (AMP's weight gradient); a float32 GEMM of the
-    float32 copies (before) gives weights that bf16 does not represent. The per-sample norms
-    stay float32 (their precision: ``test_norms_accumulate_in_float32``)."""
+def test_clipped_gemms_read_float32(name, compiled):
+    """Under bf16 autocast the clipped weight gradient of a Linear/matmul site reads the float32
+    copies of its activations and output gradients (the norms' values), so each sample's
+    contribution is bounded as in float32; the per-sample norms are float32 too (their
+    precision: ``test_norms_accumulate_in_float32``)."""
     model, x, y = _model(name, 8, seed=8)
     bk = fx_bk.transform(model, max_grad_norm=0.5, loss_reduction="mean")
     run = torch.compile(bk, fullgraph=True) if compiled else bk
@@ -209,19 +227,15 @@ def test_clipped_gemms_run_in_bf16(name, compiled):
     prog = bk.programs[0].prog
     weights = _gemm_weights(prog)
     assert weights, "no Linear/matmul site with a GEMM clipped sum"
-    for w in weights:
-        assert torch.equal(got[w], got[w].bfloat16().float()), w
     nodes = prog.joint_graph.graph.nodes
     ops = [n for n in nodes if n.target is torch.ops.fx_bk.clipped_gemm.default]  # T > 1
     mms = [n for n in nodes if n.target is torch.ops.aten.mm.default  # T = 1, in the graph
            and all(type(d) is int for d in n.meta["val"].shape)  # not [B.., *]
            and tuple(n.meta["val"].shape) in weights.values()]
     assert len(ops) + len(mms) >= len(weights)
-    for n in ops + mms:  # a, g in bf16 (the op's clip factors float32), a bf16 result
-        assert [a.meta["val"].dtype for a in n.args[:2]] == [torch.bfloat16] * 2, n.format_node()
-        assert n.meta["val"].dtype == torch.bfloat16, n.format_node()
-    for n in ops:
-        assert n.args[2].meta["val"].dtype == torch.float32, n.format_node()
+    for n in ops + mms:
+        assert [a.meta["val"].dtype for a in n.args[:2]] == [torch.float32] * 2, n.format_node()
+        assert n.meta["val"].dtype == torch.float32, n.format_node()
 
 
 @pytest.mark.parametrize("compiled", [False, True], ids=["eager", "compiled"])
@@ -246,12 +260,12 @@ def test_per_sample_conv_gradients_run_in_bf16(compiled, monkeypatch):
     assert dtypes == {True: {(torch.bfloat16,) * 3}, False: {(torch.float32,) * 3}}
 
 
-def test_norms_read_float32_copies_gemms_the_bf16_tensors(monkeypatch):
+def test_norms_and_clipped_sums_read_float32_copies(monkeypatch):
     """Under bf16 autocast the site outputs are bf16; the norms, clip factors and clipped sums
     (``fx_bk.clipping.clipped_gradients``, traced into the backward) receive float32
     activations and output gradients, the Linear sites also the bf16 tensors the op computed
-    with (``SiteValues.computed``, read by the clipped GEMMs), and return float32 norms and
-    grads."""
+    with (``SiteValues.computed``, which only instantiated per-sample gradients may read), and
+    return float32 norms and grads."""
     module = importlib.import_module("passes.build_joint")  # the package exports the function
     original = module.clipped_gradients
     seen: dict = {"in": set(), "computed": set(), "out": set()}

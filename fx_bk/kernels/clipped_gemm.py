@@ -13,9 +13,10 @@ clipping) must add exactly zero, and ``0 * NaN`` is NaN: its rows are zeroed in 
 On CPU that pass runs only when some ``c_i`` is zero (reading ``c`` costs nothing there); on
 other devices always, as reading ``c`` would wait for the device.
 
-Operands in a narrower dtype than ``c`` (bf16 under autocast, AMP's weight-gradient GEMM) are
-scaled in ``c``'s dtype and rounded once; the GEMM runs in the operands' dtype (float32
-accumulation inside) and the result keeps it: the caller widens it.
+Operands in a narrower dtype than ``c`` are scaled in ``c``'s dtype and rounded once; the GEMM
+runs in the operands' dtype and the result keeps it. fx_bk's rules pass float32 operands under
+autocast too: rounding ``c g`` and the sum to bf16 lets one sample's contribution exceed the
+bound (NOTE [clipped GEMM dtype], ``fx_bk/rules/linear.py``).
 
 Opaque on purpose: in the graph, the scalings and masks of different sites were fused
 horizontally into Inductor kernels that differed from layer to layer, each compiled as its own

@@ -26,8 +26,9 @@ twice: its norm then includes the cross terms). Sites that share a parameter for
 
 A site value's ``tensors`` and ``grad`` are float32 at least. Under autocast the value also holds
 them in the dtype the op computed in (``value.operand(role)``, ``value.compute_dtype``): a rule's
-clipped GEMM may read those, as AMP's weight gradient does (the Linear rule's
-``fx_bk::clipped_gemm``); norms read the float32 ones.
+instantiated per-sample gradients may come from those, as AMP's weight gradient does
+(convolutions), when its norms and clipped sum both read the widened result. A clipped sum
+over the batch reads the float32 ones (NOTE [clipped GEMM dtype] in ``linear.py``).
 
 Adding an op: one file in ``fx_bk/rules/`` with a :class:`Rule` subclass decorated by
 :func:`register_rule` (every module of the package is imported), and one row in

@@ -10,9 +10,8 @@ All leading non-batch dims fold into T positions: ``a: [B, T, d]``, ``g: [B, T, 
 * clipped:      ``sum_i c_i G_i = (c g)^T a = g^T (c a)`` (one GEMM, the smaller of ``a`` and ``g``
                 scaled: for an LM head ``a`` has d columns, ``g`` V; the opaque op
                 ``fx_bk::clipped_gemm``, ``fx_bk/kernels/clipped_gemm.py``, in the graph at
-                T = 1; ``einsum(c, G)`` when instantiated). Under autocast the GEMM reads bf16
-                operands (the scaled one rounded once) and its bf16 result is widened, as
-                AMP's weight gradient; the norms read float32 copies
+                T = 1; ``einsum(c, G)`` when instantiated). Under autocast too the GEMM reads
+                the float32 copies the norms read (NOTE [clipped GEMM dtype])
 * bias:         ``b_i = sum_t g_it``,  clipped ``c @ b``.
 
 The strategy is chosen per site from its static shapes by the time model of
@@ -62,12 +61,14 @@ def batch_first(t: torch.Tensor, value: SiteValues) -> torch.Tensor:
     return t.reshape(value.batch, -1, t.shape[-1])
 
 
-def gemm_dtype(values: list[SiteValues]) -> torch.dtype | None:
-    """The operand dtype of a clipped GEMM over ``values``: the sites' autocast dtype when they
-    share one (AMP's weight-gradient GEMM: bf16 operands, fp32 accumulation, a bf16 result
-    then widened), else None (the float32-at-least site tensors)."""
-    dtypes = {v.compute_dtype for v in values}
-    return dtypes.pop() if len(dtypes) == 1 else None
+# NOTE [clipped GEMM dtype]: under autocast a ghost site's clipped sum is not AMP's bf16
+# weight-gradient GEMM. Its norm is computed from the float32 values of ``a`` and ``g``, but a
+# bf16 GEMM would read ``c g`` rounded to bf16 and round the sum to bf16: with positions whose
+# terms ``g_t a_t^T`` nearly cancel, the rounding errors (2^-9 of each term) are not small
+# against ``G_i``, and one sample's clipped contribution measured 4.2 R (T = 2; ``a`` near 1.7,
+# ``g`` near 500, ``||G_i|| = 1.03``; tests/test_mixed_precision.py). In float32 the same
+# construction needs terms 2^15 times larger. Instantiated per-sample gradients may come from
+# narrower operands (convolutions do): their norm and their sum read the same widened values.
 
 
 @register_rule(aten.linear.default)
@@ -97,12 +98,10 @@ class LinearRule(Rule):
             s.strategy, s.cost, s.max_ghost_positions = strategy, cost, threshold
 
     @staticmethod
-    def _flat(values: list[SiteValues], computed: bool = False):
-        """Concatenate every site's positions: a [B, T, d], g [B, T, p] (also from [B*T, d]);
-        ``computed``: in the autocast dtype (``SiteValues.operand``)."""
-        a = [batch_first(v.operand("input") if computed else v.tensors["input"], v)
-             for v in values]
-        g = [batch_first(v.operand("grad") if computed else v.grad, v) for v in values]
+    def _flat(values: list[SiteValues]):
+        """Concatenate every site's positions: a [B, T, d], g [B, T, p] (also from [B*T, d])."""
+        a = [batch_first(v.tensors["input"], v) for v in values]
+        g = [batch_first(v.grad, v) for v in values]
         if len(values) == 1:
             return a[0], g[0]
         return torch.cat(a, 1), torch.cat(g, 1)
@@ -151,21 +150,19 @@ class LinearRule(Rule):
             return grads
         if state.per_sample_weight is not None:
             grads[weight] = instantiated_sum(c, state.per_sample_weight)
-        else:  # under autocast: bf16 operands (the float32 copies are the norms' only)
-            dtype = gemm_dtype(values)
-            a, g = (state.a, state.g) if dtype is None else self._flat(values, computed=True)
+        else:  # float32 at least, under autocast too (NOTE [clipped GEMM dtype])
             if rank_one:
-                w = self._clipped_rows(a, g, c, dtype)
-            else:
-                w = clipped_gemm(a, g, c, self.transposed_weight)  # (c g)^T a = g^T (c a)
-            grads[weight] = w.to(accumulation_dtype(w))
+                w = self._clipped_rows(state.a, state.g, c)
+            else:  # (c g)^T a = g^T (c a)
+                w = clipped_gemm(state.a, state.g, c, self.transposed_weight)
+            grads[weight] = w
         return grads
 
-    def _clipped_rows(self, a, g, c, dtype):
+    def _clipped_rows(self, a, g, c):
         """The clipped GEMM of a site with one position per sample (``a: [B, 1, d]``), in the
         graph: Inductor fuses the scaling into the kernel that produces ``g`` (the opaque
         ``fx_bk::clipped_gemm`` measured 1.01-1.16x the step time on the benchmark MLP)."""
-        a, g = scale_smaller(a, g, c, dtype)  # (c g)^T a = g^T (c a)
+        a, g = scale_smaller(a, g, c)  # (c g)^T a = g^T (c a)
         a, g = a.reshape(-1, a.shape[-1]), g.reshape(-1, g.shape[-1])  # [B, d], [B, p]
         return a.t() @ g if self.transposed_weight else g.t() @ a
 

@@ -31,20 +31,13 @@ def keep_samples(c: torch.Tensor, per_sample: torch.Tensor) -> torch.Tensor:
     return torch.where(cv != 0, per_sample, 0.0)
 
 
-def scale_smaller(x: torch.Tensor, g: torch.Tensor, c: torch.Tensor,
-                  dtype: torch.dtype | None = None):
+def scale_smaller(x: torch.Tensor, g: torch.Tensor, c: torch.Tensor):
     """``(keep(x), c g)`` or ``(c x, keep(g))``, whichever scales fewer elements per sample (a
     static choice): a clipped weight gradient ``sum_i c_i W(x_i, g_i)`` is bilinear in its input
-    and output gradient. ``dtype``: both already in a narrower GEMM dtype (autocast); the scaled
-    one is computed in ``c``'s dtype and rounded to it once."""
-    def scale(t):
-        if dtype is None:
-            return scale_samples(c, t)
-        return scale_samples(c, t.to(c.dtype)).to(dtype)
-
+    and output gradient."""
     if math.prod(g.shape[1:]) <= math.prod(x.shape[1:]):
-        return keep_samples(c, x), scale(g)
-    return scale(x), keep_samples(c, g)
+        return keep_samples(c, x), scale_samples(c, g)
+    return scale_samples(c, x), keep_samples(c, g)
 
 
 def weighted_sum(c: torch.Tensor, per_sample: torch.Tensor) -> torch.Tensor:
