@@ -28,7 +28,6 @@ from fx_bk.testing.models import MODELS, batch_for
 
 BF16_TOL = 3e-2  # bf16 keeps 8 significant bits
 F32_TOL = 1e-5
-R_DEMO = 1.0
 
 
 def _amp_grads(bk, model, x, y, reduction="mean") -> dict:
@@ -200,12 +199,13 @@ def test_a_bf16_clipped_gemm_would_let_one_sample_exceed_the_bound():
     contribution is 4.2 R, from the same values in float32 it is R."""
     a = torch.tensor([[[1.7421875], [1.765625]]])  # [B=1, T=2, d=1], bf16 values
     g = torch.tensor([[[496.0], [-490.0]]])  # [1, 2, p=1]
+    bound = 1.0
     norm = (g * a).sum().abs()
-    c = (R_DEMO / (norm + 1e-6)).reshape(1)
+    c = (bound / (norm + 1e-6)).reshape(1)
     narrow = clipped_gemm(a.bfloat16(), g.bfloat16(), c, False).float().norm()
     wide = clipped_gemm(a, g, c, False).norm()
-    assert narrow > 4 * R_DEMO
-    assert wide <= R_DEMO * (1 + 1e-5)
+    assert narrow > 4 * bound
+    assert wide <= bound * (1 + 1e-5)
 
 
 @pytest.mark.parametrize("name,compiled", [

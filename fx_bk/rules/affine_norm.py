@@ -120,21 +120,17 @@ class AffineNormRule(Rule):
 
     def per_sample_grads(self, value):
         x, args, params = value.tensors["input"], value.site.const_args, value.site.params
-        dims = self.spec.summed_dims(x, args)
-        out = {}
         if self.spec.grads_from_sums is not None:
             w, b = self.spec.grads_from_sums(value.grad, x, args)
-            if "weight" in params:
-                out[params["weight"]] = w
-            if "bias" in params:
-                out[params["bias"]] = b
-            return out
-        if "weight" in params:
-            w = value.grad * self.spec.normalize(x, args)
-            out[params["weight"]] = w.sum(dims) if dims else w
-        if "bias" in params:
-            out[params["bias"]] = value.grad.sum(dims) if dims else value.grad
-        return out
+        else:
+            dims = self.spec.summed_dims(x, args)
+
+            def summed(t):
+                return t.sum(dims) if dims else t
+
+            w = summed(value.grad * self.spec.normalize(x, args)) if "weight" in params else None
+            b = summed(value.grad) if "bias" in params else None
+        return {params[role]: t for role, t in (("weight", w), ("bias", b)) if role in params}
 
 
 for _spec in AFFINE_NORMS:
