@@ -1,20 +1,42 @@
 #!/usr/bin/env bash
 # One call on a fresh CUDA machine (H100/H200): install, the kernel tests, the CUDA oracle tests
-# (float32 and bf16 autocast), and the quick step benchmark on CUDA; logs, JUnit XML and the
-# benchmark JSON under $OUT (default ./gpu_check_out). Every stage runs under `timeout`, capped
-# by what is left of TOTAL_S (default 500 s), so the whole script ends in under 9 minutes.
+# (float32 and bf16 autocast), the quick step benchmark on CUDA and three models at full size;
+# logs, JUnit XML and the benchmark JSON under $OUT (default ./gpu_check_out). Every stage runs
+# under `timeout`, capped by what is left of TOTAL_S (default 500 s), so the whole script ends in
+# under 9 minutes.
 #   bash benchmarks/gpu_check.sh            # exit status: 0 when every stage passed
+# The interpreter: $PYTHON, else the first of python3 / python that imports torch (images where
+# `python` is missing or is not the one with torch). A machine without network and without
+# opacus (fx_bk imports it) needs its wheel beside the repo, in ./.whl, installed here into a
+# private target (never into the image's packages):
+#   python -m pip download --no-deps opacus==1.6.0 -d .whl   # on a machine with network
 set -uo pipefail
 cd "$(dirname "$0")/.."
 REPO=$PWD
 OUT=${OUT:-$REPO/gpu_check_out}
 TOTAL_S=${TOTAL_S:-500}
 mkdir -p "$OUT"
-export PYTHONPATH="$REPO${PYTHONPATH:+:$PYTHONPATH}"  # works even where the install fails
+PY=${PYTHON:-}
+if [[ -z $PY ]]; then
+  for cand in python3 python; do
+    if command -v "$cand" >/dev/null && "$cand" -c "import torch" 2>/dev/null; then
+      PY=$(command -v "$cand")
+      break
+    fi
+  done
+fi
+[[ -n $PY ]] || { echo "no python with torch on PATH (set PYTHON)"; exit 2; }
+SITE=""
+if compgen -G "$REPO/.whl/*.whl" >/dev/null; then  # carried wheels, e.g. opacus
+  SITE=$(mktemp -d)
+  "$PY" -m pip install -q --no-index --no-deps --no-compile --target "$SITE" "$REPO"/.whl/*.whl \
+    || echo "installing .whl/*.whl failed"
+fi
+export PYTHONPATH="$REPO${SITE:+:$SITE}${PYTHONPATH:+:$PYTHONPATH}"  # works where install fails
 export PYTHONUNBUFFERED=1
 SUMMARY=()
 FAILED=0
-PYTEST=(python -m pytest -q -rs -o addopts= -p no:cacheprovider)
+PYTEST=("$PY" -m pytest -q -rs -o addopts= -p no:cacheprovider)
 
 # run NAME BUDGET_S CMD...: CMD under timeout min(BUDGET_S, time left), output to $OUT/NAME.log
 run() {
@@ -44,17 +66,17 @@ run() {
 #    repo is used from PYTHONPATH with the torch / triton already installed)
 {
   nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader || true
-  python -c "import torch; print('torch', torch.__version__, 'cuda', torch.version.cuda,
+  "$PY" -c "import torch; print('torch', torch.__version__, 'cuda', torch.version.cuda,
 'available', torch.cuda.is_available(),
 torch.cuda.get_device_name() if torch.cuda.is_available() else '')"
-  python -c "import triton; print('triton', triton.__version__)" || echo "triton: NOT installed"
+  "$PY" -c "import triton; print('triton', triton.__version__)" || echo "triton: NOT installed"
 } 2>&1 | tee "$OUT/env.log"
-INSTALL='python -m pip install -q --disable-pip-version-check --retries 0 --timeout 10 -e ".[test]" \
-  || python -m pip install -q --disable-pip-version-check --no-deps --no-build-isolation -e . \
+INSTALL='"$PY" -m pip install -q --disable-pip-version-check --retries 0 --timeout 10 -e ".[test]" \
+  || "$PY" -m pip install -q --disable-pip-version-check --no-deps --no-build-isolation -e . \
   || echo "pip install failed: using PYTHONPATH=$PYTHONPATH"
-python -c "import fx_bk, torch; assert torch.cuda.is_available(), \"no CUDA device\"
+"$PY" -c "import fx_bk, opacus, torch; assert torch.cuda.is_available(), \"no CUDA device\"
 print(\"fx_bk from\", fx_bk.__file__)"'
-run install 120 bash -c "$INSTALL"
+run install 120 env PY="$PY" bash -c "$INSTALL"
 
 # 2. the CUDA tests: the Triton ghost-norm kernel compiled for the GPU, and the oracle checks
 #    (MLP, transformer, GroupNorm CNN; eager and compiled; float32 and bf16 autocast)
@@ -63,15 +85,19 @@ run test_cuda 150 "${PYTEST[@]}" tests/test_cuda.py --junitxml="$OUT/test_cuda.x
 run test_kernels 60 "${PYTEST[@]}" tests/test_kernels.py --junitxml="$OUT/test_kernels.xml"
 # 4. step benchmark on CUDA, quick sizes, the bf16 columns; then peak memory
 #    (torch.cuda.max_memory_allocated, a fresh process per variant) of one model
-run bench_step 180 python -m benchmarks.step --quick --device cuda --autocast bf16 --rounds 3 \
+run bench_step 180 "$PY" -m benchmarks.step --quick --device cuda --autocast bf16 --rounds 3 \
   --no-memory --no-plot --json "$OUT/step-quick-cuda.json"
-run bench_memory 90 python -m benchmarks.step --quick --device cuda --models encoder \
+#    then the full sizes (the README's CPU table's shapes) of three models, fx_bk vs non-private
+run bench_full 150 "$PY" -m benchmarks.step --device cuda --autocast bf16 --rounds 3 \
+  --models encoder gpt2 cnn --variants "non-private compiled,fx_bk compiled" \
+  --no-memory --no-plot --json "$OUT/step-full-cuda.json"
+run bench_memory 90 "$PY" -m benchmarks.step --quick --device cuda --models encoder \
   --variants "fx_bk compiled" --rounds 2 --no-plot --json "$OUT/step-quick-cuda-memory.json"
 
 echo
 echo "=== summary (${SECONDS} s of TOTAL_S=${TOTAL_S}; logs in $OUT)"
 printf '%s\n' "${SUMMARY[@]}" | tee "$OUT/summary.txt"
-for f in "$OUT"/bench_step.log "$OUT"/bench_memory.log; do  # the benchmark tables
+for f in "$OUT"/bench_step.log "$OUT"/bench_full.log "$OUT"/bench_memory.log; do  # the benchmark tables
   [[ -f $f ]] && sed -n '/^| model | arithmetic floor/,/^$/p' "$f"
 done
 exit "$FAILED"

@@ -14,6 +14,10 @@ memory ``B * block * T`` instead of ``B * T^2``. Per block row ``k``:
   builds the two ``block x block`` Gram tiles in registers (looping over d and p) and adds its
   weighted sum to the sample's norm: no Gram matrix ever reaches memory.
 
+Both ops return the norms through ``rounding_bound.guard_norm_sq``: a sample whose positions'
+terms cancel (computed norm far below ``sum_t ||a_t|| ||g_t||``) gets the upper bound of its
+norm instead, so that rounding cannot let it add more than ``R`` through the clipped GEMM.
+
 A custom op with a fake implementation, so the joint graph and Inductor see one opaque call.
 Opaque to ``torch.utils.flop_counter.FlopCounterMode`` too, so a FLOP formula is registered for
 it: ``2 * B * ghost_cost(T, d, p, block)`` (the Gram products, as for ``bmm``).
@@ -26,6 +30,7 @@ import torch
 from fx_bk.cost_model import GHOST_BLOCK, ghost_cost
 
 from .flops import register_flops
+from .rounding_bound import guard_norm_sq, position_bound
 
 DEFAULT_BLOCK = GHOST_BLOCK
 
@@ -60,11 +65,14 @@ def ghost_norm_blocked(a: torch.Tensor, g: torch.Tensor, block: int = DEFAULT_BL
 
 @torch.library.custom_op("fx_bk::ghost_norm", mutates_args=())
 def ghost_norm(a: torch.Tensor, g: torch.Tensor, block: int = DEFAULT_BLOCK) -> torch.Tensor:
+    acc = _out_dtype(a)
     if a.is_cuda and _triton_available():
         from .triton_ghost_norm import triton_ghost_norm
 
-        return triton_ghost_norm(a, g)
-    return ghost_norm_blocked(a, g, block)
+        norm_sq = triton_ghost_norm(a, g)
+    else:
+        norm_sq = ghost_norm_blocked(a, g, block)
+    return guard_norm_sq(norm_sq, position_bound(a, g, acc), acc)
 
 
 @ghost_norm.register_fake
@@ -82,7 +90,9 @@ def gemm_norm_by_length(a: torch.Tensor, g: torch.Tensor, max_ghost_positions: i
     if a.shape[1] <= max_ghost_positions:
         return ghost_norm(a, g)
     per_sample = torch.bmm(g.transpose(1, 2), a)  # [B, p, d], in the inputs' dtype
-    return per_sample.to(_out_dtype(a)).pow(2).sum((1, 2))
+    acc = _out_dtype(a)  # the clipped GEMM rounds differently: its u * S_i (rounding_bound.py)
+    return guard_norm_sq(per_sample.to(acc).pow(2).sum((1, 2)), position_bound(a, g, acc), a.dtype,
+                         instantiated=True)
 
 
 @gemm_norm_by_length.register_fake

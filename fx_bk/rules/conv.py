@@ -38,6 +38,7 @@ import torch
 from fx_bk.cost_model import conv_strategy
 from fx_bk.kernels.conv_grad import conv_per_sample_weight_grad
 from fx_bk.kernels.ghost_norm import ghost_norm
+from fx_bk.kernels.rounding_bound import guard_norm_sq
 from fx_bk.site import Strategy
 
 from .base import (
@@ -160,7 +161,7 @@ def position_gram_norm(windowed: torch.Tensor, plain: torch.Tensor, site, grid) 
     ``grid`` windows and ``q`` = ``plain``'s positions, without im2col: ``(a a^T)[l, l']`` is
     the sum over kernel offsets ``k`` of the Gram ``P`` of the padded windowed tensor's positions
     at ``(pos(l) + k, pos(l') + k)``, so ``P`` ([P, P] per sample and group) is built once and
-    each offset reads a strided window of it. ``[B]``."""
+    each offset reads a strided window of it; through ``rounding_bound.guard_norm_sq``. ``[B]``."""
     kernel, stride, dilation, pads, groups = _geometry(site)
     x = _zero_pad(windowed, pads)
     used = read_positions(site, grid)
@@ -178,7 +179,16 @@ def position_gram_norm(windowed: torch.Tensor, plain: torch.Tensor, site, grid) 
     # over every position pair (one OpenMP region per pair: 40 ms of the benchmark CNN's step)
     windows = kernel_windows(gram, kernel, dilation, steps, grid)  # [B, g, *K, *grid, *grid]
     q = q.reshape(b, groups, *[1] * n, *grid, *grid)
-    return (windows * q).sum(tuple(range(1, windows.dim())))
+    norm_sq = (windows * q).sum(tuple(range(1, windows.dim())))
+    # S = sum_l ||im2col row l|| ||q_l||, a row's squared norm the window sum of its positions'
+    acc = torch.float64 if xs.dtype == torch.float64 else torch.float32
+    sq = xs.to(acc).pow(2).sum(-1).reshape(b * groups, 1, *spatial)
+    conv = (torch.nn.functional.conv1d, torch.nn.functional.conv2d,
+            torch.nn.functional.conv3d)[n - 1]
+    rows = conv(sq, sq.new_ones((1, 1, *kernel)), stride=steps, dilation=dilation)
+    bound = (rows.reshape(b, groups, -1).sqrt()
+             * torch.linalg.vector_norm(qs.to(acc), dim=-1)).sum((1, 2))
+    return guard_norm_sq(norm_sq, bound, xs.dtype)
 
 
 def kernel_windows(gram: torch.Tensor, kernel, dilation, steps, grid) -> torch.Tensor:

@@ -2,6 +2,8 @@
 
 * norm (ghost):  ``||G_i||^2 = sum_{t,t'} [x_t = x_t'] <g_t, g_t'>`` over positions that are not
   ``padding_idx`` (their gradient is zero in PyTorch; Opacus counts them)   cost T^2 d, memory B T^2
+                 (a sample whose same-token gradients cancel gets its rounding bound,
+                 ``fx_bk/kernels/rounding_bound.py``)
 * clipped:       ``c_i g_it`` summed into row ``x_it`` by the embedding's own backward kernel
                  (``fx_bk::embedding_weight_grad``; never a B T V one-hot)
 * per sample:    ``[B, V, d]`` via one ``index_add`` (only for parameters shared across rules).
@@ -15,6 +17,7 @@ import torch
 
 from fx_bk.cost_model import embedding_cost
 from fx_bk.kernels.embedding_grad import embedding_weight_grad
+from fx_bk.kernels.rounding_bound import guard_norm_sq
 from fx_bk.site import Strategy
 
 from .base import Rule, accumulation_dtype, register_rule, scale_samples, sum_pairs
@@ -79,7 +82,8 @@ class EmbeddingRule(Rule):
         acc = accumulation_dtype(g)
         same = (x.unsqueeze(2) == x.unsqueeze(1)).to(acc)  # [B, T, T]
         gg = torch.bmm(g, g.transpose(1, 2)).to(acc)  # [B, T, T]
-        return sum_pairs(same * gg), EmbeddingState(x, g)
+        bound = torch.linalg.vector_norm(g.to(acc), dim=-1).sum(1)  # ||a_t|| = 1 (one-hot)
+        return guard_norm_sq(sum_pairs(same * gg), bound, g.dtype), EmbeddingState(x, g)
 
     def clipped_grads(self, values, state: EmbeddingState, c):
         x, g = state.indices, state.grad

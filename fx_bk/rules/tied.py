@@ -7,8 +7,9 @@ rule's own norm plus the cross term, with no ``[B, V, d]`` tensor:
 
     <E_i, L_i> = sum_{t,s} l_s[x_t] * <e_t, a_s>      cost T T' d  (+ a gather of T T' logits)
 
-(padding positions have ``e_t = 0``). The clipped gradient is the sum of both rules' clipped
-gradients.
+(padding positions have ``e_t = 0``); the sum goes through ``rounding_bound.guard_norm_sq``
+with ``S = sum_t ||e_t|| + sum_s ||a_s|| ||l_s||``. The clipped gradient is the sum of both rules'
+clipped gradients.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from dataclasses import dataclass
 import torch
 
 from fx_bk.cost_model import positions, tie_cross_cost
+from fx_bk.kernels.rounding_bound import guard_norm_sq, position_bound
 from fx_bk.site import Site
 
 from .base import accumulation_dtype, register_tie_handler, sum_pairs
@@ -81,7 +83,11 @@ class EmbeddingLinearTie:
         rows = x.unsqueeze(-1).expand(-1, -1, a.shape[1])  # [B, T, T']
         picked = torch.gather(logits_grad.transpose(1, 2), 1, rows).to(acc)  # l_s[x_t]
         cross = sum_pairs(inner * picked)
-        return n_emb + n_lin + 2 * cross, TieState(st_emb, st_lin)
+        # the cross term can cancel the two norms: the guard on the whole, with S of both
+        bound = (torch.linalg.vector_norm(e.to(acc), dim=-1).sum(1)
+                 + position_bound(a, logits_grad, acc))
+        total = guard_norm_sq(n_emb + n_lin + 2 * cross, bound, e.dtype)
+        return total, TieState(st_emb, st_lin)
 
     def clipped_grads(self, values, state: TieState, c):
         (emb,), lin = self._split(values, lambda v: v.site)
