@@ -49,18 +49,26 @@ def ghost_norm_reference(a: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
 
 def ghost_norm_blocked(a: torch.Tensor, g: torch.Tensor, block: int = DEFAULT_BLOCK):
     """Symmetric block rows in PyTorch ops (the CPU implementation)."""
+    return _ghost_blocks(a, g, block)[0]
+
+
+def _ghost_blocks(a: torch.Tensor, g: torch.Tensor, block: int):
+    """The blocked ghost norm and the rounding guard's ``S = sum_t ||a_t|| ||g_t||``, read off
+    the diagonal blocks' diagonals (``||a_t||^2 ||g_t||^2``): no extra pass over ``a`` and ``g``."""
     acc = _out_dtype(a)
     a, g = a.to(acc), g.to(acc)
     t = a.shape[1]
     total = a.new_zeros(a.shape[0])
+    bound = a.new_zeros(a.shape[0])
     for k in range(0, t, block):
         ak, gk = a[:, k : k + block], g[:, k : k + block]
         rows_a = torch.bmm(ak, a[:, k:].transpose(1, 2))  # [B, block, T - k]
         rows_g = torch.bmm(gk, g[:, k:].transpose(1, 2))
         prod = rows_a * rows_g
-        diag = prod[:, :, : ak.shape[1]].sum((1, 2))
-        total = total + 2 * prod.sum((1, 2)) - diag
-    return total
+        diag_block = prod[:, :, : ak.shape[1]]
+        total = total + 2 * prod.sum((1, 2)) - diag_block.sum((1, 2))
+        bound = bound + torch.diagonal(diag_block, dim1=1, dim2=2).clamp_min(0).sqrt().sum(1)
+    return total, bound
 
 
 @torch.library.custom_op("fx_bk::ghost_norm", mutates_args=())
@@ -69,10 +77,10 @@ def ghost_norm(a: torch.Tensor, g: torch.Tensor, block: int = DEFAULT_BLOCK) -> 
     if a.is_cuda and _triton_available():
         from .triton_ghost_norm import triton_ghost_norm
 
-        norm_sq = triton_ghost_norm(a, g)
+        norm_sq, bound = triton_ghost_norm(a, g), position_bound(a, g, acc)
     else:
-        norm_sq = ghost_norm_blocked(a, g, block)
-    return guard_norm_sq(norm_sq, position_bound(a, g, acc), acc)
+        norm_sq, bound = _ghost_blocks(a, g, block)
+    return guard_norm_sq(norm_sq, bound, acc)
 
 
 @ghost_norm.register_fake

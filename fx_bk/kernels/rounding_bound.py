@@ -10,8 +10,9 @@ and ``u`` is the unit roundoff of the dtype the Grams are computed in. When the 
 ``g_t a_t^T`` nearly cancel (``S_i / ||G_i||`` in the thousands), that error is as large as
 ``||G_i||^2`` itself: the computed norm can come out near zero while the clipped GEMM, whose
 error is only ``u * S_i``, still adds the full ``G_i``. Measured in float32 on two positions
-with ``a_1 = a_2`` and ``g_2 = -g_1 + 3e-4 w`` (d = p = 768): the computed ghost norm was 0 and
-the sample added 2.4 R, and more for larger activations (tests/test_rounding_bound.py).
+with ``a_1 = a_2`` and ``g_2 = -g_1 + 3e-4 w`` (d = p = 768, ``||G_i||`` near 3 R, 256 such
+samples): computed norms down to 0, contributions up to 3.4 R, and 377 R with the activations
+100 times larger (tests/test_rounding_bound.py).
 
 The guard, per sample: a computed ``n^2`` with ``n^2 >= TAU * S^2`` is kept as it is (its
 relative error is then at most ``K u / TAU``: 2.6e-4 with the error constant measured, 1.9e-3
