@@ -22,7 +22,7 @@ import fx_bk.rules.embedding as embedding_rules
 import fx_bk.rules.tied as tied_rules
 from fx_bk.kernels.clipped_gemm import clipped_gemm
 from fx_bk.kernels.ghost_norm import ghost_norm, ghost_norm_blocked
-from fx_bk.kernels.rounding_bound import TAU, K, guard_norm_sq, unit_roundoff
+from fx_bk.kernels.rounding_bound import TAU, error_constant, guard_norm_sq, unit_roundoff
 from fx_bk.site import Strategy
 
 R = 1.0
@@ -39,7 +39,7 @@ def _cancelling(n: int, d: int, p: int, seed: int, scale: float | None = None):
     return torch.cat([x, x], 1), torch.cat([v, -v + EPS * w], 1)
 
 
-def _no_guard(norm_sq, bound, dtype, **kwargs):
+def _no_guard(norm_sq, *args, **kwargs):
     return norm_sq
 
 
@@ -51,6 +51,11 @@ def _contributions(norm_sq: torch.Tensor, a: torch.Tensor, g: torch.Tensor) -> t
                         for i in range(a.shape[0])]) / R
 
 
+def _true_norms(a: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
+    """``||G_i||`` in float64 for samples whose two positions share ``a``."""
+    return g.double().sum(1).norm(dim=-1) * a[:, 0].double().norm(dim=-1)
+
+
 @pytest.mark.parametrize("d,p", [(768, 768), (16, 4096)])
 def test_ghost_norm_op_bounds_cancelling_samples(d, p):
     a, g = _cancelling(256, d, p, seed=d + p)
@@ -58,10 +63,32 @@ def test_ghost_norm_op_bounds_cancelling_samples(d, p):
     assert raw.max() > 1.2, raw.max()  # the unguarded norm lets a sample add more than R
     guarded = _contributions(ghost_norm(a, g), a, g)
     assert guarded.max() <= 1 + 1e-6, guarded.max()
+    # recomputed, not merely bounded: a sample above R adds R within the GEMM term (S / ||G||
+    # is about 6000 here, so K u S / ||G|| is about 6e-3)
+    over = _true_norms(a, g) > 1.1 * R
+    assert over.sum() > 100 and guarded[over].min() > 0.99, guarded[over].min()
     # the same samples scaled up: unguarded contributions grow with the activations
     a_big = a * 100
     assert _contributions(ghost_norm_blocked(a_big, g), a_big, g).max() > 20
     assert _contributions(ghost_norm(a_big, g), a_big, g).max() <= 1 + 1e-6
+
+
+def test_ghost_norm_op_bounds_systematic_rounding():
+    """Constant vectors: every rounding of a long dot product goes the same way, so the Gram
+    error grows with the length (57 u S^2 at 16384, against 4.4 for random vectors)."""
+    n, d, p = 32, 16, 16384
+    gen = torch.Generator().manual_seed(5)
+    x = (1 + torch.rand(n, 1, 1, generator=gen)) * torch.ones(n, 1, d)
+    v = (1 + torch.rand(n, 1, 1, generator=gen)) * torch.ones(n, 1, p)
+    w = torch.randn(n, 1, p, generator=gen)
+    scale = 3 * R / (1e-3 * (d * p) ** 0.5)
+    a, g = torch.cat([x, x], 1) * scale, torch.cat([v, -v + 1e-3 * w], 1)
+    raw_sq = ghost_norm_blocked(a, g).double()
+    true_sq = _true_norms(a, g) ** 2
+    s = (a.double().norm(dim=-1) * g.double().norm(dim=-1)).sum(1)
+    err = ((raw_sq - true_sq).abs() / (unit_roundoff(torch.float32) * s * s)).max()
+    assert err > 32, err  # beyond a constant K: the length matters
+    assert _contributions(ghost_norm(a, g), a, g).max() <= 1 + 1e-6
 
 
 def test_guard_leaves_well_conditioned_norms_unchanged():
@@ -75,8 +102,8 @@ def test_guard_leaves_well_conditioned_norms_unchanged():
 def test_guard_is_an_upper_bound_and_keeps_nan():
     s = torch.tensor([10.0, 10.0, 10.0, 0.0, 10.0])
     n2 = torch.tensor([50.0, 1e-3, -1e-3, 0.0, float("nan")])
-    out = guard_norm_sq(n2, s, torch.float32)
-    ku = K * unit_roundoff(torch.float32)
+    out = guard_norm_sq(n2, s, torch.float32, 768)
+    ku = error_constant(768) * unit_roundoff(torch.float32)
     assert out[0] == 50.0  # n^2 >= TAU S^2: kept
     assert 1e-3 < TAU * 100
     want = ((1e-3 + ku * 100) ** 0.5 + ku * 10) ** 2
@@ -106,7 +133,7 @@ def test_linear_site_end_to_end(monkeypatch):
     (site,) = [s for s in bk.programs[0].prog.sites if s.rule.name == "linear"]
     assert site.strategy == Strategy.GHOST
     assert max(_per_sample_step(bk, model, x[None], y[None]) for x, y in zip(a, g)) <= 1 + 1e-6
-    monkeypatch.setattr(ghost_norm_module, "guard_norm_sq", _no_guard)
+    monkeypatch.setattr(ghost_norm_module, "recompute_cancelling", _no_guard)
     assert _max_contribution(model, a, g) > 1.2
 
 

@@ -14,9 +14,10 @@ memory ``B * block * T`` instead of ``B * T^2``. Per block row ``k``:
   builds the two ``block x block`` Gram tiles in registers (looping over d and p) and adds its
   weighted sum to the sample's norm: no Gram matrix ever reaches memory.
 
-Both ops return the norms through ``rounding_bound.guard_norm_sq``: a sample whose positions'
-terms cancel (computed norm far below ``sum_t ||a_t|| ||g_t||``) gets the upper bound of its
-norm instead, so that rounding cannot let it add more than ``R`` through the clipped GEMM.
+A sample whose positions' terms cancel (computed norm far below ``sum_t ||a_t|| ||g_t||``) has
+its norm recomputed from float64 Grams (``rounding_bound.recompute_cancelling``; the by-length
+op's instantiated branch: ``guard_norm_sq``), so that rounding cannot let it add more than ``R``
+through the clipped GEMM.
 
 A custom op with a fake implementation, so the joint graph and Inductor see one opaque call.
 Opaque to ``torch.utils.flop_counter.FlopCounterMode`` too, so a FLOP formula is registered for
@@ -30,7 +31,7 @@ import torch
 from fx_bk.cost_model import GHOST_BLOCK, ghost_cost
 
 from .flops import register_flops
-from .rounding_bound import guard_norm_sq, position_bound
+from .rounding_bound import guard_norm_sq, position_bound, recompute_cancelling
 
 DEFAULT_BLOCK = GHOST_BLOCK
 
@@ -80,7 +81,11 @@ def ghost_norm(a: torch.Tensor, g: torch.Tensor, block: int = DEFAULT_BLOCK) -> 
         norm_sq, bound = triton_ghost_norm(a, g), position_bound(a, g, acc)
     else:
         norm_sq, bound = _ghost_blocks(a, g, block)
-    return guard_norm_sq(norm_sq, bound, acc)
+    length = max(a.shape[-1], g.shape[-1], a.shape[1])
+    if acc == torch.float64:
+        return guard_norm_sq(norm_sq, bound, acc, length)
+    exact = lambda i: _ghost_blocks(a[i].double(), g[i].double(), block)[0]  # noqa: E731
+    return recompute_cancelling(norm_sq, bound, exact, a.shape[1], length)
 
 
 @ghost_norm.register_fake
@@ -100,7 +105,7 @@ def gemm_norm_by_length(a: torch.Tensor, g: torch.Tensor, max_ghost_positions: i
     per_sample = torch.bmm(g.transpose(1, 2), a)  # [B, p, d], in the inputs' dtype
     acc = _out_dtype(a)  # the clipped GEMM rounds differently: its u * S_i (rounding_bound.py)
     return guard_norm_sq(per_sample.to(acc).pow(2).sum((1, 2)), position_bound(a, g, acc), a.dtype,
-                         instantiated=True)
+                         a.shape[1], instantiated=True)
 
 
 @gemm_norm_by_length.register_fake

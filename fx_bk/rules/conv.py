@@ -188,7 +188,8 @@ def position_gram_norm(windowed: torch.Tensor, plain: torch.Tensor, site, grid) 
     rows = conv(sq, sq.new_ones((1, 1, *kernel)), stride=steps, dilation=dilation)
     bound = (rows.reshape(b, groups, -1).sqrt()
              * torch.linalg.vector_norm(qs.to(acc), dim=-1)).sum((1, 2))
-    return guard_norm_sq(norm_sq, bound, xs.dtype)
+    length = xs.shape[-1] + qs.shape[-1] + math.prod(kernel)
+    return guard_norm_sq(norm_sq, bound, xs.dtype, length)
 
 
 def kernel_windows(gram: torch.Tensor, kernel, dilation, steps, grid) -> torch.Tensor:

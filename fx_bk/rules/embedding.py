@@ -83,7 +83,8 @@ class EmbeddingRule(Rule):
         same = (x.unsqueeze(2) == x.unsqueeze(1)).to(acc)  # [B, T, T]
         gg = torch.bmm(g, g.transpose(1, 2)).to(acc)  # [B, T, T]
         bound = torch.linalg.vector_norm(g.to(acc), dim=-1).sum(1)  # ||a_t|| = 1 (one-hot)
-        return guard_norm_sq(sum_pairs(same * gg), bound, g.dtype), EmbeddingState(x, g)
+        norm_sq = guard_norm_sq(sum_pairs(same * gg), bound, g.dtype, g.shape[-1] + g.shape[1])
+        return norm_sq, EmbeddingState(x, g)
 
     def clipped_grads(self, values, state: EmbeddingState, c):
         x, g = state.indices, state.grad

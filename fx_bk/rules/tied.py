@@ -86,7 +86,8 @@ class EmbeddingLinearTie:
         # the cross term can cancel the two norms: the guard on the whole, with S of both
         bound = (torch.linalg.vector_norm(e.to(acc), dim=-1).sum(1)
                  + position_bound(a, logits_grad, acc))
-        total = guard_norm_sq(n_emb + n_lin + 2 * cross, bound, e.dtype)
+        length = e.shape[-1] + e.shape[1] + a.shape[1]
+        total = guard_norm_sq(n_emb + n_lin + 2 * cross, bound, e.dtype, length)
         return total, TieState(st_emb, st_lin)
 
     def clipped_grads(self, values, state: TieState, c):
