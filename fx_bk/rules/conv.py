@@ -43,6 +43,7 @@ from fx_bk.site import Strategy
 
 from .base import (
     Rule,
+    accumulation_dtype,
     keep_samples,
     register_rule,
     scale_samples,
@@ -181,7 +182,7 @@ def position_gram_norm(windowed: torch.Tensor, plain: torch.Tensor, site, grid) 
     q = q.reshape(b, groups, *[1] * n, *grid, *grid)
     norm_sq = (windows * q).sum(tuple(range(1, windows.dim())))
     # S = sum_l ||im2col row l|| ||q_l||, a row's squared norm the window sum of its positions'
-    acc = torch.float64 if xs.dtype == torch.float64 else torch.float32
+    acc = accumulation_dtype(xs)
     sq = xs.to(acc).pow(2).sum(-1).reshape(b * groups, 1, *spatial)
     conv = (torch.nn.functional.conv1d, torch.nn.functional.conv2d,
             torch.nn.functional.conv3d)[n - 1]

@@ -31,6 +31,7 @@ class EmbeddingState:
 
     indices: torch.Tensor  # [B, T] looked-up rows
     grad: torch.Tensor  # [B, T, d] output gradients, padding rows zeroed
+    bound: torch.Tensor  # [B] S = sum_t ||g_t|| (one-hot rows: ||a_t|| = 1), rounding_bound.py
 
 
 @register_rule(aten.embedding.default)
@@ -84,7 +85,7 @@ class EmbeddingRule(Rule):
         gg = torch.bmm(g, g.transpose(1, 2)).to(acc)  # [B, T, T]
         bound = torch.linalg.vector_norm(g.to(acc), dim=-1).sum(1)  # ||a_t|| = 1 (one-hot)
         norm_sq = guard_norm_sq(sum_pairs(same * gg), bound, g.dtype, g.shape[-1] + g.shape[1])
-        return norm_sq, EmbeddingState(x, g)
+        return norm_sq, EmbeddingState(x, g, bound)
 
     def clipped_grads(self, values, state: EmbeddingState, c):
         x, g = state.indices, state.grad

@@ -84,8 +84,7 @@ class EmbeddingLinearTie:
         picked = torch.gather(logits_grad.transpose(1, 2), 1, rows).to(acc)  # l_s[x_t]
         cross = sum_pairs(inner * picked)
         # the cross term can cancel the two norms: the guard on the whole, with S of both
-        bound = (torch.linalg.vector_norm(e.to(acc), dim=-1).sum(1)
-                 + position_bound(a, logits_grad, acc))
+        bound = st_emb.bound + position_bound(a, logits_grad, acc)
         length = e.shape[-1] + e.shape[1] + a.shape[1]
         total = guard_norm_sq(n_emb + n_lin + 2 * cross, bound, e.dtype, length)
         return total, TieState(st_emb, st_lin)
