@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # One call on a fresh CUDA machine (H100/H200): install, the kernel tests, the CUDA oracle tests
 # (float32 and bf16 autocast), the quick step benchmark on CUDA and three models at full size;
-# logs, JUnit XML and the benchmark JSON under $OUT (default ./gpu_check_out). Every stage runs
+# logs, JUnit XML and the benchmark JSON packed into $OUT/gpu_check.tgz (default ./gpu_check_out). Every stage runs
 # under `timeout`, capped by what is left of TOTAL_S (default 500 s), so the whole script ends in
 # under 9 minutes.
 #   bash benchmarks/gpu_check.sh            # exit status: 0 when every stage passed
@@ -13,8 +13,17 @@
 set -uo pipefail
 cd "$(dirname "$0")/.."
 REPO=$PWD
-OUT=${OUT:-$REPO/gpu_check_out}
+OUT=${OUT:-$REPO/gpu_check_out}  # gets gpu_check.tgz (everything), summary.txt, the JSON, test_cuda.log
+FINAL_OUT=$OUT
+OUT=$(mktemp -d)  # the stages write here; packed into $FINAL_OUT on exit (a few files, not 13)
+pack() {
+  mkdir -p "$FINAL_OUT"
+  tar -czf "$FINAL_OUT/gpu_check.tgz" -C "$OUT" . 2>/dev/null
+  cp "$OUT"/summary.txt "$OUT"/test_cuda.log "$OUT"/*.json "$FINAL_OUT"/ 2>/dev/null
+}
+trap pack EXIT
 TOTAL_S=${TOTAL_S:-500}
+DEVICE=${DEVICE:-cuda}  # DEVICE=cpu: a dry run of the stages on a machine without a GPU
 mkdir -p "$OUT"
 PY=${PYTHON:-}
 if [[ -z $PY ]]; then
@@ -74,28 +83,32 @@ torch.cuda.get_device_name() if torch.cuda.is_available() else '')"
 INSTALL='"$PY" -m pip install -q --disable-pip-version-check --retries 0 --timeout 10 -e ".[test]" \
   || "$PY" -m pip install -q --disable-pip-version-check --no-deps --no-build-isolation -e . \
   || echo "pip install failed: using PYTHONPATH=$PYTHONPATH"
-"$PY" -c "import fx_bk, opacus, torch; assert torch.cuda.is_available(), \"no CUDA device\"
+"$PY" -c "import fx_bk, opacus, torch; assert \"$DEVICE\" == \"cpu\" or torch.cuda.is_available(), \"no CUDA device\"
 print(\"fx_bk from\", fx_bk.__file__)"'
-run install 120 env PY="$PY" bash -c "$INSTALL"
+run install 120 env PY="$PY" DEVICE="$DEVICE" bash -c "$INSTALL"
 
-# 2. the CUDA tests: the Triton ghost-norm kernel compiled for the GPU, and the oracle checks
-#    (MLP, transformer, GroupNorm CNN; eager and compiled; float32 and bf16 autocast)
-run test_cuda 150 "${PYTEST[@]}" tests/test_cuda.py --junitxml="$OUT/test_cuda.xml"
-# 3. the kernel tests (the blocked formula, the custom op, Triton's interpreter, embedding grad)
-run test_kernels 60 "${PYTEST[@]}" tests/test_kernels.py --junitxml="$OUT/test_kernels.xml"
-# 4. step benchmark on CUDA, quick sizes, the bf16 columns; then peak memory
+# 2. the CUDA tests: the Triton ghost-norm kernel compiled for the GPU, the rounding guard on the
+#    GPU (also under CUDA-graph capture), TF32 refused, and the oracle checks (MLP, transformer,
+#    GroupNorm CNN; eager and compiled; float32 and bf16 autocast); 4 workers where xdist is
+WORKERS=()
+"$PY" -c "import xdist" 2>/dev/null && WORKERS=(-n 4)
+run test_cuda 170 "${PYTEST[@]}" "${WORKERS[@]}" tests/test_cuda.py --junitxml="$OUT/test_cuda.xml"
+# 3. the full sizes (the README's CPU table's shapes) of three models, fx_bk vs non-private,
+#    with the first-call and bf16 columns
+run bench_full 170 "$PY" -m benchmarks.step --device "$DEVICE" --autocast bf16 --rounds 3 \
+  --models encoder gpt2 cnn --variants "non-private compiled" "fx_bk compiled" \
+  --no-memory --no-plot --json "$OUT/step-full-$DEVICE.json"
+# 4. every model and variant (Opacus too) at quick sizes; then peak memory
 #    (torch.cuda.max_memory_allocated, a fresh process per variant) of one model
-run bench_step 180 "$PY" -m benchmarks.step --quick --device cuda --autocast bf16 --rounds 3 \
-  --no-memory --no-plot --json "$OUT/step-quick-cuda.json"
-#    then the full sizes (the README's CPU table's shapes) of three models, fx_bk vs non-private
-run bench_full 150 "$PY" -m benchmarks.step --device cuda --autocast bf16 --rounds 3 \
-  --models encoder gpt2 cnn --variants "non-private compiled,fx_bk compiled" \
-  --no-memory --no-plot --json "$OUT/step-full-cuda.json"
-run bench_memory 90 "$PY" -m benchmarks.step --quick --device cuda --models encoder \
-  --variants "fx_bk compiled" --rounds 2 --no-plot --json "$OUT/step-quick-cuda-memory.json"
+run bench_step 150 "$PY" -m benchmarks.step --quick --device "$DEVICE" --autocast bf16 \
+  --rounds 3 --no-memory --no-plot --json "$OUT/step-quick-$DEVICE.json"
+run bench_memory 60 "$PY" -m benchmarks.step --quick --device "$DEVICE" --models encoder \
+  --variants "fx_bk compiled" --rounds 2 --no-plot --json "$OUT/step-quick-memory-$DEVICE.json"
+# 5. the kernel tests (the blocked formula, the custom op, Triton's interpreter, embedding grad)
+run test_kernels 60 "${PYTEST[@]}" tests/test_kernels.py --junitxml="$OUT/test_kernels.xml"
 
 echo
-echo "=== summary (${SECONDS} s of TOTAL_S=${TOTAL_S}; logs in $OUT)"
+echo "=== summary (${SECONDS} s of TOTAL_S=${TOTAL_S}; logs in $FINAL_OUT/gpu_check.tgz)"
 printf '%s\n' "${SUMMARY[@]}" | tee "$OUT/summary.txt"
 for f in "$OUT"/bench_step.log "$OUT"/bench_full.log "$OUT"/bench_memory.log; do  # the benchmark tables
   [[ -f $f ]] && sed -n '/^| model | arithmetic floor/,/^$/p' "$f"

@@ -37,6 +37,7 @@ from torch._dynamo.testing import CompileCounterWithBackend
 
 import fx_bk
 from benchmarks.report import machine_info
+from benchmarks.variants import ieee_float32
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -174,6 +175,7 @@ def fixed_lengths(base, args, symbolic_bk) -> list[dict]:
 def main(argv=None) -> dict:
     args = parse_args(argv)
     torch.set_num_threads(args.threads)
+    ieee_float32(args.device)
     base = Logits(lora_llama(args)).to(args.device)
     n_lora = sum(p.numel() for p in base.parameters() if p.requires_grad)
     mode = "eager" if args.eager else "compiled"

@@ -72,7 +72,7 @@ from benchmarks.bench_models import LONG_NAMES, MODEL_NAMES, BenchModel, bench_m
 from benchmarks.memory import add_memory, memory_child, memory_server
 from benchmarks.report import machine_info, plot, table
 from benchmarks.timing import run_model, warm_compiler
-from benchmarks.variants import AUTOCAST_VARIANTS, BASELINE, VARIANTS
+from benchmarks.variants import AUTOCAST_VARIANTS, BASELINE, VARIANTS, ieee_float32
 
 RESULTS = Path(__file__).resolve().parent / "results"
 
@@ -198,6 +198,7 @@ def main(argv=None) -> dict:
     args = parse_args(argv)
     if args.device == "cpu":
         torch.set_num_threads(args.threads)
+    ieee_float32(args.device)
     cold_caches(args.warm_caches)
     # Opacus's hooks on a model whose input (token ids) needs no grad: harmless, once per step.
     warnings.filterwarnings("ignore", message="Full backward hook is firing")

@@ -279,6 +279,14 @@ def reason(e: BaseException) -> str:
     return text if len(text) <= 160 else text[:157] + "..."
 
 
+def ieee_float32(device: str) -> None:
+    """IEEE float32 GEMMs and convolutions for every variant: fx_bk refuses TF32
+    (``fx_bk/precision_guard.py``), which PyTorch enables for cuDNN convolutions by default."""
+    if device.startswith("cuda"):
+        torch.set_float32_matmul_precision("highest")
+        torch.backends.cudnn.allow_tf32 = False
+
+
 def sync(device: str) -> None:
     if device.startswith("cuda"):
         torch.cuda.synchronize()

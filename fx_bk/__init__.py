@@ -20,6 +20,7 @@ from .errors import (
     FxBkError,
     NonFiniteSampleError,
     Problem,
+    ReducedPrecisionError,
     UnsupportedModelError,
 )
 from .losses import sequence_cross_entropy
@@ -35,6 +36,7 @@ __all__ = [
     "NonFiniteSampleError",
     "PrivacyEngine",
     "Problem",
+    "ReducedPrecisionError",
     "Rule",
     "Site",
     "SiteValues",

@@ -49,6 +49,11 @@ class ClipOnceError(FxBkError):
     forward calls feeding one backward, or a second backward through one forward)."""
 
 
+class ReducedPrecisionError(FxBkError):
+    """A global setting makes float32 GEMMs or convolutions round in TF32 or bf16, which would
+    let rounding add more than ``max_grad_norm`` of one sample (``fx_bk/precision_guard.py``)."""
+
+
 def raise_if_any(problems: list[Problem]) -> None:
     if problems:
         raise UnsupportedModelError(problems)

@@ -53,7 +53,7 @@ import torch
 from passes import BKProgram, run_passes
 
 from . import autocast as amp
-from . import change_guard
+from . import change_guard, precision_guard
 from ._torch_internals import (
     disable_proxy_modes_tracing,
     escape_outer_tracing,
@@ -265,6 +265,7 @@ class BKModule(torch.nn.Module):
                 self._output_layouts[(layout, training)] = prog.output_layout
                 return Rejected(prog, e)  # raised at run time (fx_bk/deferred_error.py)
             prog.example_inputs = None
+            precision_guard.register(self._bk_id, type(module).__name__, prog.sites)
             compiled = CompiledProgram(prog)
         self._output_layouts[(layout, training)] = prog.output_layout
         return compiled

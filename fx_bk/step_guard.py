@@ -33,6 +33,7 @@ from collections import OrderedDict
 
 import torch
 
+from . import precision_guard
 from ._torch_internals import current_graph_task_id, keep_in_forward
 from .errors import ClipOnceError, NonFiniteSampleError
 
@@ -48,6 +49,7 @@ _tokens = itertools.count(1)
 
 @torch.library.custom_op("fx_bk::step_token", mutates_args=())
 def step_token(x: torch.Tensor, key: int) -> torch.Tensor:
+    precision_guard.check(key, x.device.type)  # before any gradient of this step exists
     token = next(_tokens)
     pending = _PENDING.setdefault(key, OrderedDict())
     pending[token] = None
@@ -152,6 +154,7 @@ def forget(key: int) -> None:
     """The module is gone: drop its state, except tokens of forwards whose backward may still
     run (``fx_bk.transform(m)(x).sum().backward()`` frees the module before the backward)."""
     _LIVE.discard(key)
+    precision_guard.forget(key)
     _LAST.pop(key, None)
     _NONFINITE.pop(key, None)
     _COLLECTED.pop(key, None)

@@ -30,6 +30,7 @@ import torch
 
 from fx_bk._torch_internals import (
     functionalize,
+    joint_trace_shims,
     make_fx,
     mutating_ops,
     set_flat_codegen,
@@ -167,7 +168,7 @@ def make_joint_function(prog: BKProgram):
             if trainable[i]:
                 primals[i] = primals[i].detach().requires_grad_()
         token = step_token(primals[batched_input], prog.record_key)  # this forward call's
-        with torch.enable_grad(), entered(prog.autocast):
+        with torch.enable_grad(), entered(prog.autocast), joint_trace_shims():
             flat = gm(*primals)
         outs, aux = flat[:n_out], flat[n_out:]
         pairs = [(o, t) for o, t in zip([o for o, d in zip(outs, diff) if d], tangents)

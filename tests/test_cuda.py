@@ -122,3 +122,42 @@ def test_bf16_autocast_on_cuda_matches_f64_oracle(name, compiled):
     got = {n: p.grad.detach() for n, p in model.named_parameters() if p.requires_grad}
     assert all(g.dtype == torch.float32 for g in got.values())
     assert max_rel_err(_cpu64(got), ref) <= max(BF16_TOL, 2 * amp_err)
+
+
+def test_rounding_guard_on_cuda():
+    """The Triton kernel's norms of samples whose terms cancel (tests/test_rounding_bound.py):
+    unguarded, a sample adds several R; the op recomputes them in float64 on the GPU, also
+    while a CUDA graph is captured (every sample then). With TF32 matmuls (refused by fx_bk,
+    fx_bk/precision_guard.py) the clipped GEMM alone lets such a sample exceed R."""
+    pytest.importorskip("triton")
+    from fx_bk.kernels.triton_ghost_norm import triton_ghost_norm
+    from tests.test_rounding_bound import _cancelling, _contributions
+
+    a, g = (t.cuda() for t in _cancelling(256, 768, 768, seed=11))
+    assert _contributions(triton_ghost_norm(a, g), a, g).max() > 1.2
+    norms = torch.ops.fx_bk.ghost_norm(a, g)
+    assert _contributions(norms, a, g).max() <= 1 + 1e-6
+    graphed = torch.compile(lambda a, g: torch.ops.fx_bk.ghost_norm(a, g), mode="reduce-overhead")
+    for _ in range(3):  # warm-up, capture, replay
+        got = graphed(a, g)
+    torch.testing.assert_close(got, norms, rtol=1e-5, atol=0)
+    ap, gp = (torch.nn.functional.pad(t, (0, 0, 0, 62)) for t in (a, g))
+    torch.backends.cuda.matmul.allow_tf32 = True
+    assert _contributions(norms, ap, gp).max() > 1.2
+
+
+@pytest.mark.parametrize("name", ["mlp", "resnet_gn"])
+def test_tf32_refused_on_cuda(name):
+    """cuDNN's TF32 (PyTorch's default) is refused for models with convolution sites, TF32
+    matmuls for every model: no gradient is written."""
+    model, run, x, y, _ = _setup(name, 0.5, compiled=False)
+    torch.backends.cudnn.allow_tf32 = True
+    if name == "resnet_gn":
+        with pytest.raises(fx_bk.ReducedPrecisionError, match="cudnn.allow_tf32"):
+            run(x)
+    else:
+        run(x)
+    torch.backends.cuda.matmul.allow_tf32 = True
+    with pytest.raises(fx_bk.ReducedPrecisionError, match="TF32"):
+        run(x)
+    assert all(p.grad is None for p in model.parameters())

@@ -15,7 +15,7 @@ ROOT = Path(__file__).resolve().parents[1]
 # Lower layers never import higher ones at module level (docs/design.md).
 LAYERS = (
     ("fx_bk.errors", "fx_bk.config", "fx_bk._torch_internals", "fx_bk.layout", "fx_bk.autocast",
-     "fx_bk.deferred_error", "fx_bk.empty_batch", "fx_bk.change_guard",
+     "fx_bk.deferred_error", "fx_bk.empty_batch", "fx_bk.change_guard", "fx_bk.precision_guard",
      "fx_bk.step_guard", "fx_bk.losses", "fx_bk.models", "fx_bk.module_state",
      "fx_bk.user_code", "fx_bk.recurrent", "fx_bk.attention",
      "fx_bk.trace_decompositions", "fx_bk.distributed", "fx_bk.secure_random",

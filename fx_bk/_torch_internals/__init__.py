@@ -33,6 +33,7 @@ from .autograd_graph import (
     custom_functions,
     recording_tensor_hooks,
 )
+from .compat import joint_trace_shims
 from .symbolic import (
     SymbolicBatchMode,
     evaluate_size_condition,
@@ -55,6 +56,7 @@ __all__ = [
     "functionalize",
     "is_fake",
     "is_op_overload",
+    "joint_trace_shims",
     "keep_in_forward",
     "library_decompositions",
     "make_fx",
