@@ -88,8 +88,12 @@ class BKModule(torch.nn.Module):
         self._module = module
         self.bk_config = config
         self._bounds = config.group_bounds
-        self.register_buffer("clip_bounds", torch.tensor(self._bounds, dtype=torch.float64),
-                             persistent=False)
+        # on the module's device (a model moved to the GPU before transform): a graph input
+        # that Inductor's GPU kernels read
+        first = next(itertools.chain(module.parameters(), module.buffers()), None)
+        self.register_buffer("clip_bounds", torch.tensor(
+            self._bounds, dtype=torch.float64, device=None if first is None else first.device),
+            persistent=False)
         self._register()
 
     def set_clip_bounds(self, bounds) -> None:
@@ -162,8 +166,11 @@ class BKModule(torch.nn.Module):
         if _batch_size(leaves) == 0:
             return self._empty_batch_forward(args, kwargs)
         training = self._module.training
+        bounds = self.clip_bounds
+        if params and bounds.device != params[0].device:  # the wrapped module moved by itself
+            bounds = bounds.to(params[0].device)
         flat_out = bk_graph_call(
-            self._bk_id, layout, training, len(params), len(buffers), self.clip_bounds,
+            self._bk_id, layout, training, len(params), len(buffers), bounds,
             *params, *buffers, *leaves
         )
         out, _ = unflatten(self._output_layouts[(layout, training)], flat_out)

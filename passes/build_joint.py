@@ -159,7 +159,7 @@ def make_joint_function(prog: BKProgram):
     graded = [n for n in prog.trainable_names if n in reached]
 
     def joint(primals, tangents):
-        with disabled(prog.autocast):
+        with disabled(prog.autocast), joint_trace_shims():
             return bk_step(primals, tangents)
 
     def bk_step(primals, tangents):
@@ -168,7 +168,7 @@ def make_joint_function(prog: BKProgram):
             if trainable[i]:
                 primals[i] = primals[i].detach().requires_grad_()
         token = step_token(primals[batched_input], prog.record_key)  # this forward call's
-        with torch.enable_grad(), entered(prog.autocast), joint_trace_shims():
+        with torch.enable_grad(), entered(prog.autocast):
             flat = gm(*primals)
         outs, aux = flat[:n_out], flat[n_out:]
         pairs = [(o, t) for o, t in zip([o for o, d in zip(outs, diff) if d], tangents)

@@ -268,3 +268,13 @@ def test_plain_tensor_attributes_are_constants_and_stay_real():
     fx_bk.testing.assert_matches_per_sample(model, lambda out, _: out.pow(2).sum(), (x, None),
                                             max_grad_norm=0.05, loss_reduction="sum",
                                             tol=1e-12)
+
+
+def test_clipping_bounds_live_on_the_modules_device():
+    """A model moved to a device before ``transform`` gets its bounds there (a graph input the
+    device's compiled kernels read: on CUDA a CPU bound broke every compiled step); ``.to()``
+    afterwards moves them along."""
+    bk = fx_bk.transform(nn.Linear(3, 2, device="meta"), max_grad_norm=1.0)
+    assert bk.clip_bounds.device.type == "meta" and bk.clip_bounds.dtype == torch.float64
+    bk = fx_bk.transform(nn.Linear(3, 2), max_grad_norm=1.0).to("meta")
+    assert bk.clip_bounds.device.type == "meta"

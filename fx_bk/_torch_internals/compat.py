@@ -3,12 +3,13 @@ version so that the tested release traces exactly as without them. Not a support
 ``pyproject.toml`` pins the tested series; these let the GPU check run on an image whose torch
 is older (2.11), where the failures they fix were seen.
 
-* torch < 2.13: ``aten.linear`` without a bias, and ``aten.matmul``, on a 3-D input: their
-  C++ composite kernels, run under fake tensors in the joint trace, read the sizes through
-  ``aten.size`` as Python ints, which pins the symbolic sizes (fx_bk then reports a specialized
-  batch). The forward graph's calls of both are intercepted above the dispatcher (a
-  torch-function mode: the composite kernels run before any dispatch mode or decomposition
-  table sees the op) and decomposed into a reshape and ``mm``, which keep the sizes symbolic.
+* torch < 2.13: ``aten.linear`` without a bias and ``aten.matmul`` on inputs of more than two
+  dims: their C++ composite kernels, run under fake tensors in the joint trace, read the sizes
+  through ``aten.size`` as Python ints, which pins the symbolic sizes (fx_bk then reports a
+  specialized batch). The joint function's calls (the forward graph's, and the rules' own
+  per-sample Grams) are intercepted above the dispatcher (a torch-function mode: the composite
+  kernels run before any dispatch mode or decomposition table sees the op) and folded into
+  ``mm`` / ``bmm`` by reshapes, which keep the sizes symbolic.
 """
 
 from __future__ import annotations
@@ -37,15 +38,21 @@ def _linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = N
 
 
 def _matmul(x: torch.Tensor, other: torch.Tensor):
-    """``x @ other`` for a 2-D ``other`` (the matmul rule's ``x @ W``), folded as in
-    :func:`_linear`; other shapes are left to ``matmul``."""
-    if other.dim() != 2 or x.dim() < 3:
-        return aten.matmul.default(x, other)
-    lead = x.shape[:-1]
-    return torch.mm(x.reshape(-1, x.shape[-1]), other).reshape(*lead, other.shape[1])
+    """``x @ other`` folded as in :func:`_linear`: a 2-D ``other`` (the matmul rule's
+    ``x @ W``) by ``mm``, equal batch dims (a rule's per-sample Grams) by ``bmm``; other
+    shapes are left to ``matmul``."""
+    if other.dim() == 2 and x.dim() >= 3:
+        lead = x.shape[:-1]
+        return torch.mm(x.reshape(-1, x.shape[-1]), other).reshape(*lead, other.shape[1])
+    if x.dim() == other.dim() >= 3 and x.shape[:-2] == other.shape[:-2]:
+        lead = x.shape[:-2]
+        out = torch.bmm(x.reshape(-1, *x.shape[-2:]), other.reshape(-1, *other.shape[-2:]))
+        return out.reshape(*lead, x.shape[-2], other.shape[-1])
+    return aten.matmul.default(x, other)
 
 
-_SHIMS = {aten.linear.default: _linear, aten.matmul.default: _matmul}
+_SHIMS = {aten.linear.default: _linear, aten.matmul.default: _matmul, torch.matmul: _matmul,
+          torch.Tensor.matmul: _matmul, torch.Tensor.__matmul__: _matmul}
 
 
 class _DecomposeFolds(TorchFunctionMode):
@@ -54,8 +61,8 @@ class _DecomposeFolds(TorchFunctionMode):
 
 
 def joint_trace_shims():
-    """The context the forward graph runs in inside the joint trace: nothing on the tested
-    torch."""
+    """The context the joint function (forward graph and rules) is traced in: nothing on the
+    tested torch."""
     if _release() >= (2, 13):
         return contextlib.nullcontext()
     return _DecomposeFolds()
