@@ -253,3 +253,26 @@ def test_lengths_benchmark_tiny_run(capsys):
     assert res["variable"]["bk_traces"] == 2  # the first length, then the symbolic one
     assert len(res["variable"]["lengths"]) == 3
     assert _finite_pos(res["fixed"][0]["ratio"])
+
+
+def test_gpu_profile_tiny_run_restores_the_op(capsys):
+    """``benchmarks.gpu_profile`` end to end on the CPU (the quick encoder, which has ghost-norm
+    sites): every variant timed, the profile printed, and the swapped parts of the ghost-norm
+    op put back."""
+    import fx_bk.kernels.ghost_norm as op
+    from benchmarks import gpu_profile
+
+    saved = op.recompute_cancelling, op._triton_available
+    threads = torch.get_num_threads()
+    try:
+        res = gpu_profile.main(["--model", "encoder", "--quick", "--device", "cpu",
+                                "--rounds", "1", "--steps", "1"])
+    finally:
+        torch.set_num_threads(threads)
+    assert (op.recompute_cancelling, op._triton_available) == saved
+    out = capsys.readouterr().out
+    assert "| guard as bound |" in out and "profiled fx_bk step" in out
+    assert set(res["ratio"]) == {"non-private compiled", "fx_bk compiled", "guard as bound",
+                                 "ghost norm in PyTorch"}
+    assert all(_finite_pos(r) for r in res["ratio"].values())
+    assert res["profile"]["top"] and "aten::nonzero" in res["profile"]["waits"]
