@@ -3,10 +3,12 @@
 A sample's clipped contribution is bounded by ``max_grad_norm`` only if the clipped sum rounds
 as float32 does: its error is ``K u S_i`` with ``S_i = sum_t ||a_t|| ||g_t||`` (see
 ``fx_bk/kernels/rounding_bound.py``), small against ``||G_i||`` for float32's ``u = 2^-24``. Under
-reduced float32 precision the same GEMMs round with TF32's ``u = 2^-11`` or bf16's ``2^-8``: a
-sample whose positions' terms partly cancel (``S_i / ||G_i||`` of 30, below what the rounding
-guard flags) can then add 1.25 R (TF32) or several R (bf16), and the guard's own bound, made for
-float32, no longer holds. Global settings select that precision for every float32 op of a
+reduced float32 precision the same GEMMs round with TF32's ``u = 2^-11`` or bf16's ``2^-8``,
+and the guard's bound, made for float32, no longer holds: a sample whose positions' terms partly
+cancel (``S_i / ||G_i||`` of 30, below what the guard flags) may exceed R by ``K u S_i``, a
+quarter of R under TF32 with the guard's ``K = 16``; the guard's cancelling test samples add
+4.6 R through bf16 matmuls on a CPU (tests/test_precision_guard.py) and more than 1.2 R through
+TF32 on an H200 (tests/test_cuda.py). Global settings select that precision for every float32 op of a
 backend, fx_bk's included:
 
 * CUDA matmuls: ``torch.set_float32_matmul_precision("high")`` / ``"medium"``,
