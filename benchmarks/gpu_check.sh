@@ -1,9 +1,9 @@
 #!/usr/bin/env bash
-# One call on a fresh CUDA machine (H100/H200): install, the kernel tests, the CUDA oracle tests
-# (float32 and bf16 autocast), the quick step benchmark on CUDA and three models at full size;
-# logs, JUnit XML and the benchmark JSON packed into $OUT/gpu_check.tgz (default ./gpu_check_out). Every stage runs
-# under `timeout`, capped by what is left of TOTAL_S (default 500 s), so the whole script ends in
-# under 9 minutes.
+# One call on a fresh CUDA machine (H100/H200): install; the CUDA tests; a profile of the
+# encoder's compiled step (benchmarks/gpu_profile.py); three models at full size; the quick step
+# benchmark with every variant; peak memory; the kernel tests. Logs, JUnit XML and the benchmark
+# JSON are packed into $OUT/gpu_check.tgz (default ./gpu_check_out). Every stage runs under
+# `timeout`, capped by what is left of TOTAL_S (default 500 s), so the script ends in time.
 #   bash benchmarks/gpu_check.sh            # exit status: 0 when every stage passed
 # The interpreter: $PYTHON, else the first of python3 / python that imports torch (images where
 # `python` is missing or is not the one with torch). A machine without network and without
@@ -90,26 +90,32 @@ run install 120 env PY="$PY" DEVICE="$DEVICE" bash -c "$INSTALL"
 # 2. the CUDA tests: the Triton ghost-norm kernel compiled for the GPU, the rounding guard on the
 #    GPU (also under CUDA-graph capture), TF32 refused, and the oracle checks (MLP, transformer,
 #    GroupNorm CNN; eager and compiled; float32 and bf16 autocast); 4 workers where xdist is
+#    installed
 WORKERS=()
 "$PY" -c "import xdist" 2>/dev/null && WORKERS=(-n 4)
 run test_cuda 170 "${PYTEST[@]}" "${WORKERS[@]}" tests/test_cuda.py --junitxml="$OUT/test_cuda.xml"
-# 3. the full sizes (the README's CPU table's shapes) of three models, fx_bk vs non-private,
+# 3. where the encoder's compiled step spends its time: the guard's host sync and the Triton
+#    kernel swapped out at run time, then one profiled step (docs/benchmarks.md)
+run profile 100 "$PY" -m benchmarks.gpu_profile --model encoder --device "$DEVICE" \
+  --json "$OUT/profile-encoder-$DEVICE.json"
+# 4. the full sizes (the README's CPU table's shapes) of three models, fx_bk vs non-private,
 #    with the first-call and bf16 columns
 run bench_full 170 "$PY" -m benchmarks.step --device "$DEVICE" --autocast bf16 --rounds 3 \
   --models encoder gpt2 cnn --variants "non-private compiled" "fx_bk compiled" \
   --no-memory --no-plot --json "$OUT/step-full-$DEVICE.json"
-# 4. every model and variant (Opacus too) at quick sizes; then peak memory
+# 5. every model and variant (Opacus too) at quick sizes; then peak memory
 #    (torch.cuda.max_memory_allocated, a fresh process per variant) of one model
 run bench_step 150 "$PY" -m benchmarks.step --quick --device "$DEVICE" --autocast bf16 \
   --rounds 3 --no-memory --no-plot --json "$OUT/step-quick-$DEVICE.json"
 run bench_memory 60 "$PY" -m benchmarks.step --quick --device "$DEVICE" --models encoder \
   --variants "fx_bk compiled" --rounds 2 --no-plot --json "$OUT/step-quick-memory-$DEVICE.json"
-# 5. the kernel tests (the blocked formula, the custom op, Triton's interpreter, embedding grad)
+# 6. the kernel tests (the blocked formula, the custom op, Triton's interpreter, embedding grad)
 run test_kernels 60 "${PYTEST[@]}" tests/test_kernels.py --junitxml="$OUT/test_kernels.xml"
 
 echo
 echo "=== summary (${SECONDS} s of TOTAL_S=${TOTAL_S}; logs in $FINAL_OUT/gpu_check.tgz)"
 printf '%s\n' "${SUMMARY[@]}" | tee "$OUT/summary.txt"
+[[ -f $OUT/profile.log ]] && sed -n '/^| variant | median ms/,/^$/p' "$OUT/profile.log"
 for f in "$OUT"/bench_step.log "$OUT"/bench_full.log "$OUT"/bench_memory.log; do  # the benchmark tables
   [[ -f $f ]] && sed -n '/^| model | arithmetic floor/,/^$/p' "$f"
 done
