@@ -8,8 +8,8 @@ and the guard's bound, made for float32, no longer holds: a sample whose positio
 cancel (``S_i / ||G_i||`` of 30, below what the guard flags) may exceed R by ``K u S_i``, a
 quarter of R under TF32 with the guard's ``K = 16``; the guard's cancelling test samples add
 4.6 R through bf16 matmuls on a CPU (tests/test_precision_guard.py) and more than 1.2 R through
-TF32 on an H200 (tests/test_cuda.py). Global settings select that precision for every float32 op of a
-backend, fx_bk's included:
+TF32 on an H200 (tests/test_cuda.py). Global settings select that precision for every float32
+op of a backend, fx_bk's included:
 
 * CUDA matmuls: ``torch.set_float32_matmul_precision("high")`` / ``"medium"``,
   ``torch.backends.cuda.matmul.allow_tf32 = True`` or ``fp32_precision = "tf32"`` (off by
