@@ -11,6 +11,9 @@ on the same compiled program):
   over the batch: one host sync per ghost-norm site on CUDA) replaced by the in-graph bound of
   ``rounding_bound.guard_norm_sq`` (no sync; still a valid bound, it over-clips only cancelling
   samples): what the sync costs;
+* ``no host sync``: that, and the step guard's check of non-finite norms (a ``nonzero`` read on
+  the host, once per step) skipped: every host sync of the step gone (the clipping still zeroes
+  non-finite samples; only their warning is lost): what all syncs cost;
 * ``ghost norm in PyTorch``: the Triton kernel replaced by the blocked PyTorch implementation
   (``bmm`` per block row): what the kernel gains or loses.
 
@@ -32,6 +35,7 @@ import torch
 
 import fx_bk
 import fx_bk.kernels.ghost_norm as ghost_norm_module
+import fx_bk.step_guard as step_guard_module
 from benchmarks.bench_models import MODEL_NAMES, bench_models
 from benchmarks.variants import ieee_float32, sync
 from fx_bk.kernels.rounding_bound import guard_norm_sq
@@ -62,6 +66,18 @@ def guard_as_bound():
         yield
     finally:
         ghost_norm_module.recompute_cancelling = saved
+
+
+@contextlib.contextmanager
+def no_host_sync():
+    """``guard_as_bound`` and no host-side check of the norms' finiteness."""
+    saved = step_guard_module._check_finite
+    step_guard_module._check_finite = lambda norms, key, raise_nonfinite: None
+    try:
+        with guard_as_bound():
+            yield
+    finally:
+        step_guard_module._check_finite = saved
 
 
 @contextlib.contextmanager
@@ -141,7 +157,7 @@ def main(argv=None) -> dict:
                                    private.parameters(), args.device),
     }
     swaps = {"fx_bk compiled": contextlib.nullcontext, "guard as bound": guard_as_bound,
-             "ghost norm in PyTorch": ghost_norm_in_pytorch}
+             "no host sync": no_host_sync, "ghost norm in PyTorch": ghost_norm_in_pytorch}
     variants = {"non-private compiled": (steps["non-private compiled"], contextlib.nullcontext)}
     variants.update({name: (steps["fx_bk compiled"], swap) for name, swap in swaps.items()})
     for step, swap in variants.values():  # compile, warm up

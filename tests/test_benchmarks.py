@@ -260,19 +260,20 @@ def test_gpu_profile_tiny_run_restores_the_op(capsys):
     sites): every variant timed, the profile printed, and the swapped parts of the ghost-norm
     op put back."""
     import fx_bk.kernels.ghost_norm as op
+    import fx_bk.step_guard as guard
     from benchmarks import gpu_profile
 
-    saved = op.recompute_cancelling, op._triton_available
+    saved = op.recompute_cancelling, op._triton_available, guard._check_finite
     threads = torch.get_num_threads()
     try:
         res = gpu_profile.main(["--model", "encoder", "--quick", "--device", "cpu",
                                 "--rounds", "1", "--steps", "1"])
     finally:
         torch.set_num_threads(threads)
-    assert (op.recompute_cancelling, op._triton_available) == saved
+    assert (op.recompute_cancelling, op._triton_available, guard._check_finite) == saved
     out = capsys.readouterr().out
     assert "| guard as bound |" in out and "profiled fx_bk step" in out
     assert set(res["ratio"]) == {"non-private compiled", "fx_bk compiled", "guard as bound",
-                                 "ghost norm in PyTorch"}
+                                 "no host sync", "ghost norm in PyTorch"}
     assert all(_finite_pos(r) for r in res["ratio"].values())
     assert res["profile"]["top"] and "aten::nonzero" in res["profile"]["waits"]
