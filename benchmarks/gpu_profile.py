@@ -30,6 +30,7 @@ import contextlib
 import json
 import statistics
 import time
+from unittest import mock
 
 import torch
 
@@ -53,42 +54,26 @@ def parse_args(argv=None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
-@contextlib.contextmanager
 def guard_as_bound():
     """The ghost-norm op's cancelling samples bounded in place (no host sync)."""
-    saved = ghost_norm_module.recompute_cancelling
 
     def bound(norm_sq, bound, exact, positions, length):
         return guard_norm_sq(norm_sq, bound, norm_sq.dtype, length)
 
-    ghost_norm_module.recompute_cancelling = bound
-    try:
-        yield
-    finally:
-        ghost_norm_module.recompute_cancelling = saved
+    return mock.patch.object(ghost_norm_module, "recompute_cancelling", bound)
 
 
 @contextlib.contextmanager
 def no_host_sync():
     """``guard_as_bound`` and no host-side check of the norms' finiteness."""
-    saved = step_guard_module._check_finite
-    step_guard_module._check_finite = lambda norms, key, raise_nonfinite: None
-    try:
-        with guard_as_bound():
-            yield
-    finally:
-        step_guard_module._check_finite = saved
+    with guard_as_bound(), mock.patch.object(step_guard_module, "_check_finite",
+                                             lambda norms, key, raise_nonfinite: None):
+        yield
 
 
-@contextlib.contextmanager
 def ghost_norm_in_pytorch():
     """The blocked PyTorch ghost norm instead of the Triton kernel."""
-    saved = ghost_norm_module._triton_available
-    ghost_norm_module._triton_available = lambda: False
-    try:
-        yield
-    finally:
-        ghost_norm_module._triton_available = saved
+    return mock.patch.object(ghost_norm_module, "_triton_available", lambda: False)
 
 
 def _stepper(bm, module, params, device):

@@ -22,11 +22,6 @@ from torch.overrides import TorchFunctionMode
 aten = torch.ops.aten
 
 
-def _release() -> tuple[int, int]:
-    major, minor = torch.__version__.split(".")[:2]
-    return int(major), int(minor)
-
-
 def _linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None):
     """``x @ W^T + b`` through a 2-D ``mm`` over ``x``'s leading dims folded by a reshape with
     the (symbolic) sizes read in Python: ``matmul`` and ``linear``'s composite kernels fold
@@ -63,6 +58,6 @@ class _DecomposeFolds(TorchFunctionMode):
 def joint_trace_shims():
     """The context the joint function (forward graph and rules) is traced in: nothing on the
     tested torch."""
-    if _release() >= (2, 13):
+    if torch.__version__ >= (2, 13):  # TorchVersion compares with tuples
         return contextlib.nullcontext()
     return _DecomposeFolds()
