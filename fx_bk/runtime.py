@@ -209,7 +209,8 @@ class BKModule(torch.nn.Module):
             declared = tuple(n in self.bk_config.unbatched for n in names)
             trainable = tuple(p.requires_grad for p in params)
             autocast = amp.current_state(amp.device_types([*params, *inputs]))
-            base = (layout, training, module_signature(module), trainable, autocast)
+            traced = any(is_fake(x) for x in [*inputs, *params])  # torch.compile's trace
+            base = (layout, training, module_signature(module), trainable, autocast, traced)
             batch, metas, sizes = self._dynamic.metas(
                 base, inputs, declared, self._requested_dims(layout, inputs))
             self._batch_history.check(names, metas, batch)
@@ -261,7 +262,7 @@ class BKModule(torch.nn.Module):
                 buffer_names=[n for n, _ in module.named_buffers()],
                 input_layout=layout, inputs=metas,
                 example_inputs=[x.detach() for x in inputs] if real else None,
-                record_key=self._bk_id, autocast=autocast,
+                record_key=self._bk_id, autocast=autocast, for_inductor=not real,
             )
             try:
                 run_passes(prog)

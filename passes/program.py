@@ -40,6 +40,9 @@ class BKProgram:
     example_inputs: list[torch.Tensor] | None = None  # real tensors of the first call, if real
     record_key: int = 0  # the module's key in fx_bk.step_guard (tokens, last norms)
     autocast: tuple = ()  # fx_bk.autocast.AutocastState the forward is traced and run under
+    # built while torch.compile traces the call: its graphs go to Inductor, which fuses the
+    # joint trace's decompositions (fx_bk/backward_decompositions.py); eager keeps ATen's ops
+    for_inductor: bool = False
     mode: Any = None  # _torch_internals.SymbolicBatchMode
     forward_graph: torch.fx.GraphModule | None = None  # params, buffers, inputs -> outputs
     output_layout: tuple | None = None

@@ -113,25 +113,43 @@ CONV_GEOMETRIES = [  # (transposed, x shape, weight shape, stride, padding, dila
     (True, (3, 4, 5, 5), (4, 3, 3, 3), [2, 2], [1, 1], [1, 1], 1),
     (False, (3, 4, 9, 8), (5, 4, 3, 2), [1, 2], [2, 0], [2, 1], 1),
     (False, (3, 2, 5, 4, 6), (3, 2, 2, 3, 1), [1, 2, 1], [1, 0, 0], [2, 1, 1], 1),
+    (False, (3, 3, 7, 6), (4, 3, 3, 2), [1, 1], [0, 1], [2, 1], 1),
+    (False, (2, 2, 6, 5, 4), (3, 2, 3, 2, 3), [1, 1, 1], [1, 0, 2], [1, 2, 1], 1),
+    (False, (3, 2, 9), (3, 2, 4), [1], [2], [2], 1),
 ]
 
 
-@pytest.mark.parametrize("geometry", CONV_GEOMETRIES, ids=range(len(CONV_GEOMETRIES)))
+def _paths(geometry) -> list[str]:
+    """The op's paths that can compute ``geometry``: folded always; im2col for ungrouped
+    convolutions; shifted views also needs stride 1."""
+    transposed, *_, stride, _, _, groups = geometry
+    plain = not transposed and groups == 1
+    return ["folded"] + (["im2col"] if plain else []) + (
+        ["shifted"] if plain and all(s == 1 for s in stride) else [])
+
+
+CONV_CASES = [(i, path) for i, geometry in enumerate(CONV_GEOMETRIES)
+              for path in ["chosen", *_paths(geometry)]]
+
+
+@pytest.mark.parametrize("case", CONV_CASES, ids=[f"{i}-{path}" for i, path in CONV_CASES])
 @pytest.mark.parametrize("channels_last", [False, True])
 @pytest.mark.parametrize("chunk", [None, 2], ids=["one-chunk", "chunks-of-2"])
-@pytest.mark.parametrize("path", ["chosen", "folded"])
-def test_conv_per_sample_weight_grad_is_each_samples_weight_grad(geometry, channels_last, chunk,
-                                                                  path, monkeypatch):
+def test_conv_per_sample_weight_grad_is_each_samples_weight_grad(case, channels_last, chunk,
+                                                                  monkeypatch):
     """Every sample's weight gradient, for contiguous and channels-last inputs (the layout
     Inductor gives convolutions on CPU), the whole batch in one chunk or in chunks of two samples
-    (the last one shorter), by the path the op chooses (im2col + batched GEMM for ungrouped
-    convolutions on CPU) and by the folded grouped convolution, equals the autograd weight
-    gradient of that sample alone; the FLOP formula counts the per-sample multiply-adds."""
+    (the last one shorter), by the path the op chooses and by each path that applies (shifted
+    views, im2col + batched GEMM, the folded grouped convolution), equals the autograd weight
+    gradient of that sample alone; the FLOP formula counts the per-sample multiply-adds; the
+    result has the layout the fake tensor promises."""
     from torch.utils.flop_counter import FlopCounterMode
 
     from fx_bk.kernels import conv_grad
     from fx_bk.kernels.conv_grad import conv_per_sample_weight_grad
 
+    index, path = case
+    geometry = CONV_GEOMETRIES[index]
     transposed, x_shape, w_shape, stride, padding, dilation, groups = geometry
     gen = torch.Generator().manual_seed(0)
     x = torch.randn(x_shape, generator=gen, dtype=torch.float64)
@@ -151,17 +169,36 @@ def test_conv_per_sample_weight_grad_is_each_samples_weight_grad(geometry, chann
         x, g = (t.contiguous(memory_format=torch.channels_last) for t in (x, g))
     if chunk is not None:
         monkeypatch.setattr(conv_grad, "_samples_per_chunk", lambda *_: chunk)
-    if path == "folded":
-        monkeypatch.setattr(conv_grad, "_use_im2col", lambda *_: False)
-    else:
-        assert conv_grad._use_im2col(x, transposed, groups) == (not transposed and groups == 1)
+    chosen = conv_grad._path(x, g, list(w_shape), stride, transposed, groups)
+    assert chosen in _paths(geometry)
+    if path != "chosen":
+        monkeypatch.setattr(conv_grad, "_path", lambda *_: path)
     args = (list(w_shape), stride, padding, dilation, transposed, [0] * len(stride), groups)
     with FlopCounterMode(display=False) as counter:
         got = conv_per_sample_weight_grad(x, g, *args)
     torch.testing.assert_close(got, torch.stack(expected), rtol=1e-10, atol=1e-10)
+    assert got.stride() == conv_grad.out_storage(g, list(w_shape)).stride()
     positions = (x_shape if transposed else out_shape)[2:]
     per_sample = torch.Size(positions).numel() * torch.Size(w_shape).numel()
     assert counter.get_total_flops() == 2 * x_shape[0] * per_sample
+
+
+def test_conv_per_sample_weight_grad_chooses_shifted_views_for_large_windows():
+    """On CPU a stride-1 convolution with many channels and large windows takes the shifted
+    views, a narrow or strided one im2col, a grouped or transposed one the folded path."""
+    from fx_bk.kernels.conv_grad import _path
+
+    def path(c, size, stride=1, groups=1, transposed=False):
+        x = torch.empty(2, c, size, size)
+        g = torch.empty(2, 8, size // stride, size // stride)
+        return _path(x, g, [8, c // groups, 3, 3], [stride, stride], transposed, groups)
+
+    assert path(32, 32) == "shifted"  # 1.2 MB of windows per sample
+    assert path(3, 32) == "im2col"  # too few channels for the per-tap GEMMs
+    assert path(64, 16) == "im2col"  # 0.6 MB of windows
+    assert path(32, 32, stride=2) == "im2col"
+    assert path(32, 32, groups=2) == "folded"
+    assert path(32, 32, transposed=True) == "folded"
 
 
 CLIPPED_GEMM_SHAPES = [(4, 3, 5, 7), (4, 3, 7, 5), (3, 1, 6, 6), (2, 9, 4, 1)]  # B, T, d, p

@@ -7,9 +7,9 @@ parameters, so they are instantiated (strategy ``instantiate``):
     w_i = sum g_i * x_hat_i,   b_i = sum g_i      over the dims the parameters are broadcast along
 
 norm ``||w_i||^2 + ||b_i||^2``, clipped sum ``sum_i c_i w_i``. Group norm's come from the two
-per-channel sums its backward computes anyway (``ds = sum g_i * x_i``, ``db = sum g_i``; ATen's
-decomposition of ``native_group_norm_backward``), ``w_i = (ds - db * mean) * rstd``, so Inductor
-computes each sum once (:func:`_group_norm_grads`). One row of :data:`AFFINE_NORMS` per op:
+per-channel sums its backward computes anyway (``ds = sum g_i * x_i``, ``db = sum g_i``;
+``fx_bk/backward_decompositions.py``), ``w_i = (ds - db * mean) * rstd``, so the joint graph
+holds each sum once (:func:`_group_norm_grads`). One row of :data:`AFFINE_NORMS` per op:
 
 | op | x | parameters | summed over |
 |---|---|---|---|
@@ -27,6 +27,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from fx_bk.backward_decompositions import group_norm_sums
 from fx_bk.site import Site
 
 from .base import Rule, register_rule
@@ -62,8 +63,7 @@ def _group_norm_grads(g, x, args):
     formula, one sample at a time."""
     n, c, groups = x.shape[0], x.shape[1], args["num_groups"]
     hw = x[0, 0].numel()
-    db = g.reshape(n, c, hw).sum(2)
-    ds = (g * x).reshape(n, c, hw).sum(2)
+    ds, db = group_norm_sums(g, x)
     _, mean, rstd = aten.native_group_norm(x, None, None, n, c, hw, groups, args.get("eps", 1e-5))
     per_channel = (n, groups, c // groups)
     mean = mean.unsqueeze(-1).expand(per_channel).reshape(n, c)

@@ -20,12 +20,13 @@ Only the ghost norm needs im2col's ``a``. The weight gradients themselves are co
 convolution's own weight-gradient kernel (``aten.convolution_backward``, as autograd does for the
 non-private step), which never materialises ``a``: the clipped sum is the weight gradient of
 ``c * g`` (or of ``c * x`` against ``g``, whichever is smaller). The per-sample gradients ``G``
-come from ``fx_bk::conv_per_sample_weight_grad``: chunks of samples' im2col windows against their
-output gradients by one batched GEMM (ungrouped convolutions on CPU), or the weight gradient of
-one convolution with ``b * groups`` groups over a chunk folded into the channels. The cost model
-(``conv_strategy``) picks the cheapest of the three per site. im2col +
-batched GEMM remain the path for asymmetric padding (``padding="same"`` with an even kernel),
-which ``convolution_backward`` cannot express.
+come from ``fx_bk::conv_per_sample_weight_grad``: for ungrouped convolutions on CPU, one batched
+GEMM per kernel tap against shifted views of the padded input (stride 1, large windows), or
+chunks of samples' im2col windows against their output gradients by one batched GEMM; otherwise
+the weight gradient of one convolution with ``b * groups`` groups over a chunk folded into the
+channels. The cost model (``conv_strategy``) picks the cheapest of the three strategies per
+site. im2col + batched GEMM remain the path for asymmetric padding (``padding="same"`` with an
+even kernel), which ``convolution_backward`` cannot express.
 """
 
 from __future__ import annotations

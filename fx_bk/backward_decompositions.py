@@ -1,0 +1,75 @@
+"""The decompositions the joint trace applies to autograd's backward ops
+(``passes/build_joint.py``).
+
+* ``native_group_norm_backward`` with per-channel factors broadcast over the input's own shape:
+  ``d_input = g * c1 + x * c2 + c3``, with ``c1, c2, c3`` of shape ``[N, C, 1, ...]``.
+  PyTorch's decomposition (the one Inductor applies) computes it on the views
+  ``[N, groups, C / groups, HW]`` of ``g`` and ``x`` and reshapes the result back. Inductor gives
+  a convolution's tensors the channels-last layout on CPU; as long as the input gradient has
+  one reader, the convolution's backward, Inductor computes it straight into that layout. A
+  BK program reads it twice (the convolution's input gradient and its per-sample weight
+  gradients), so Inductor stores it in the layout of the grouped view (contiguous) first and
+  copies it into channels last after: 8 MB written, read and written again per 32-channel
+  32×32 convolution of the benchmark CNN at B = 64. Written on the input's shape, the result
+  is stored once, in the layout the convolution reads.
+
+The per-channel sums (``ds = sum g x``, ``db = sum g`` over the spatial dims) come from
+:func:`group_norm_sums`, which the group norm rule also calls for the per-sample weight and bias
+gradients, so the joint graph holds each sum once.
+"""
+
+from __future__ import annotations
+
+import torch
+
+aten = torch.ops.aten
+
+
+def group_norm_sums(g: torch.Tensor, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(ds, db)``: ``sum g * x`` and ``sum g`` per sample and channel (``[N, C]``), over the
+    spatial dims of ``[N, C, *S]``."""
+    spatial = list(range(2, x.dim()))
+    if not spatial:  # [N, C]: nothing to sum over (``sum(dim=[])`` would sum everything)
+        return g * x, g
+    return (g * x).sum(spatial), g.sum(spatial)
+
+
+def _per_channel(t: torch.Tensor, groups: int, per_group: int) -> torch.Tensor:
+    """``[N, groups]`` -> ``[N, C]``: each group's value for each of its channels."""
+    n = t.shape[0]
+    return t.unsqueeze(-1).expand(n, groups, per_group).reshape(n, groups * per_group)
+
+
+def group_norm_backward(grad_out, input, mean, rstd, gamma, N, C, HxW, group, output_mask):
+    """``aten.native_group_norm_backward``: the same formulas as PyTorch's decomposition, with
+    the per-channel factors broadcast over ``[N, C, *S]`` instead of a grouped view."""
+    dtype = input.dtype
+    if dtype in (torch.float16, torch.bfloat16):  # as the decomposition: opmath, cast back
+        grad_out, input = grad_out.float(), input.float()
+        gamma = None if gamma is None else gamma.float()
+    per_group = C // group
+    ds, db = group_norm_sums(grad_out, input)
+    bcast = [input.shape[0], C] + [1] * (input.dim() - 2)
+    d_input = d_gamma = d_bias = None
+    if output_mask[0]:
+        scale = 1.0 / (HxW * per_group)
+        weighted_ds, weighted_db = (ds, db) if gamma is None else (ds * gamma, db * gamma)
+        ds_g = weighted_ds.reshape(-1, group, per_group).sum(2)
+        db_g = weighted_db.reshape(-1, group, per_group).sum(2)
+        c2 = (db_g * mean - ds_g) * rstd * rstd * rstd * scale
+        c3 = -c2 * mean - db_g * rstd * scale
+        c1 = _per_channel(rstd, group, per_group)
+        if gamma is not None:
+            c1 = c1 * gamma
+        d_input = (grad_out * c1.reshape(bcast)
+                   + input * _per_channel(c2, group, per_group).reshape(bcast)
+                   + _per_channel(c3, group, per_group).reshape(bcast)).to(dtype)
+    if output_mask[1]:
+        d_gamma = ((ds - db * _per_channel(mean, group, per_group))
+                   * _per_channel(rstd, group, per_group)).sum(0).to(dtype)
+    if output_mask[2]:
+        d_bias = db.sum(0).to(dtype)
+    return d_input, d_gamma, d_bias
+
+
+BACKWARD_DECOMPOSITIONS = {aten.native_group_norm_backward.default: group_norm_backward}
