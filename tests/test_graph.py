@@ -110,7 +110,10 @@ def test_conv_weight_gradients_come_from_the_convolution_kernel():
     """Conv sites compute their weight gradients with the convolution's weight-gradient kernel
     (the per-sample ones by ``fx_bk::conv_per_sample_weight_grad``, the clipped sum of a ghost
     site as ``convolution_backward`` of ``C * g``): im2col is only materialised for a ghost
-    norm."""
+    norm, kernel-major (channels innermost, as channels-last input holds them: a Gram does not
+    depend on the column order). The per-sample gradients are reduced in the order the op
+    stores them (read in the weight's order, Inductor's reductions stride across the
+    storage)."""
     model = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.ReLU(),  # L = 64: instantiate
                           nn.Conv2d(4, 32, 3, stride=4, padding=1), nn.ReLU(),  # L = 4: ghost
                           nn.Flatten(), nn.Linear(128, 5))
@@ -129,6 +132,14 @@ def test_conv_weight_gradients_come_from_the_convolution_kernel():
     assert clamps[0] not in _ancestors(per_sample[0]), "per-sample gradients come before C"
     unfolds = [n for n in bw.nodes if n.target == aten.unfold.default]
     assert 0 < len(unfolds) <= 2, "im2col only for the ghost site (one unfold per spatial dim)"
+    (ghost,) = [n for n in bw.nodes if n.target == torch.ops.fx_bk.ghost_norm.default]
+    windows = ghost.args[0]  # the im2col of the ghost site, through views to its permute
+    while windows.target != aten.permute.default:
+        windows = windows.args[0]
+    assert windows.args[1][-1] == 1, "im2col kernel-major (channels innermost) for a Gram"
+    readers = list(per_sample[0].users)  # the norm and the clipped sum read the op's storage
+    assert readers and all(r.target == aten.permute.default and r.meta["val"].is_contiguous()
+                           for r in readers), "per-sample weight gradients reduced in W's order"
 
 
 @pytest.mark.parametrize("strategy", ["GHOST", "GHOST_GRAM"])

@@ -146,7 +146,7 @@ def _im2col_weight_grads(x, g, out, weight_shape, stride, padding, dilation) -> 
     if any(padding):
         padded = x.new_zeros(chunk, *[s + 2 * p for s, p in zip(x.shape[2:], padding)], c)
     inner = (slice(None), *[slice(p, p + s) for p, s in zip(padding, x.shape[2:])])
-    store = _storage_view(out)
+    store = storage_view(out)
     for start in range(0, x.shape[0], chunk):
         xs = x[start:start + chunk].permute(last)
         b = xs.shape[0]
@@ -182,10 +182,18 @@ def _folded_weight_grads(x, g, out, weight_shape, stride, padding, dilation, tra
         out[start:start + b].copy_(w.reshape(b, *weight_shape))
 
 
-def _storage_view(out: torch.Tensor) -> torch.Tensor:
-    """``out_storage``'s result as its storage's ``[B, Cout, *K, C]`` (contiguous)."""
+def storage_view(out: torch.Tensor) -> torch.Tensor:
+    """``out_storage``'s result as its storage's ``[B, Cout, *K, C]`` (contiguous): the order
+    to reduce it in (a per-sample norm or a sum over the batch read in the weight's logical
+    order strides across the storage and does not vectorize)."""
     n = out.dim() - 3
     return out.permute(0, 1, *range(3, 3 + n), 2)
+
+
+def from_storage_order(w: torch.Tensor) -> torch.Tensor:
+    """A weight-sized ``[Cout, *K, C]`` (the batch sum of :func:`storage_view`) as the
+    weight's ``[Cout, C, *K]``."""
+    return w.permute(0, w.dim() - 1, *range(1, w.dim() - 1))
 
 
 def out_storage(g: torch.Tensor, weight_shape: list[int]) -> torch.Tensor:
@@ -208,7 +216,7 @@ def conv_per_sample_weight_grad(
     out = out_storage(g, weight_shape)
     path = _path(x, g, weight_shape, stride, transposed, groups)
     if path == "shifted":
-        _shifted_weight_grads(x, g, _storage_view(out), weight_shape, padding, dilation)
+        _shifted_weight_grads(x, g, storage_view(out), weight_shape, padding, dilation)
     elif path == "im2col":
         _im2col_weight_grads(x, g, out, weight_shape, stride, padding, dilation)
     else:

@@ -37,7 +37,11 @@ from dataclasses import dataclass
 import torch
 
 from fx_bk.cost_model import conv_strategy
-from fx_bk.kernels.conv_grad import conv_per_sample_weight_grad
+from fx_bk.kernels.conv_grad import (
+    conv_per_sample_weight_grad,
+    from_storage_order,
+    storage_view,
+)
 from fx_bk.kernels.ghost_norm import ghost_norm
 from fx_bk.kernels.rounding_bound import guard_norm_sq
 from fx_bk.site import Strategy
@@ -61,6 +65,7 @@ class ConvState:
 
     bias: torch.Tensor | None = None  # [B, Cout] per-sample bias gradients
     per_sample_weight: torch.Tensor | None = None  # [B, *W] when instantiated
+    storage_order: bool = False  # per_sample_weight is [B, Cout, *K, Cin] (the op's storage)
 
 
 def _tuple(value, n: int) -> tuple[int, ...]:
@@ -107,10 +112,12 @@ def _zero_pad(x: torch.Tensor, pads) -> torch.Tensor:
     return write(x, padded)
 
 
-def im2col(x: torch.Tensor, site, grid=None) -> torch.Tensor:
+def im2col(x: torch.Tensor, site, grid=None, kernel_major: bool = False) -> torch.Tensor:
     """``[B, C, *S] -> [B, L, C * K]`` (channel-major, then kernel positions), with the kernel,
     stride, padding and dilation of ``site``; ``grid`` keeps only the first ``grid[i]`` window
-    positions of each spatial dim (``L = prod(grid)``)."""
+    positions of each spatial dim (``L = prod(grid)``). ``kernel_major``: columns ordered
+    ``K * C`` instead, channels innermost as in the channels-last tensors Inductor gives
+    convolutions on CPU (only where the column order is free: a Gram of the rows)."""
     kernel, stride, dilation, pads, _ = _geometry(site)
     n = len(kernel)
     x = _zero_pad(x, pads)
@@ -120,7 +127,10 @@ def im2col(x: torch.Tensor, site, grid=None) -> torch.Tensor:
     if grid is not None:
         x = x[(slice(None), slice(None), *[slice(None, o) for o in grid])]
     b, c = x.shape[0], x.shape[1]
-    x = x.permute(0, *range(2, 2 + n), 1, *range(2 + n, 2 + 2 * n))  # [B, *O, C, *K]
+    if kernel_major:
+        x = x.permute(0, *range(2, 2 + n), *range(2 + n, 2 + 2 * n), 1)  # [B, *O, *K, C]
+    else:
+        x = x.permute(0, *range(2, 2 + n), 1, *range(2 + n, 2 + 2 * n))  # [B, *O, C, *K]
     return x.reshape(b, -1, c * math.prod(kernel))
 
 
@@ -257,6 +267,16 @@ class ConvRule(Rule):
         a = a.reshape(a.shape[0], a.shape[1], groups, -1).transpose(1, 2)
         return a, positions_by_group(value.grad, groups)
 
+    def _ghost_operands(self, value):
+        """``_grouped``'s ``(a, g)`` for the im2col ghost norm. ``a a^T`` does not depend on the
+        order of ``a``'s columns, so an ungrouped convolution's im2col is kernel-major (channels
+        innermost, read contiguously from channels-last input; channel-major, Inductor's CPU
+        code gathered it element by element)."""
+        if self.is_transposed(value.site) or _geometry(value.site)[4] != 1:
+            return self._grouped(value)
+        a = im2col(value.tensors["input"], value.site, kernel_major=True)
+        return a.unsqueeze(1), positions_by_group(value.grad, 1)
+
     @staticmethod
     def _gram_operands(value):
         """The windowed tensor (the input) and the other one (the output gradient)."""
@@ -271,7 +291,7 @@ class ConvRule(Rule):
             norm = norm + instantiated_norm(state.bias)
         if "weight" in site.params:
             if site.strategy == Strategy.GHOST:  # per (sample, group), blocked symmetric Gram
-                a, g = self._grouped(value)
+                a, g = self._ghost_operands(value)
                 b, groups = a.shape[0], a.shape[1]
                 per_group = ghost_norm(a.detach().reshape(b * groups, *a.shape[2:]),
                                        g.detach().reshape(b * groups, *g.shape[2:]))
@@ -281,7 +301,8 @@ class ConvRule(Rule):
                 norm = norm + position_gram_norm(windowed.detach(), plain.detach(), site,
                                                  self.grid(site)).to(norm.dtype)
             else:
-                state.per_sample_weight = self._per_sample_weight(value)
+                state.per_sample_weight, state.storage_order = self._per_sample_weight(
+                    value, storage_order=True)
                 norm = norm + instantiated_norm(state.per_sample_weight)
         return norm, state
 
@@ -295,6 +316,8 @@ class ConvRule(Rule):
             shape = site.shapes["weight"]
             if state.per_sample_weight is not None:
                 w = instantiated_sum(c, state.per_sample_weight)
+                if state.storage_order:
+                    w = from_storage_order(w)
             else:
                 x, cg = scale_smaller(value.tensors["input"], value.grad, c)
                 w = conv_weight_grad(x, cg, site, per_sample=False,
@@ -310,18 +333,25 @@ class ConvRule(Rule):
             out[site.params["weight"]] = w.reshape(shape)
         return out
 
-    def _per_sample_weight(self, value) -> torch.Tensor:
+    def _per_sample_weight(self, value, storage_order: bool = False):
         """``[B, *W]``: by the convolution's weight-gradient kernel, else im2col + GEMM. Under
         autocast the op reads the operands in the dtype the convolution computed in, as AMP's
         own weight gradient (float32 accumulation, a result in that dtype), widened after: the
-        norms and the clipped sum are both computed from those widened values."""
+        norms and the clipped sum are both computed from those widened values.
+
+        ``storage_order``: ``(G, True)`` with the op's result as its storage
+        ``[B, Cout, *K, Cin]``, the order its norm and batch sum read it in (in ``W``'s order
+        the reductions stride across the storage: measured on the benchmark CNN, 64 -> 64
+        channels, a scalar loop), or ``(G, False)`` in ``W``'s layout from im2col."""
         w = conv_weight_grad(value.operand("input"), value.operand("grad"), value.site,
                              per_sample=True, transposed=self.is_transposed(value.site))
         if w is not None:
-            return w.to(value.grad.dtype)
+            w = w.to(value.grad.dtype)
+            return (storage_view(w), True) if storage_order else w
         a, g = self._grouped(value)
         G = g.transpose(-1, -2) @ a  # [B, g, Cout/g, Cin/g K] in W's layout
-        return G.reshape(G.shape[0], *value.site.shapes["weight"])
+        G = G.reshape(G.shape[0], *value.site.shapes["weight"])
+        return (G, False) if storage_order else G
 
     def per_sample_grads(self, value):
         site, out = value.site, {}
