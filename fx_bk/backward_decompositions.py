@@ -14,8 +14,9 @@
   is stored once, in the layout the convolution reads.
 
 The per-channel sums (``ds = sum g x``, ``db = sum g`` over the spatial dims) come from
-:func:`group_norm_sums`, which the group norm rule also calls for the per-sample weight and bias
-gradients, so the joint graph holds each sum once.
+:func:`group_norm_sums` and the weight and bias gradients from :func:`group_norm_sample_grads`,
+which the group norm rule also calls for the per-sample gradients, so the joint graph holds each
+sum once.
 """
 
 from __future__ import annotations
@@ -38,6 +39,16 @@ def _per_channel(t: torch.Tensor, groups: int, per_group: int) -> torch.Tensor:
     """``[N, groups]`` -> ``[N, C]``: each group's value for each of its channels."""
     n = t.shape[0]
     return t.unsqueeze(-1).expand(n, groups, per_group).reshape(n, groups * per_group)
+
+
+def group_norm_sample_grads(ds: torch.Tensor, db: torch.Tensor, mean: torch.Tensor,
+                            rstd: torch.Tensor, groups: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-sample ``[N, C]`` weight and bias gradients of ``group_norm`` from its sums ``ds``,
+    ``db`` and its statistics ``mean``, ``rstd`` (``[N, groups]``): PyTorch's ``dgamma``
+    formula one sample at a time (the weight gradient is their sum over the batch)."""
+    per_group = ds.shape[1] // groups
+    mean_c, rstd_c = (_per_channel(t, groups, per_group) for t in (mean, rstd))
+    return (ds - db * mean_c) * rstd_c, db
 
 
 def group_norm_backward(grad_out, input, mean, rstd, gamma, N, C, HxW, group, output_mask):
@@ -64,11 +75,10 @@ def group_norm_backward(grad_out, input, mean, rstd, gamma, N, C, HxW, group, ou
         d_input = (grad_out * c1.reshape(bcast)
                    + input * _per_channel(c2, group, per_group).reshape(bcast)
                    + _per_channel(c3, group, per_group).reshape(bcast)).to(dtype)
-    if output_mask[1]:
-        d_gamma = ((ds - db * _per_channel(mean, group, per_group))
-                   * _per_channel(rstd, group, per_group)).sum(0).to(dtype)
-    if output_mask[2]:
-        d_bias = db.sum(0).to(dtype)
+    if output_mask[1] or output_mask[2]:
+        per_sample_w, per_sample_b = group_norm_sample_grads(ds, db, mean, rstd, group)
+        d_gamma = per_sample_w.sum(0).to(dtype) if output_mask[1] else None
+        d_bias = per_sample_b.sum(0).to(dtype) if output_mask[2] else None
     return d_input, d_gamma, d_bias
 
 

@@ -221,7 +221,8 @@ class BKModule(torch.nn.Module):
             return found
         _check_call_signature(module, layout, inputs)
         try:
-            compiled = self._build(layout, training, trainable, autocast, params, inputs, metas)
+            compiled = self._build(layout, training, trainable, autocast, params, inputs, metas,
+                                   traced)
         except Exception as e:
             if not any(m.dynamic for m in metas):
                 raise
@@ -250,10 +251,11 @@ class BKModule(torch.nn.Module):
             )
         return found
 
-    def _build(self, layout, training, trainable, autocast, params, inputs, metas):
-        """Trace and build the program for one call (NOTE [lazy build under torch.compile])."""
+    def _build(self, layout, training, trainable, autocast, params, inputs, metas, traced):
+        """Trace and build the program for one call (NOTE [lazy build under torch.compile]);
+        ``traced``: torch.compile traces it (fake tensors)."""
         module = self._module
-        real = not any(is_fake(x) for x in [*inputs, *params])
+        real = not traced
         with escape_outer_tracing():
             prog = BKProgram(
                 model=module, config=self.bk_config,

@@ -92,14 +92,35 @@ def _path(x: torch.Tensor, g: torch.Tensor, weight_shape, stride, transposed: bo
     return "im2col"
 
 
+def _padded_chunks(x: torch.Tensor, padding, chunk: int, extra: int = 0):
+    """``(start, xs)`` per chunk of samples: ``xs = [b, *P, C]``, the chunk channels last,
+    zero-padded by ``padding`` on both sides of each spatial dim and by ``extra`` more at the end
+    of the first, in one buffer zeroed once per call with each chunk copied into its interior
+    (``F.pad`` per chunk filled the whole chunk each time); unpadded, the chunk's view."""
+    n = x.dim() - 2
+    last = (0, *range(2, 2 + n), 1)  # [b, C, *S] -> [b, *S, C]
+    if not any(padding) and not extra:
+        for start in range(0, x.shape[0], chunk):
+            yield start, x[start:start + chunk].permute(last)
+        return
+    sizes = [s + 2 * p for s, p in zip(x.shape[2:], padding)]
+    sizes[0] += extra
+    buf = x.new_zeros(min(chunk, x.shape[0]), *sizes, x.shape[1])
+    inner = (slice(None), *[slice(p, p + s) for p, s in zip(padding, x.shape[2:])])
+    for start in range(0, x.shape[0], chunk):
+        b = min(chunk, x.shape[0] - start)
+        buf[:b][inner] = x[start:start + b].permute(last)
+        yield start, buf[:b]
+
+
 def _shifted_weight_grads(x, g, store, weight_shape, padding, dilation) -> None:
     """Stride 1: ``store[i, :, *k, :] = g_i^T shift_k(x_i)`` per kernel tap ``k``, one batched
     GEMM per tap and chunk. The padded input ``[b, P_1 + 1, P_2, ..., C]`` (one extra slab of
     zeros so the last tap's view stays inside the sample), the output gradient padded to
     ``[b, O_1, P_2, ..., Cout]``: rows ``O_1 P_2 ...``, and tap ``k``'s view starts
     ``sum_j k_j d_j P_{j+1} ...`` positions in. The padded buffers are zeroed once per call and
-    each chunk is copied into their interiors; the taps' GEMMs write into one buffer, copied
-    into ``store`` once per chunk."""
+    each chunk is copied into their interiors (:func:`_padded_chunks`); the taps' GEMMs write
+    into one buffer, copied into ``store`` once per chunk."""
     n = x.dim() - 2
     c, cout, kernel, out_size = x.shape[1], g.shape[1], weight_shape[2:], g.shape[2:]
     grid = [s + 2 * p for s, p in zip(x.shape[2:], padding)]
@@ -110,16 +131,13 @@ def _shifted_weight_grads(x, g, store, weight_shape, padding, dilation) -> None:
     last = (0, *range(2, 2 + n), 1)  # [b, C, *S] -> [b, *S, C]
     per_sample = ((grid[0] + 1) * math.prod(grid[1:]) * c + rows * cout) * x.element_size()
     chunk = min(x.shape[0], _samples_per_chunk(per_sample, SHIFTED_CHUNK_BYTES))
-    xbuf = x.new_zeros(chunk, grid[0] + 1, *grid[1:], c)
     gbuf = g.new_zeros(chunk, out_size[0], *grid[1:], cout)
-    x_inner = tuple(slice(p, p + s) for p, s in zip(padding, x.shape[2:]))
     g_inner = tuple(slice(0, s) for s in out_size)
     products = g.new_empty(len(taps), chunk, cout, c)
     to_store = (n, n + 1, *range(n), n + 2)  # [*K, b, Cout, C] -> [b, Cout, *K, C]
-    for start in range(0, x.shape[0], chunk):
-        b = min(chunk, x.shape[0] - start)
-        xs, gs = xbuf[:b], gbuf[:b]
-        xs[(slice(None), *x_inner)] = x[start:start + b].permute(last)
+    for start, xs in _padded_chunks(x, padding, chunk, extra=1):
+        b = xs.shape[0]
+        gs = gbuf[:b]
         gs[(slice(None), *g_inner)] = g[start:start + b].permute(last)
         gt = gs.view(b, rows, cout).transpose(1, 2)  # [b, Cout, rows]
         for t, shift in enumerate(shifts):
@@ -140,19 +158,10 @@ def _im2col_weight_grads(x, g, out, weight_shape, stride, padding, dilation) -> 
     positions, taps = math.prod(out_size), math.prod(kernel)
     chunk = _samples_per_chunk((positions * taps * c + positions * cout) * x.element_size(),
                                IM2COL_CHUNK_BYTES)
-    chunk = min(x.shape[0], chunk)
     last = (0, *range(2, 2 + n), 1)  # [b, C, *S] -> [b, *S, C]
-    padded = None  # zeroed once, each chunk copied into its interior
-    if any(padding):
-        padded = x.new_zeros(chunk, *[s + 2 * p for s, p in zip(x.shape[2:], padding)], c)
-    inner = (slice(None), *[slice(p, p + s) for p, s in zip(padding, x.shape[2:])])
     store = storage_view(out)
-    for start in range(0, x.shape[0], chunk):
-        xs = x[start:start + chunk].permute(last)
+    for start, xs in _padded_chunks(x, padding, chunk):
         b = xs.shape[0]
-        if padded is not None:
-            padded[:b][inner] = xs
-            xs = padded[:b]
         sb, *spatial, sc = xs.stride()
         windows = xs.as_strided(
             (b, *out_size, *kernel, c),

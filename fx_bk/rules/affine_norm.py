@@ -27,7 +27,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from fx_bk.backward_decompositions import group_norm_sums
+from fx_bk.backward_decompositions import group_norm_sample_grads, group_norm_sums
 from fx_bk.site import Site
 
 from .base import Rule, register_rule
@@ -65,10 +65,7 @@ def _group_norm_grads(g, x, args):
     hw = x[0, 0].numel()
     ds, db = group_norm_sums(g, x)
     _, mean, rstd = aten.native_group_norm(x, None, None, n, c, hw, groups, args.get("eps", 1e-5))
-    per_channel = (n, groups, c // groups)
-    mean = mean.unsqueeze(-1).expand(per_channel).reshape(n, c)
-    rstd = rstd.unsqueeze(-1).expand(per_channel).reshape(n, c)
-    return (ds - db * mean) * rstd, db
+    return group_norm_sample_grads(ds, db, mean, rstd, groups)
 
 
 AFFINE_NORMS = (
