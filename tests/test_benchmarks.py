@@ -168,13 +168,13 @@ def test_floor_is_measured_and_rank_one_mlp_is_close_to_one():
 def test_flop_counter_counts_ghost_norm(block):
     from torch.utils.flop_counter import FlopCounterMode
 
-    from fx_bk.kernels.ghost_norm import DEFAULT_BLOCK, ghost_cost
+    from fx_bk.kernels.ghost_norm import ghost_cost
 
     a, g = torch.randn(3, 100, 8), torch.randn(3, 100, 5)  # [N, T, d], [N, T, p]
     kwargs = {} if block is None else {"block": block}
     with FlopCounterMode(display=False) as counter:
         torch.ops.fx_bk.ghost_norm(a, g, **kwargs)
-    expected = 2 * 3 * ghost_cost(100, 8, 5, block or DEFAULT_BLOCK)
+    expected = 2 * 3 * ghost_cost(100, 8, 5, block or 64)
     assert expected > 0 and counter.get_total_flops() == expected
 
 
@@ -277,3 +277,48 @@ def test_gpu_profile_tiny_run_restores_the_op(capsys):
                                  "no host sync", "ghost norm in PyTorch"}
     assert all(_finite_pos(r) for r in res["ratio"].values())
     assert res["profile"]["top"] and "aten::nonzero" in res["profile"]["waits"]
+
+
+def test_step_gap_categories_and_gemm_flops():
+    """``benchmarks.step_gap`` puts an op's GEMMs and the rest of its time in the op's category
+    (a clipped GEMM's own GEMM with the plain GEMMs, as the weight-gradient GEMM it replaces),
+    and counts a GEMM's FLOPs from its recorded shapes: the ghost norm's block-row GEMMs add up
+    to its FLOP formula."""
+    from benchmarks import step_gap
+    from fx_bk.kernels.clipped_gemm import clipped_gemm
+    from fx_bk.kernels.ghost_norm import ghost_cost, ghost_norm
+
+    b, t, d, p = 3, 80, 6, 5  # two block rows of the ghost norm (64 + 16 positions)
+    a, g = torch.randn(b, t, d), torch.randn(b, t, p)
+    with torch.profiler.profile(record_shapes=True) as prof:
+        ghost_norm(a, g)
+        clipped_gemm(a, g, torch.rand(b) + 0.5, False)
+        torch.mm(a[0], a[0].t())
+    cats: dict[str, list] = {}
+    for e in prof.events():
+        cats.setdefault(step_gap.category(e), []).append(e)
+    ghost = cats["ghost norms: GEMMs"]
+    assert {e.name for e in ghost} == {"aten::bmm"} and len(ghost) == 4  # A and Q per row
+    assert sum(step_gap.gemm_flops(e) for e in ghost) == 2 * b * ghost_cost(t, d, p)
+    assert "fx_bk::ghost_norm" in {e.name for e in cats["ghost norms: rest"]}
+    mms = [e for e in cats["GEMMs"] if e.name == "aten::mm"]  # (matmul: the @ around one)
+    assert {e.name for e in cats["GEMMs"]} <= {"aten::mm", "aten::matmul"} and len(mms) == 2
+    assert "aten::mul" in {e.name for e in cats["clipped GEMMs: rest"]}  # the scaling
+    assert sorted(step_gap.gemm_flops(e) for e in mms) == sorted([2 * t * d * t,
+                                                                  2 * p * b * t * d])
+
+
+def test_step_gap_tiny_run():
+    """The script end to end on the quick MLP: both variants timed and profiled, fx_bk's own ops
+    only in its profile, the table printed; the thread count restored."""
+    from benchmarks import step_gap
+
+    threads = torch.get_num_threads()
+    (res,) = step_gap.main(["--models", "mlp", "--quick", "--rounds", "1", "--steps", "1",
+                            "--profiled-steps", "1", "--threads", "1"])
+    assert torch.get_num_threads() == threads
+    base, priv = (res["profile"][k]["ms"] for k in (step_gap.BASELINE, step_gap.PRIVATE))
+    assert priv.get("fx_bk guards", 0) > 0 and "fx_bk guards" not in base
+    assert base["GEMMs"] > 0 and priv["GEMMs"] > 0
+    assert _finite_pos(res["ratio"]) and res["floor"] == pytest.approx(1.0, abs=0.05)
+    assert "| category | non-private ms |" in step_gap.report(res)

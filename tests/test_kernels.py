@@ -37,6 +37,25 @@ def test_blocked_matches_full_gram(shape, block):
     torch.testing.assert_close(want, torch.bmm(q.transpose(1, 2), a).pow(2).sum((1, 2)))
 
 
+def test_default_block_follows_the_length():
+    """Without a block the op takes ``ghost_block(T)`` (128 positions from 512 on): the same
+    value as the blocked formula with that block, the reference norm, and its FLOPs counted."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from fx_bk.cost_model import ghost_block
+
+    assert (ghost_block(511), ghost_block(512)) == (64, 128)
+    g = torch.Generator().manual_seed(0)
+    a, q = torch.randn(2, 600, 5, generator=g), torch.randn(2, 600, 3, generator=g)
+    with FlopCounterMode(display=False) as counter:
+        got = ghost_norm(a, q)
+    assert torch.equal(got, ghost_norm_blocked(a, q, 128))
+    assert not torch.equal(ghost_norm_blocked(a, q, 128), ghost_norm_blocked(a, q, 64))
+    torch.testing.assert_close(got.double(), ghost_norm_reference(a.double(), q.double()),
+                               rtol=1e-5, atol=0)
+    assert counter.get_total_flops() == 2 * 2 * ghost_cost(600, 5, 3, 128)
+
+
 def test_custom_op_registration():
     a, q = torch.randn(3, 10, 4), torch.randn(3, 10, 5)
     torch.library.opcheck(torch.ops.fx_bk.ghost_norm.default, (a, q, 4))
@@ -47,8 +66,11 @@ def test_custom_op_registration():
 
 def test_cost_is_about_half_the_full_gram_for_long_sequences():
     full = 1024 * 1024 * (256 + 256)
-    assert ghost_cost(1024, 256, 256) / full == pytest.approx(0.5 + 64 / 2048, rel=1e-9)
+    assert ghost_cost(1024, 256, 256, 64) / full == pytest.approx(0.5 + 64 / 2048, rel=1e-9)
     assert ghost_cost(10, 3, 4) == 10 * 10 * 7  # one block: the whole Gram
+    # the default block: 64 positions below 512, 128 from there on
+    assert ghost_cost(511, 3, 4) == ghost_cost(511, 3, 4, 64)
+    assert ghost_cost(1024, 256, 256) / full == pytest.approx(0.5 + 128 / 2048, rel=1e-9)
 
 
 TRITON_CHECK = textwrap.dedent("""

@@ -4,8 +4,9 @@
 
     ||G_i||^2 = sum_{s,t} (a_is . a_it) (g_is . g_it) = sum(A_i * Q_i),  A = a a^T, Q = g g^T
 
-Both Gram matrices are symmetric, so with T cut into chunks of ``block`` positions only block
-pairs ``k <= l`` are computed, off-diagonal ones counted twice: about half the ghost FLOPs, and
+Both Gram matrices are symmetric, so with T cut into chunks of ``block`` positions
+(``cost_model.ghost_block``: 64, 128 from 512 positions on) only block pairs ``k <= l`` are
+computed, off-diagonal ones counted twice: about half the ghost FLOPs, and
 memory ``B * block * T`` instead of ``B * T^2``. Per block row ``k``:
 ``2 * sum(A[k, k:] * Q[k, k:]) - sum(A[k, k] * Q[k, k])``.
 
@@ -28,12 +29,10 @@ from __future__ import annotations
 
 import torch
 
-from fx_bk.cost_model import GHOST_BLOCK, ghost_cost
+from fx_bk.cost_model import ghost_block, ghost_cost
 
 from .flops import register_flops
 from .rounding_bound import guard_norm_sq, position_bound, recompute_cancelling
-
-DEFAULT_BLOCK = GHOST_BLOCK
 
 
 def _out_dtype(t: torch.Tensor) -> torch.dtype:
@@ -48,32 +47,32 @@ def ghost_norm_reference(a: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
     return (aa * gg).sum((1, 2))
 
 
-def ghost_norm_blocked(a: torch.Tensor, g: torch.Tensor, block: int = DEFAULT_BLOCK):
-    """Symmetric block rows in PyTorch ops (the CPU implementation)."""
+def ghost_norm_blocked(a: torch.Tensor, g: torch.Tensor, block: int | None = None):
+    """Symmetric block rows in PyTorch ops (the CPU implementation); blocks of
+    ``ghost_block(T)`` positions unless ``block`` is given."""
     return _ghost_blocks(a, g, block)[0]
 
 
-def _ghost_blocks(a: torch.Tensor, g: torch.Tensor, block: int):
+def _ghost_blocks(a: torch.Tensor, g: torch.Tensor, block: int | None):
     """The blocked ghost norm and the rounding guard's ``S = sum_t ||a_t|| ||g_t||``, read off
     the diagonal blocks' diagonals (``||a_t||^2 ||g_t||^2``): no extra pass over ``a`` and ``g``."""
     acc = _out_dtype(a)
     a, g = a.to(acc), g.to(acc)
     t = a.shape[1]
-    total = a.new_zeros(a.shape[0])
-    bound = a.new_zeros(a.shape[0])
+    block = ghost_block(t) if block is None else block
+    total = bound = a.new_zeros(a.shape[0])
     for k in range(0, t, block):
         ak, gk = a[:, k : k + block], g[:, k : k + block]
-        rows_a = torch.bmm(ak, a[:, k:].transpose(1, 2))  # [B, block, T - k]
-        rows_g = torch.bmm(gk, g[:, k:].transpose(1, 2))
-        prod = rows_a * rows_g
+        prod = torch.bmm(ak, a[:, k:].transpose(1, 2))  # [B, block, T - k]: rows of A
+        prod.mul_(torch.bmm(gk, g[:, k:].transpose(1, 2)))  # times the rows of Q
         diag_block = prod[:, :, : ak.shape[1]]
-        total = total + 2 * prod.sum((1, 2)) - diag_block.sum((1, 2))
-        bound = bound + torch.diagonal(diag_block, dim1=1, dim2=2).clamp_min(0).sqrt().sum(1)
+        total = total + prod.sum((1, 2)).mul_(2).sub_(diag_block.sum((1, 2)))
+        bound = bound + torch.diagonal(diag_block, dim1=1, dim2=2).clamp_min(0).sqrt_().sum(1)
     return total, bound
 
 
 @torch.library.custom_op("fx_bk::ghost_norm", mutates_args=())
-def ghost_norm(a: torch.Tensor, g: torch.Tensor, block: int = DEFAULT_BLOCK) -> torch.Tensor:
+def ghost_norm(a: torch.Tensor, g: torch.Tensor, block: int | None = None) -> torch.Tensor:
     acc = _out_dtype(a)
     if a.is_cuda and _triton_available():
         from .triton_ghost_norm import triton_ghost_norm
@@ -89,7 +88,7 @@ def ghost_norm(a: torch.Tensor, g: torch.Tensor, block: int = DEFAULT_BLOCK) -> 
 
 
 @ghost_norm.register_fake
-def _ghost_norm_fake(a, g, block=DEFAULT_BLOCK):
+def _ghost_norm_fake(a, g, block=None):
     torch._check(a.shape[0] == g.shape[0] and a.shape[1] == g.shape[1])
     return a.new_empty(a.shape[0], dtype=_out_dtype(a))
 
@@ -122,7 +121,7 @@ def _triton_available() -> bool:
     return True
 
 
-def _ghost_norm_flops(a_shape, g_shape, block: int = DEFAULT_BLOCK, **kwargs) -> int:
+def _ghost_norm_flops(a_shape, g_shape, block: int | None = None, **kwargs) -> int:
     """FLOPs of ``ghost_norm(a [B, T, d], g [B, T, p], block)``: 2 per multiply-add (shapes in,
     as ``FlopCounterMode`` passes them; ``kwargs``: its ``out_shape``)."""
     b, t, d = a_shape

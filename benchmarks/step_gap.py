@@ -1,0 +1,212 @@
+"""Where fx_bk's compiled step spends the time the non-private compiled step does not (CPU).
+
+``python -m benchmarks.step_gap [--models mlp encoder gpt2 cnn] [--quick] [--rounds N]
+[--steps N] [--profiled-steps N] [--json PATH]``
+
+Per model, non-private compiled and fx_bk compiled from the same weights and batch (the
+variants of ``benchmarks.step``): interleaved timed rounds (median step ms and their ratio), the
+arithmetic floor (``benchmarks.flops``: counted FLOPs of the fx_bk step over the non-private
+one's), then a few steps of each under ``torch.profiler`` with Inductor's C++ kernels recorded
+one by one (``torch._inductor.config.cpp.enable_kernel_profile``). Every profiled event's self
+time goes to one category:
+
+* inside one of fx_bk's opaque ops (found through the event's parents): ``ghost norms``,
+  ``per-sample conv gradients``, ``clipped GEMMs``, ``embedding gradients``, each split into
+  its GEMMs (``mm`` / ``bmm``: the per-sample arithmetic) and the rest (copies, elementwise
+  work, the op's Python); the clipped GEMMs' own GEMM is counted with ``GEMMs``, as the
+  weight-gradient GEMM it replaces is in the non-private step;
+* outside them, by name: ``GEMMs``, ``convolutions``, ``attention``, ``Inductor kernels`` (the
+  fused pointwise and reduction kernels, BK's clip stage among them), ``fx_bk guards``
+  (fx_bk's other ops: the step token, the change check, the norm record), ``other ATen ops``,
+  and ``framework`` (Python, Dynamo's and AOTAutograd's wrappers, the optimizer).
+
+Printed per model: the table of category ms per step for both variants and the difference, and
+the FLOP rate of the per-sample GEMMs (FLOPs from the recorded shapes) against the
+non-private step's GEMMs: per-sample arithmetic at the floor's FLOP count but a lower rate is
+the part of the gap the floor does not show. On 2 threads timings move by several percent
+between runs; the categories' differences are read against the timed ratio of the same run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import statistics
+import time
+import types
+from collections import defaultdict
+
+import torch
+
+from benchmarks.bench_models import MODEL_NAMES, bench_models
+from benchmarks.flops import measure_floor
+from benchmarks.variants import build_variant
+
+BASELINE, PRIVATE = "non-private compiled", "fx_bk compiled"
+OPAQUE = {  # fx_bk's opaque ops -> category
+    "fx_bk::ghost_norm": "ghost norms",
+    "fx_bk::gemm_norm_by_length": "ghost norms",
+    "fx_bk::conv_per_sample_weight_grad": "per-sample conv gradients",
+    "fx_bk::clipped_gemm": "clipped GEMMs",
+    "fx_bk::embedding_weight_grad": "embedding gradients",
+}
+GEMMS = {"aten::mm", "aten::addmm", "aten::bmm", "aten::baddbmm", "aten::matmul"}
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--models", nargs="+", choices=MODEL_NAMES, default=list(MODEL_NAMES))
+    p.add_argument("--quick", action="store_true", help="the quick sizes of benchmarks.step")
+    p.add_argument("--rounds", type=int, default=8, help="interleaved timed rounds")
+    p.add_argument("--steps", type=int, default=3, help="timed steps per variant and round")
+    p.add_argument("--profiled-steps", type=int, default=3)
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--json", default=None, metavar="PATH")
+    return p.parse_args(argv)
+
+
+def _opaque_parent(event) -> str | None:
+    while event is not None:
+        if event.name in OPAQUE:
+            return event.name
+        event = event.cpu_parent
+    return None
+
+
+def category(event) -> str:
+    """The category of one profiler event's self time (see the module docstring)."""
+    name = event.name
+    inside = _opaque_parent(event)
+    if inside == "fx_bk::clipped_gemm" and name in GEMMS:
+        return "GEMMs"  # the weight gradients' GEMMs, as non-private's (the scaling: "rest")
+    if inside is not None:
+        return f"{OPAQUE[inside]}: {'GEMMs' if name in GEMMS else 'rest'}"
+    if name in GEMMS:
+        return "GEMMs"
+    if "convolution" in name:
+        return "convolutions"
+    if "attention" in name:
+        return "attention"
+    if name.startswith("graph_") and "cpp_fused" in name:
+        return "Inductor kernels"
+    if name.startswith("fx_bk::"):
+        return "fx_bk guards"
+    if name.startswith("aten::"):
+        return "other ATen ops"
+    return "framework"
+
+
+def gemm_flops(event) -> int:
+    """``2 M N K`` (times the batch) of an ``mm`` / ``addmm`` / ``bmm`` event from its recorded
+    input shapes; 0 for other events."""
+    shapes = [s for s in event.input_shapes if s]
+    if event.name in ("aten::mm", "aten::bmm"):
+        a, b = shapes[0], shapes[1]
+    elif event.name in ("aten::addmm", "aten::baddbmm"):
+        a, b = shapes[1], shapes[2]
+    else:
+        return 0
+    return 2 * math.prod(a) * b[-1]
+
+
+def profile_steps(step, n: int) -> dict:
+    """Category -> self ms per step, and GEMM FLOPs / ms per GEMM category, over ``n`` steps."""
+    with torch.profiler.profile(record_shapes=True) as prof:
+        for _ in range(n):
+            step()
+    ms: dict[str, float] = defaultdict(float)
+    flops: dict[str, int] = defaultdict(int)
+    for e in prof.events():
+        cat = category(e)
+        ms[cat] += e.self_cpu_time_total / 1e3 / n
+        if cat.endswith("GEMMs"):
+            flops[cat] += gemm_flops(e) // n
+    return {"ms": dict(ms), "gemm_flops": dict(flops)}
+
+
+def _timed(step, steps: int) -> float:
+    t0 = time.perf_counter()
+    for _ in range(steps):
+        step()
+    return (time.perf_counter() - t0) * 1e3 / steps
+
+
+def run_model(bm, args) -> dict:
+    torch.manual_seed(0)
+    base = bm.build()
+    x, y = bm.batch(0)
+    floor = measure_floor(bm, base, x, y, 1.0)["floor"]
+    ns = types.SimpleNamespace(lr=1e-3, max_grad_norm=1.0, device="cpu")
+    variants = {name: build_variant(name, bm, base, ns) for name in (BASELINE, PRIVATE)}
+    steps = {name: (lambda v=v: v.step_fn(x, y)) for name, v in variants.items()}
+    for step in steps.values():  # compile, warm up
+        for _ in range(3):
+            step()
+    times: dict[str, list[float]] = {name: [] for name in steps}
+    for r in range(args.rounds):
+        for name in list(steps)[r % 2:] + list(steps)[:r % 2]:
+            times[name].append(_timed(steps[name], args.steps))
+    ratios = [p / b for p, b in zip(times[PRIVATE], times[BASELINE])]
+    prof = {name: profile_steps(step, args.profiled_steps) for name, step in steps.items()}
+    return {"model": bm.name, "describe": bm.describe(), "floor": floor,
+            "median_ms": {k: statistics.median(v) for k, v in times.items()},
+            "ratio": statistics.median(ratios), "profile": prof}
+
+
+def rate(profile: dict, cat: str) -> float | None:
+    """GFLOP/s of a GEMM category."""
+    ms, flops = profile["ms"].get(cat, 0.0), profile["gemm_flops"].get(cat, 0)
+    return flops / ms / 1e6 if ms > 0 and flops else None
+
+
+def report(res: dict) -> str:
+    base, priv = res["profile"][BASELINE], res["profile"][PRIVATE]
+    total = {k: sum(p["ms"].values()) for k, p in res["profile"].items()}
+    np_ms = res["median_ms"][BASELINE]
+    lines = [f"### {res['model']} ({res['describe']})", "",
+             f"timed: non-private {np_ms:.1f} ms, fx_bk {res['median_ms'][PRIVATE]:.1f} ms, "
+             f"ratio {res['ratio']:.3f} (floor {res['floor']:.3f}); profiled self time "
+             f"{total[BASELINE]:.1f} / {total[PRIVATE]:.1f} ms per step", "",
+             "| category | non-private ms | fx_bk ms | difference ms | % of non-private |",
+             "|---|---:|---:|---:|---:|"]
+    cats = sorted(set(base["ms"]) | set(priv["ms"]),
+                  key=lambda c: -(priv["ms"].get(c, 0) - base["ms"].get(c, 0)))
+    for c in cats:
+        b, p = base["ms"].get(c, 0.0), priv["ms"].get(c, 0.0)
+        lines.append(f"| {c} | {b:.2f} | {p:.2f} | {p - b:+.2f} | "
+                     f"{100 * (p - b) / total[BASELINE]:+.1f} |")
+    rates = {c: rate(priv, c) for c in priv["gemm_flops"]}
+    base_rate = rate(base, "GEMMs")
+    if base_rate:
+        fx = ", ".join(f"{c} {r:.0f}" for c, r in sorted(rates.items()) if r)
+        lines += ["", f"GEMM rates, GFLOP/s: non-private GEMMs {base_rate:.0f}; fx_bk: {fx}"]
+    return "\n".join(lines)
+
+
+def main(argv=None) -> list[dict]:
+    args = parse_args(argv)
+    import torch._inductor.config as inductor_config
+
+    models = bench_models(args.quick, False)
+    results = []
+    print(f"torch {torch.__version__}, {args.threads} threads, {args.rounds} rounds x "
+          f"{args.steps} steps, {args.profiled_steps} profiled steps per variant\n")
+    threads = torch.get_num_threads()
+    torch.set_num_threads(args.threads)
+    try:
+        with inductor_config.patch({"cpp.enable_kernel_profile": True}):
+            for name in args.models:
+                res = run_model(models[name], args)
+                results.append(res)
+                print(report(res) + "\n", flush=True)
+    finally:
+        torch.set_num_threads(threads)
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(results, f, indent=1)
+    return results
+
+
+if __name__ == "__main__":
+    main()
