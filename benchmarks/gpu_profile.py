@@ -57,7 +57,7 @@ def parse_args(argv=None) -> argparse.Namespace:
 def guard_as_bound():
     """The ghost-norm op's cancelling samples bounded in place (no host sync)."""
 
-    def bound(norm_sq, bound, exact, positions, length):
+    def bound(norm_sq, bound, exact, positions, length, error=None):
         return guard_norm_sq(norm_sq, bound, norm_sq.dtype, length)
 
     return mock.patch.object(ghost_norm_module, "recompute_cancelling", bound)

@@ -22,7 +22,14 @@ import fx_bk.rules.embedding as embedding_rules
 import fx_bk.rules.tied as tied_rules
 from fx_bk.kernels.clipped_gemm import clipped_gemm
 from fx_bk.kernels.ghost_norm import ghost_norm, ghost_norm_blocked
-from fx_bk.kernels.rounding_bound import TAU, error_constant, guard_norm_sq, unit_roundoff
+from fx_bk.kernels.rounding_bound import (
+    A_POSTERIORI_POSITIONS,
+    KEPT_REL_ERROR,
+    TAU,
+    error_constant,
+    guard_norm_sq,
+    unit_roundoff,
+)
 from fx_bk.site import Strategy
 
 R = 1.0
@@ -89,6 +96,59 @@ def test_ghost_norm_op_bounds_systematic_rounding():
     err = ((raw_sq - true_sq).abs() / (unit_roundoff(torch.float32) * s * s)).max()
     assert err > 32, err  # beyond a constant K: the length matters
     assert _contributions(ghost_norm(a, g), a, g).max() <= 1 + 1e-6
+
+
+def test_long_uncorrelated_samples_are_kept_by_the_a_posteriori_bound(monkeypatch):
+    """From ``A_POSTERIORI_POSITIONS`` positions on, ordinary samples reach the ``S`` test
+    (``S / ||G||`` about ``sqrt(T)`` for uncorrelated positions): the Grams' own error bound
+    keeps them, so the op returns the float32 blocked norm, not a float64 recomputation; the
+    bound holds against float64. Shorter sequences are left to the ``S`` test alone."""
+    gen = torch.Generator().manual_seed(11)
+    t = 2 * A_POSTERIORI_POSITIONS
+    a, g = torch.randn(4, t, 32, generator=gen), torch.randn(4, t, 64, generator=gen)
+    norm_sq, bound, error = ghost_norm_module._ghost_blocks(a, g, None, with_error=True)
+    assert (norm_sq < TAU * bound * bound).all()  # every sample flagged by the S test alone
+    exact = ghost_norm_blocked(a.double(), g.double())
+    assert ((norm_sq.double() - exact).abs() <= error.double()).all()
+    assert (error.double() < KEPT_REL_ERROR * exact).all()
+    calls = []
+    blocks = ghost_norm_module._ghost_blocks
+
+    def spy(a, g, block, with_error=False):
+        calls.append((a.shape[1], a.dtype, with_error))
+        return blocks(a, g, block, with_error)
+
+    monkeypatch.setattr(ghost_norm_module, "_ghost_blocks", spy)
+    assert torch.equal(ghost_norm(a, g), norm_sq)  # kept: not recomputed
+    ghost_norm(a[:, : A_POSTERIORI_POSITIONS - 1], g[:, : A_POSTERIORI_POSITIONS - 1])
+    first = [c for c in calls if c[1] == torch.float32]  # (then float64 recomputations)
+    assert first == [(t, torch.float32, True), (A_POSTERIORI_POSITIONS - 1, torch.float32, False)]
+    assert calls[1] == first[1]  # nothing recomputed at 2000 positions
+
+
+@pytest.mark.parametrize("construction", ["random", "systematic"])
+def test_long_cancelling_samples_are_still_bounded(construction):
+    """The cancelling constructions at ``A_POSTERIORI_POSITIONS`` positions (the two positions
+    of the module doc, then zeros; or constant vectors, whose roundings all go one way): the
+    a-posteriori bound flags them as the ``S`` test does, and every contribution stays within
+    R, while unguarded ones exceed it."""
+    n, d, p, eps = 32, 16, 256, EPS if construction == "random" else 1e-3
+    gen = torch.Generator().manual_seed(12)
+    if construction == "random":
+        x, v = torch.randn(n, 1, d, generator=gen), torch.randn(n, 1, p, generator=gen)
+    else:
+        x = (1 + torch.rand(n, 1, 1, generator=gen)) * torch.ones(n, 1, d)
+        v = (1 + torch.rand(n, 1, 1, generator=gen)) * torch.ones(n, 1, p)
+    w = torch.randn(n, 1, p, generator=gen)
+    x = x * 3 * R / (eps * (d * p) ** 0.5)
+    a = torch.zeros(n, A_POSTERIORI_POSITIONS, d)
+    g = torch.zeros(n, A_POSTERIORI_POSITIONS, p)
+    a[:, :2], g[:, :2] = torch.cat([x, x], 1), torch.cat([v, -v + eps * w], 1)
+    assert _contributions(ghost_norm_blocked(a, g), a, g).max() > 1.2
+    guarded = _contributions(ghost_norm(a, g), a, g)
+    assert guarded.max() <= 1 + 1e-6, guarded.max()
+    over = _true_norms(a[:, :2], g[:, :2]) > 1.1 * R
+    assert over.sum() > 10 and guarded[over].min() > 0.95, guarded[over].min()
 
 
 def test_guard_leaves_well_conditioned_norms_unchanged():

@@ -32,7 +32,13 @@ import torch
 from fx_bk.cost_model import ghost_block, ghost_cost
 
 from .flops import register_flops
-from .rounding_bound import guard_norm_sq, position_bound, recompute_cancelling
+from .rounding_bound import (
+    A_POSTERIORI_POSITIONS,
+    gram_error,
+    guard_norm_sq,
+    position_bound,
+    recompute_cancelling,
+)
 
 
 def _out_dtype(t: torch.Tensor) -> torch.dtype:
@@ -48,27 +54,55 @@ def ghost_norm_reference(a: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
 
 
 def ghost_norm_blocked(a: torch.Tensor, g: torch.Tensor, block: int | None = None):
-    """Symmetric block rows in PyTorch ops (the CPU implementation); blocks of
-    ``ghost_block(T)`` positions unless ``block`` is given."""
+    """Symmetric block rows in PyTorch ops (the CPU implementation), without the guard; blocks
+    of ``ghost_block(T)`` positions unless ``block`` is given."""
     return _ghost_blocks(a, g, block)[0]
 
 
-def _ghost_blocks(a: torch.Tensor, g: torch.Tensor, block: int | None):
+def _ghost_blocks(a: torch.Tensor, g: torch.Tensor, block: int | None, with_error: bool = False):
     """The blocked ghost norm and the rounding guard's ``S = sum_t ||a_t|| ||g_t||``, read off
-    the diagonal blocks' diagonals (``||a_t||^2 ||g_t||^2``): no extra pass over ``a`` and ``g``."""
+    the diagonal blocks' diagonals (``||a_t||^2 ||g_t||^2``): no extra pass over ``a`` and ``g``.
+    With ``with_error``, also the a-posteriori bound of the norm's rounding error
+    (``rounding_bound.gram_error``: the Gram blocks' absolute values, weighted by the other
+    operand's position norms, summed in the same loop), else None."""
     acc = _out_dtype(a)
     a, g = a.to(acc), g.to(acc)
     t = a.shape[1]
     block = ghost_block(t) if block is None else block
     total = bound = a.new_zeros(a.shape[0])
+    if with_error:
+        norm_a, norm_g = torch.linalg.vector_norm(a, dim=-1), torch.linalg.vector_norm(g, dim=-1)
+        abs_a = abs_q = abs_prod = total
     for k in range(0, t, block):
         ak, gk = a[:, k : k + block], g[:, k : k + block]
-        prod = torch.bmm(ak, a[:, k:].transpose(1, 2))  # [B, block, T - k]: rows of A
-        prod.mul_(torch.bmm(gk, g[:, k:].transpose(1, 2)))  # times the rows of Q
-        diag_block = prod[:, :, : ak.shape[1]]
-        total = total + prod.sum((1, 2)).mul_(2).sub_(diag_block.sum((1, 2)))
-        bound = bound + torch.diagonal(diag_block, dim1=1, dim2=2).clamp_min(0).sqrt_().sum(1)
-    return total, bound
+        n = ak.shape[1]
+        rows_a = torch.bmm(ak, a[:, k:].transpose(1, 2))  # [B, block, T - k]: rows of A
+        rows_q = torch.bmm(gk, g[:, k:].transpose(1, 2))  # and of Q
+        if with_error:
+            prod = rows_a * rows_q
+            abs_a = abs_a + _pair_sum(_weighted_abs(rows_a, norm_g, k, n), n)
+            abs_q = abs_q + _pair_sum(_weighted_abs(rows_q, norm_a, k, n), n)
+        else:
+            prod = rows_a.mul_(rows_q)
+        total = total + _pair_sum(prod, n)
+        bound = bound + torch.diagonal(prod[:, :, :n], dim1=1, dim2=2).clamp_min(0).sqrt_().sum(1)
+        if with_error:
+            abs_prod = abs_prod + _pair_sum(prod.abs_(), n)
+    if not with_error:
+        return total, bound, None
+    error = gram_error(abs_a, abs_q, abs_prod, bound, a.shape[-1], g.shape[-1], t, acc)
+    return total, bound, error
+
+
+def _pair_sum(rows: torch.Tensor, n: int) -> torch.Tensor:
+    """``sum_{s,t}`` over every position pair of a block row's ``[B, n, T - k]`` values: the
+    off-diagonal blocks stand for their mirror images too."""
+    return rows.sum((1, 2)).mul_(2).sub_(rows[:, :, :n].sum((1, 2)))
+
+
+def _weighted_abs(rows: torch.Tensor, norms: torch.Tensor, k: int, n: int) -> torch.Tensor:
+    """``|rows_st| norms_s norms_t`` (in place)."""
+    return rows.abs_().mul_(norms[:, k : k + n, None]).mul_(norms[:, None, k:])
 
 
 @torch.library.custom_op("fx_bk::ghost_norm", mutates_args=())
@@ -78,13 +112,15 @@ def ghost_norm(a: torch.Tensor, g: torch.Tensor, block: int | None = None) -> to
         from .triton_ghost_norm import triton_ghost_norm
 
         norm_sq, bound = triton_ghost_norm(a, g), position_bound(a, g, acc)
-    else:
-        norm_sq, bound = _ghost_blocks(a, g, block)
+        error = None
+    else:  # from A_POSTERIORI_POSITIONS on, ordinary samples reach the S test (rounding_bound)
+        long = acc == torch.float32 and a.shape[1] >= A_POSTERIORI_POSITIONS
+        norm_sq, bound, error = _ghost_blocks(a, g, block, with_error=long)
     length = max(a.shape[-1], g.shape[-1], a.shape[1])
     if acc == torch.float64:
         return guard_norm_sq(norm_sq, bound, acc, length)
     exact = lambda i: _ghost_blocks(a[i].double(), g[i].double(), block)[0]  # noqa: E731
-    return recompute_cancelling(norm_sq, bound, exact, a.shape[1], length)
+    return recompute_cancelling(norm_sq, bound, exact, a.shape[1], length, error)
 
 
 @ghost_norm.register_fake

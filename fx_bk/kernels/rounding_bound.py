@@ -29,6 +29,22 @@ of 16384 equal terms, so at most 3.4e-3 on ``n^2``). A cancelling sample's norm 
   ``1 + K u (S / ||G||)^2 / 2`` (3e-3 at ``S / ||G|| = 32`` and ``length`` 768), and by up to
   ``sqrt(K u) S / ||G||`` when its terms cancel: never under-clipped.
 
+From ``1 / TAU`` positions on, uncorrelated positions alone make ``S / ||G||`` about
+``sqrt(T) > 32``: ordinary samples of long sequences (T = 1024, random data) met the test above
+and were all recomputed in float64 (Grams at half the float32 rate). The CPU ghost-norm op
+then also bounds each sample's error a posteriori, from the Grams' actual entries
+(:func:`gram_error`):
+
+    |n^2 - n^2_computed| <= u (K_p sum |A_st| |g_s| |g_t| + K_d sum |Q_st| |a_s| |a_t|
+                               + K_T sum |A_st Q_st|) + K_d K_p u^2 S^2
+
+(an entry of ``A = a a^T`` is a dot product of length d with error ``K_d u |a_s| |a_t|``, of ``Q``
+likewise; the last sum is the products' summation). For uncorrelated positions the Grams'
+off-diagonal entries are about ``1 / sqrt(d)`` of their norm bound, and this is a few hundred
+times below ``K u S^2``. A sample the ``S`` test flags is kept when ``n^2`` is at least this
+bound over ``KEPT_REL_ERROR``, the relative error the ``S`` test leaves a kept norm: either test
+alone keeps only norms that accurate.
+
 NaN stays NaN (the sample is then dropped by ``fx_bk.clipping``). Not bounded per sample: the
 rounding of the sum over the batch, which all samples share.
 """
@@ -38,6 +54,12 @@ from __future__ import annotations
 import torch
 
 TAU = 1e-3  # n^2 / S^2 below which a norm is replaced by its rounding bound
+# the relative error of n^2 a norm kept by the S test can have: K u / TAU, K = 57 (the largest
+# error constant measured), float32
+KEPT_REL_ERROR = 3.4e-3
+# positions from which the ghost-norm op also bounds the error a posteriori (uncorrelated
+# positions reach the S test's threshold there)
+A_POSTERIORI_POSITIONS = round(1 / TAU)
 
 
 def error_constant(length: int) -> float:
@@ -60,9 +82,27 @@ def position_bound(a: torch.Tensor, g: torch.Tensor, dtype: torch.dtype) -> torc
     return prod.reshape(prod.shape[0], -1).sum(1)
 
 
-def cancelling(norm_sq: torch.Tensor, bound: torch.Tensor) -> torch.Tensor:
-    """The samples whose computed norm is not well above its rounding error (NaN included)."""
-    return ~(norm_sq >= TAU * bound * bound)
+def gram_error(abs_a_weighted: torch.Tensor, abs_q_weighted: torch.Tensor,
+               abs_products: torch.Tensor, bound: torch.Tensor, d: int, p: int, t: int,
+               dtype: torch.dtype) -> torch.Tensor:
+    """The a-posteriori bound of a ghost norm's rounding error (module docstring) from its sums
+    ``sum |A_st| |g_s| |g_t|``, ``sum |Q_st| |a_s| |a_t|`` and ``sum |A_st Q_st|`` over all
+    position pairs, ``S`` and the Grams' ``dtype``."""
+    u = unit_roundoff(dtype)
+    kd, kp = error_constant(d), error_constant(p)
+    return u * (kp * abs_a_weighted + kd * abs_q_weighted + error_constant(t) * abs_products) \
+        + kd * kp * u * u * bound * bound
+
+
+def cancelling(norm_sq: torch.Tensor, bound: torch.Tensor,
+               error: torch.Tensor | None = None) -> torch.Tensor:
+    """The samples whose computed norm is not well above its rounding error (NaN included):
+    ``n^2 < TAU S^2`` and, where the a-posteriori ``error`` is given, ``n^2 < error /
+    KEPT_REL_ERROR`` too."""
+    bad = ~(norm_sq >= TAU * bound * bound)
+    if error is not None:
+        bad = bad & ~(norm_sq >= error / KEPT_REL_ERROR)
+    return bad
 
 
 def guard_norm_sq(norm_sq: torch.Tensor, bound: torch.Tensor, gram_dtype: torch.dtype,
@@ -82,20 +122,23 @@ def guard_norm_sq(norm_sq: torch.Tensor, bound: torch.Tensor, gram_dtype: torch.
 
 
 def recompute_cancelling(norm_sq: torch.Tensor, bound: torch.Tensor, exact, positions: int,
-                         length: int) -> torch.Tensor:
+                         length: int, error: torch.Tensor | None = None) -> torch.Tensor:
     """For norms computed inside an opaque op: the cancelling samples' norms recomputed by
     ``exact(index)`` (float64 Grams of the same values: products of float32 values are exact in
     float64), plus the clipped GEMM's own rounding ``K u S`` (``positions`` terms per sample).
     Only those samples are recomputed (none, for ordinary data); while a CUDA graph is being
-    captured, every sample (no host sync)."""
-    bad = cancelling(norm_sq, bound)
+    captured, every sample (no host sync). ``error``: the a-posteriori bound, if computed.
+    ``exact`` gets a slice of every sample where all are recomputed (an index would copy the
+    operands once more)."""
+    bad = cancelling(norm_sq, bound, error)
     capturing = norm_sq.is_cuda and torch.cuda.is_current_stream_capturing()
     index = (torch.arange(norm_sq.shape[0], device=norm_sq.device) if capturing
              else bad.nonzero().squeeze(1))
     if not capturing and index.numel() == 0:
         return norm_sq
+    whole = index.numel() == norm_sq.shape[0]
     s = bound[index].to(torch.float64)
-    exact_sq = exact(index).to(torch.float64).clamp_min(0)
+    exact_sq = exact(slice(None) if whole else index).to(torch.float64).clamp_min(0)
     k64 = error_constant(length) * unit_roundoff(torch.float64)
     gemm = error_constant(positions) * unit_roundoff(norm_sq.dtype)
     refined = ((exact_sq + k64 * s * s).sqrt() + gemm * s).pow(2).to(norm_sq.dtype)
