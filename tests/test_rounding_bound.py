@@ -126,12 +126,30 @@ def test_long_uncorrelated_samples_are_kept_by_the_a_posteriori_bound(monkeypatc
     assert calls[1] == first[1]  # nothing recomputed at 2000 positions
 
 
+def test_recomputation_by_instantiation_bounds_the_norm_where_cheaper():
+    """A flagged sample is recomputed from float64 Grams while ``p d >= T (d + p)``, else from
+    its float32 gradient plus ``K u S``: an upper bound of the float64 norm within that term."""
+    gen = torch.Generator().manual_seed(13)
+    a, g = torch.randn(3, 40, 8, generator=gen), torch.randn(3, 40, 6, generator=gen)
+    exact = ghost_norm_blocked(a.double(), g.double())
+    got = ghost_norm_module._recomputed_norms(a, g, None)  # 48 < 40 * 14: instantiated
+    ku_s = error_constant(40) * unit_roundoff(torch.float32) * (
+        a.double().norm(dim=-1) * g.double().norm(dim=-1)).sum(1)
+    assert (got >= exact).all() and (got.sqrt() <= exact.sqrt() + 2 * ku_s).all()
+    assert not torch.equal(got, exact)
+    wide = torch.randn(3, 2, 8, generator=gen), torch.randn(3, 2, 6, generator=gen)
+    assert torch.equal(ghost_norm_module._recomputed_norms(*wide, None),  # 48 >= 2 * 14: Grams
+                       ghost_norm_blocked(wide[0].double(), wide[1].double()))
+
+
 @pytest.mark.parametrize("construction", ["random", "systematic"])
 def test_long_cancelling_samples_are_still_bounded(construction):
     """The cancelling constructions at ``A_POSTERIORI_POSITIONS`` positions (the two positions
     of the module doc, then zeros; or constant vectors, whose roundings all go one way): the
     a-posteriori bound flags them as the ``S`` test does, and every contribution stays within
-    R, while unguarded ones exceed it."""
+    R, while unguarded ones exceed it. At this length (``p d < T (d + p)``) a flagged sample is
+    recomputed from its float32 gradient plus that gradient's rounding ``K u S``: about 3% of
+    ``||G_i||`` for these samples (``S / ||G_i||`` near 6000), so they add at least 0.9 R."""
     n, d, p, eps = 32, 16, 256, EPS if construction == "random" else 1e-3
     gen = torch.Generator().manual_seed(12)
     if construction == "random":
@@ -148,7 +166,7 @@ def test_long_cancelling_samples_are_still_bounded(construction):
     guarded = _contributions(ghost_norm(a, g), a, g)
     assert guarded.max() <= 1 + 1e-6, guarded.max()
     over = _true_norms(a[:, :2], g[:, :2]) > 1.1 * R
-    assert over.sum() > 10 and guarded[over].min() > 0.95, guarded[over].min()
+    assert over.sum() > 10 and guarded[over].min() > 0.9, guarded[over].min()
 
 
 def test_guard_leaves_well_conditioned_norms_unchanged():

@@ -34,10 +34,12 @@ from fx_bk.cost_model import ghost_block, ghost_cost
 from .flops import register_flops
 from .rounding_bound import (
     A_POSTERIORI_POSITIONS,
+    error_constant,
     gram_error,
     guard_norm_sq,
     position_bound,
     recompute_cancelling,
+    unit_roundoff,
 )
 
 
@@ -119,8 +121,29 @@ def ghost_norm(a: torch.Tensor, g: torch.Tensor, block: int | None = None) -> to
     length = max(a.shape[-1], g.shape[-1], a.shape[1])
     if acc == torch.float64:
         return guard_norm_sq(norm_sq, bound, acc, length)
-    exact = lambda i: _ghost_blocks(a[i].double(), g[i].double(), block)[0]  # noqa: E731
+    exact = lambda i: _recomputed_norms(a[i], g[i], block)  # noqa: E731
     return recompute_cancelling(norm_sq, bound, exact, a.shape[1], length, error)
+
+
+def _recomputed_norms(a: torch.Tensor, g: torch.Tensor, block: int | None) -> torch.Tensor:
+    """Squared norms of cancelling samples, float64, for ``recompute_cancelling``: from float64
+    Grams of the same values (exact), or on CPU where that costs more than instantiating
+    (``p d < T (d + p)``: long sequences) from each sample's float32 gradient ``g_i^T a_i`` plus its
+    rounding: an instantiated gradient errs by at most ``K u S`` in norm (``K`` for sums of T
+    products), not by ``K u S^2`` as a Gram sum does, so ``(||G_i|| + K u S)^2`` bounds the
+    norm without cancellation."""
+    t, d, p = a.shape[1], a.shape[-1], g.shape[-1]
+    if a.is_cuda or p * d >= t * (d + p):
+        return _ghost_blocks(a.double(), g.double(), block)[0]
+    acc = _out_dtype(a)
+    u = unit_roundoff(acc)
+    ku_s = error_constant(t) * u * position_bound(a, g, acc).double()
+    rows_up = 1 / (1 - (d + 1) * u)  # a row's squares and their sum, all positive: relative
+    out = []
+    for ai, gi in zip(a.to(acc), g.to(acc)):
+        per_sample = torch.mm(gi.t(), ai)  # [p, d]
+        out.append(((per_sample * per_sample).sum(1).double().sum() * rows_up).sqrt())
+    return (torch.stack(out) + ku_s).pow(2)
 
 
 @ghost_norm.register_fake

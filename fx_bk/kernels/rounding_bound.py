@@ -21,7 +21,10 @@ of 16384 equal terms, so at most 3.4e-3 on ``n^2``). A cancelling sample's norm 
 
 * inside the opaque ghost-norm op (Linear, matmul, im2col convolutions, LM heads): recomputed
   from float64 Grams of the same values (:func:`recompute_cancelling`), plus the clipped GEMM's
-  own rounding ``K u S``: exact, no over-clipping beyond that term;
+  own rounding ``K u S``: exact, no over-clipping beyond that term; on CPU, where instantiating
+  costs less (``p d < T (d + p)``, long sequences), from the sample's float32 gradient
+  ``g_i^T a_i`` plus its rounding ``K u S`` (an instantiated norm has no cancellation: over-clips
+  by ``K u S / ||G||``, 3% at ``S / ||G|| = 6000``);
 * in the norms traced into the graph (conv position Grams, the embedding's same-token Gram, the
   tie's cross term): the bound ``(sqrt(max(n^2, 0) + K u S^2) + K u S)^2``
   (:func:`guard_norm_sq`) with ``K = 16 + length / 16`` for sums of ``length`` products,
