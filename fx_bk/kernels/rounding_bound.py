@@ -128,7 +128,8 @@ def recompute_cancelling(norm_sq: torch.Tensor, bound: torch.Tensor, exact, posi
                          length: int, error: torch.Tensor | None = None) -> torch.Tensor:
     """For norms computed inside an opaque op: the cancelling samples' norms recomputed by
     ``exact(index)`` (float64 Grams of the same values: products of float32 values are exact in
-    float64), plus the clipped GEMM's own rounding ``K u S`` (``positions`` terms per sample).
+    float64; or an upper bound without cancellation, ``ghost_norm._recomputed_norms``), plus the
+    clipped GEMM's own rounding ``K u S`` (``positions`` terms per sample).
     Only those samples are recomputed (none, for ordinary data); while a CUDA graph is being
     captured, every sample (no host sync). ``error``: the a-posteriori bound, if computed.
     ``exact`` gets a slice of every sample where all are recomputed (an index would copy the
