@@ -132,13 +132,13 @@ def test_recomputation_by_instantiation_bounds_the_norm_where_cheaper():
     gen = torch.Generator().manual_seed(13)
     a, g = torch.randn(3, 40, 8, generator=gen), torch.randn(3, 40, 6, generator=gen)
     exact = ghost_norm_blocked(a.double(), g.double())
-    got = ghost_norm_module._recomputed_norms(a, g, None)  # 48 < 40 * 14: instantiated
-    ku_s = error_constant(40) * unit_roundoff(torch.float32) * (
-        a.double().norm(dim=-1) * g.double().norm(dim=-1)).sum(1)
+    s = (a.norm(dim=-1) * g.norm(dim=-1)).sum(1)
+    got = ghost_norm_module._recomputed_norms(a, g, None, s)  # 48 < 40 * 14: instantiated
+    ku_s = error_constant(40) * unit_roundoff(torch.float32) * s.double()
     assert (got >= exact).all() and (got.sqrt() <= exact.sqrt() + 2 * ku_s).all()
     assert not torch.equal(got, exact)
     wide = torch.randn(3, 2, 8, generator=gen), torch.randn(3, 2, 6, generator=gen)
-    assert torch.equal(ghost_norm_module._recomputed_norms(*wide, None),  # 48 >= 2 * 14: Grams
+    assert torch.equal(ghost_norm_module._recomputed_norms(*wide, None, None),  # 48 >= 2 * 14
                        ghost_norm_blocked(wide[0].double(), wide[1].double()))
 
 

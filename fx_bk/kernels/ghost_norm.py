@@ -121,23 +121,24 @@ def ghost_norm(a: torch.Tensor, g: torch.Tensor, block: int | None = None) -> to
     length = max(a.shape[-1], g.shape[-1], a.shape[1])
     if acc == torch.float64:
         return guard_norm_sq(norm_sq, bound, acc, length)
-    exact = lambda i: _recomputed_norms(a[i], g[i], block)  # noqa: E731
+    exact = lambda i: _recomputed_norms(a[i], g[i], block, bound[i])  # noqa: E731
     return recompute_cancelling(norm_sq, bound, exact, a.shape[1], length, error)
 
 
-def _recomputed_norms(a: torch.Tensor, g: torch.Tensor, block: int | None) -> torch.Tensor:
+def _recomputed_norms(a: torch.Tensor, g: torch.Tensor, block: int | None,
+                      bound: torch.Tensor) -> torch.Tensor:
     """Squared norms of cancelling samples, float64, for ``recompute_cancelling``: from float64
     Grams of the same values (exact), or on CPU where that costs more than instantiating
     (``p d < T (d + p)``: long sequences) from each sample's float32 gradient ``g_i^T a_i`` plus its
     rounding: an instantiated gradient errs by at most ``K u S`` in norm (``K`` for sums of T
     products), not by ``K u S^2`` as a Gram sum does, so ``(||G_i|| + K u S)^2`` bounds the
-    norm without cancellation."""
+    norm without cancellation. ``bound``: those samples' ``S``, as the op computed it."""
     t, d, p = a.shape[1], a.shape[-1], g.shape[-1]
     if a.is_cuda or p * d >= t * (d + p):
         return _ghost_blocks(a.double(), g.double(), block)[0]
     acc = _out_dtype(a)
     u = unit_roundoff(acc)
-    ku_s = error_constant(t) * u * position_bound(a, g, acc).double()
+    ku_s = error_constant(t) * u * bound.double()
     rows_up = 1 / (1 - (d + 1) * u)  # a row's squares and their sum, all positive: relative
     out = []
     for ai, gi in zip(a.to(acc), g.to(acc)):
