@@ -12,6 +12,15 @@ import torch
 from benchmarks.variants import AUTOCAST_VARIANTS, BASELINE, VARIANTS
 
 
+def malloc_settings() -> str:
+    """glibc's malloc tunables set in the environment, or that there are none. They decide how
+    often a freed tensor's pages go back to the kernel, and so how many page faults the steps
+    take (docs/benchmarks.md, "Page faults")."""
+    env = {k: v for k, v in os.environ.items()
+           if k.startswith("MALLOC_") or k in ("GLIBC_TUNABLES", "LD_PRELOAD")}
+    return " ".join(f"{k}={v}" for k, v in sorted(env.items())) or "default malloc settings"
+
+
 def machine_info(args) -> dict:
     cpu = platform.processor() or "?"
     try:
@@ -31,6 +40,7 @@ def machine_info(args) -> dict:
         "torch": torch.__version__,
         "python": platform.python_version(),
         "inductor_caches_disabled": torch.compiler.config.force_disable_caches,
+        "malloc": malloc_settings(),
         "platform": platform.platform(),
         "date": datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
     }
@@ -58,7 +68,7 @@ def table(results: dict) -> str:
         f"{m['cpu_count']} CPUs | {m['threads']} threads | device {m['device']}"
         + (f" ({m['gpu']})" if m.get("gpu") else ""),
         f"torch {m['torch']} | opacus {m.get('opacus', '?')} | python {m['python']} | "
-        f"{m['date']}",
+        f"{m.get('malloc', '?')} | {m['date']}",
         f"{results['config']['rounds']} rounds x >= {results['config']['steps_per_round']} steps "
         f"per variant (more for steps shorter than {results['config']['min_round_ms']:.0f} ms "
         f"per round), interleaved; ratio = median over rounds of (variant / {BASELINE}) per round; "

@@ -15,16 +15,25 @@ time goes to one category:
   its GEMMs (``mm`` / ``bmm``: the per-sample arithmetic) and the rest (copies, elementwise
   work, the op's Python); the clipped GEMMs' own GEMM is counted with ``GEMMs``, as the
   weight-gradient GEMM it replaces is in the non-private step;
-* outside them, by name: ``GEMMs``, ``convolutions``, ``attention``, ``Inductor kernels`` (the
-  fused pointwise and reduction kernels, BK's clip stage among them), ``fx_bk guards``
-  (fx_bk's other ops: the step token, the change check, the norm record), ``other ATen ops``,
-  and ``framework`` (Python, Dynamo's and AOTAutograd's wrappers, the optimizer).
+* outside them, by name: ``GEMMs``, ``Inductor kernels`` (the fused pointwise and reduction
+  kernels, BK's clip stage among them; matched before the op names, which their own names
+  carry: ``cpp_fused_convolution_backward_native_group_norm_...`` is a normalization's backward,
+  not a convolution), ``convolutions``, ``attention``, ``fx_bk guards`` (fx_bk's other ops: the
+  step token, the change check, the norm record), ``other ATen ops``, and ``framework``
+  (Python, Dynamo's and AOTAutograd's wrappers, the optimizer).
 
-Printed per model: the table of category ms per step for both variants and the difference, and
-the FLOP rate of the per-sample GEMMs (FLOPs from the recorded shapes) against the
-non-private step's GEMMs: per-sample arithmetic at the floor's FLOP count but a lower rate is
-the part of the gap the floor does not show. On 2 threads timings move by several percent
-between runs; the categories' differences are read against the timed ratio of the same run.
+Printed per model: the table of category ms per step for both variants and the difference, the
+FLOP rate of the per-sample GEMMs (FLOPs from the recorded shapes) against the non-private
+step's GEMMs (per-sample arithmetic at the floor's FLOP count but a lower rate is the part of
+the gap the floor does not show), and the minor page faults per timed step of each variant.
+Page faults are the cost of fresh memory: glibc's ``malloc`` gives large freed blocks back to
+the kernel, and the next tensor touches new pages (about 1.3 us per 4 KiB page on the benchmark
+host, spent inside whichever kernel first writes the tensor); how often depends on the
+process's allocation history and on the ``MALLOC_*`` tunables, which the header prints
+(docs/benchmarks.md, "Page faults"). Both variants are compiled, timed and profiled with the
+kernel profiling compiled in (each fused kernel records itself), so the timed ratios read a
+few points above ``benchmarks.step``'s. On 2 threads timings move by several percent between
+runs; the categories' differences are read against the timed ratio of the same run.
 """
 
 from __future__ import annotations
@@ -32,6 +41,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import resource
 import statistics
 import time
 import types
@@ -41,6 +51,7 @@ import torch
 
 from benchmarks.bench_models import MODEL_NAMES, bench_models
 from benchmarks.flops import measure_floor
+from benchmarks.report import malloc_settings
 from benchmarks.variants import build_variant
 
 BASELINE, PRIVATE = "non-private compiled", "fx_bk compiled"
@@ -84,12 +95,12 @@ def category(event) -> str:
         return f"{OPAQUE[inside]}: {'GEMMs' if name in GEMMS else 'rest'}"
     if name in GEMMS:
         return "GEMMs"
+    if name.startswith("graph_") and "cpp_fused" in name:
+        return "Inductor kernels"  # before the op names its fused nodes carry
     if "convolution" in name:
         return "convolutions"
     if "attention" in name:
         return "attention"
-    if name.startswith("graph_") and "cpp_fused" in name:
-        return "Inductor kernels"
     if name.startswith("fx_bk::"):
         return "fx_bk guards"
     if name.startswith("aten::"):
@@ -125,11 +136,17 @@ def profile_steps(step, n: int) -> dict:
     return {"ms": dict(ms), "gemm_flops": dict(flops)}
 
 
-def _timed(step, steps: int) -> float:
-    t0 = time.perf_counter()
+def minor_faults() -> int:
+    """This process's minor page faults so far (``getrusage``)."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+
+
+def _timed(step, steps: int) -> tuple[float, float]:
+    """Mean ms and minor page faults per step over ``steps`` steps."""
+    f0, t0 = minor_faults(), time.perf_counter()
     for _ in range(steps):
         step()
-    return (time.perf_counter() - t0) * 1e3 / steps
+    return (time.perf_counter() - t0) * 1e3 / steps, (minor_faults() - f0) / steps
 
 
 def run_model(bm, args) -> dict:
@@ -144,14 +161,18 @@ def run_model(bm, args) -> dict:
         for _ in range(3):
             step()
     times: dict[str, list[float]] = {name: [] for name in steps}
+    faults: dict[str, list[float]] = {name: [] for name in steps}
     for r in range(args.rounds):
         for name in list(steps)[r % 2:] + list(steps)[:r % 2]:
-            times[name].append(_timed(steps[name], args.steps))
+            ms, pf = _timed(steps[name], args.steps)
+            times[name].append(ms)
+            faults[name].append(pf)
     ratios = [p / b for p, b in zip(times[PRIVATE], times[BASELINE])]
     prof = {name: profile_steps(step, args.profiled_steps) for name, step in steps.items()}
     return {"model": bm.name, "describe": bm.describe(), "floor": floor,
             "median_ms": {k: statistics.median(v) for k, v in times.items()},
-            "ratio": statistics.median(ratios), "profile": prof}
+            "ratio": statistics.median(ratios), "profile": prof,
+            "page_faults": {k: statistics.median(v) for k, v in faults.items()}}
 
 
 def rate(profile: dict, cat: str) -> float | None:
@@ -167,7 +188,9 @@ def report(res: dict) -> str:
     lines = [f"### {res['model']} ({res['describe']})", "",
              f"timed: non-private {np_ms:.1f} ms, fx_bk {res['median_ms'][PRIVATE]:.1f} ms, "
              f"ratio {res['ratio']:.3f} (floor {res['floor']:.3f}); profiled self time "
-             f"{total[BASELINE]:.1f} / {total[PRIVATE]:.1f} ms per step", "",
+             f"{total[BASELINE]:.1f} / {total[PRIVATE]:.1f} ms per step; minor page faults per "
+             f"timed step {res['page_faults'][BASELINE]:.0f} / {res['page_faults'][PRIVATE]:.0f}",
+             "",
              "| category | non-private ms | fx_bk ms | difference ms | % of non-private |",
              "|---|---:|---:|---:|---:|"]
     cats = sorted(set(base["ms"]) | set(priv["ms"]),
@@ -191,7 +214,8 @@ def main(argv=None) -> list[dict]:
     models = bench_models(args.quick, False)
     results = []
     print(f"torch {torch.__version__}, {args.threads} threads, {args.rounds} rounds x "
-          f"{args.steps} steps, {args.profiled_steps} profiled steps per variant\n")
+          f"{args.steps} steps, {args.profiled_steps} profiled steps per variant; "
+          f"{malloc_settings()}\n")
     threads = torch.get_num_threads()
     torch.set_num_threads(args.threads)
     try:

@@ -8,6 +8,7 @@ import contextlib
 import json
 import math
 import os
+import types
 import warnings
 from pathlib import Path
 
@@ -308,6 +309,38 @@ def test_step_gap_categories_and_gemm_flops():
                                                                   2 * p * b * t * d])
 
 
+def test_step_gap_inductor_kernels_before_op_names():
+    """An Inductor kernel is counted as one whatever ATen ops its fused name lists (a group
+    norm's backward fused with its convolution's is named ``..._convolution_backward_...``);
+    the ATen convolution and attention ops keep their categories."""
+    from benchmarks import step_gap
+
+    def event(name):
+        return types.SimpleNamespace(name=name, cpu_parent=None)
+
+    fused = "graph_1_cpp_fused_add_convolution_backward_native_group_norm_3"
+    assert step_gap.category(event(fused)) == "Inductor kernels"
+    assert step_gap.category(event("graph_0_cpp_fused__scaled_dot_product_attention_1")) == \
+        "Inductor kernels"
+    assert step_gap.category(event("aten::convolution_backward")) == "convolutions"
+    assert step_gap.category(event("aten::_scaled_dot_product_flash_attention_for_cpu")) == \
+        "attention"
+
+
+def test_malloc_settings(monkeypatch):
+    """The benchmarks' headers name the glibc malloc tunables in the environment, which decide
+    how often the steps page-fault."""
+    from benchmarks.report import malloc_settings
+
+    for k in [k for k in os.environ if k.startswith("MALLOC_")]:
+        monkeypatch.delenv(k)
+    monkeypatch.delenv("GLIBC_TUNABLES", raising=False)
+    monkeypatch.delenv("LD_PRELOAD", raising=False)
+    assert malloc_settings() == "default malloc settings"
+    monkeypatch.setenv("MALLOC_TRIM_THRESHOLD_", "17179869184")
+    assert malloc_settings() == "MALLOC_TRIM_THRESHOLD_=17179869184"
+
+
 def test_step_gap_tiny_run():
     """The script end to end on the quick MLP: both variants timed and profiled, fx_bk's own ops
     only in its profile, the table printed; the thread count restored."""
@@ -322,3 +355,5 @@ def test_step_gap_tiny_run():
     assert base["GEMMs"] > 0 and priv["GEMMs"] > 0
     assert _finite_pos(res["ratio"]) and res["floor"] == pytest.approx(1.0, abs=0.05)
     assert "| category | non-private ms |" in step_gap.report(res)
+    assert all(f >= 0 for f in res["page_faults"].values())
+    assert "minor page faults per timed step" in step_gap.report(res)
