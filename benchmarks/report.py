@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import datetime
+import json
 import os
 import platform
 from pathlib import Path
@@ -19,6 +20,25 @@ def malloc_settings() -> str:
     env = {k: v for k, v in os.environ.items()
            if k.startswith("MALLOC_") or k in ("GLIBC_TUNABLES", "LD_PRELOAD")}
     return " ".join(f"{k}={v}" for k, v in sorted(env.items())) or "default malloc settings"
+
+
+def run_models(names, run, describe, threads: int, json_path: str | None) -> list[dict]:
+    """``run(name)`` for each model name with ``threads`` torch threads (the count restored
+    afterwards), each result's ``describe(result)`` printed as it comes; the list of results,
+    also written to ``json_path`` when given."""
+    results = []
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        for name in names:
+            results.append(run(name))
+            print(describe(results[-1]) + "\n", flush=True)
+    finally:
+        torch.set_num_threads(before)
+    if json_path:
+        with open(json_path, "w") as f:
+            json.dump(results, f, indent=1)
+    return results
 
 
 def machine_info(args) -> dict:

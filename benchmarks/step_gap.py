@@ -39,7 +39,6 @@ runs; the categories' differences are read against the timed ratio of the same r
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import resource
 import statistics
@@ -51,7 +50,7 @@ import torch
 
 from benchmarks.bench_models import MODEL_NAMES, bench_models
 from benchmarks.flops import measure_floor
-from benchmarks.report import malloc_settings
+from benchmarks.report import malloc_settings, run_models
 from benchmarks.variants import build_variant
 
 BASELINE, PRIVATE = "non-private compiled", "fx_bk compiled"
@@ -212,25 +211,12 @@ def main(argv=None) -> list[dict]:
     import torch._inductor.config as inductor_config
 
     models = bench_models(args.quick, False)
-    results = []
     print(f"torch {torch.__version__}, {args.threads} threads, {args.rounds} rounds x "
           f"{args.steps} steps, {args.profiled_steps} profiled steps per variant; "
           f"{malloc_settings()}\n")
-    threads = torch.get_num_threads()
-    torch.set_num_threads(args.threads)
-    try:
-        with inductor_config.patch({"cpp.enable_kernel_profile": True}):
-            for name in args.models:
-                res = run_model(models[name], args)
-                results.append(res)
-                print(report(res) + "\n", flush=True)
-    finally:
-        torch.set_num_threads(threads)
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump(results, f, indent=1)
-    return results
-
+    with inductor_config.patch({"cpp.enable_kernel_profile": True}):
+        return run_models(args.models, lambda name: run_model(models[name], args), report,
+                          args.threads, args.json)
 
 if __name__ == "__main__":
     main()

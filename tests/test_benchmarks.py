@@ -357,3 +357,43 @@ def test_step_gap_tiny_run():
     assert "| category | non-private ms |" in step_gap.report(res)
     assert all(f >= 0 for f in res["page_faults"].values())
     assert "minor page faults per timed step" in step_gap.report(res)
+
+
+def test_memory_peak_contents_and_categories():
+    """``benchmarks.memory_peak`` finds the running sum's maximum and what is alive there, each
+    allocation in the category of its first telling parent."""
+    from benchmarks import memory_peak
+
+    assert memory_peak.category(["aten::empty", "aten::new_empty",
+                                 "fx_bk::conv_per_sample_weight_grad", "## Call X ##",
+                                 "CompiledFunctionBackward"]) == \
+        "fx_bk::conv_per_sample_weight_grad"
+    assert memory_peak.category(["## Call X ##", "CompiledFunctionBackward"]) == "backward"
+    assert memory_peak.category(["aten::resize_", "aten::mkldnn_convolution", "## Call X ##",
+                                 "CompiledFunction"]) == "forward"
+    assert memory_peak.category(["aten::_log_softmax"]) == "other"
+    fwd, bwd = ["## Call F ##", "CompiledFunction"], ["## Call B ##", "CompiledFunctionBackward"]
+    events = [(0, 1, 100, fwd), (1, 2, 50, fwd), (2, 2, -50, bwd), (3, 3, 80, bwd),
+              (4, 1, -100, bwd), (5, 4, 60, bwd), (6, 3, -80, bwd), (7, 4, -60, bwd)]
+    res = memory_peak.peak_contents(events)
+    assert res["peak_bytes"] == 180  # at t = 3: allocations 1 and 3
+    assert res["by_category"] == {"forward": 100, "backward": 80}
+    assert [size for size, _ in res["largest"]] == [100, 80]
+    assert res["running"].endswith("in backward")
+
+
+def test_memory_peak_tiny_run():
+    """The script end to end on the quick CNN: both variants profiled, the alive bytes at least
+    the transient peak (tensors from before the step freed on the way only lower the running
+    sum), fx_bk's per-sample convolution gradients among them, the table printed."""
+    from benchmarks import memory_peak
+
+    threads = torch.get_num_threads()
+    (res,) = memory_peak.main(["--models", "cnn", "--quick", "--warmup", "2", "--threads", "1"])
+    assert torch.get_num_threads() == threads
+    for v in res["variants"].values():
+        assert v["peak_bytes"] > 0 and sum(v["by_category"].values()) >= v["peak_bytes"]
+    priv = res["variants"][memory_peak.PRIVATE]["by_category"]
+    assert priv.get("fx_bk::conv_per_sample_weight_grad", 0) > 0
+    assert "fx_bk::" not in " ".join(res["variants"][memory_peak.BASELINE]["by_category"])
+    assert "| alive at the peak |" in memory_peak.report(res, 3)
