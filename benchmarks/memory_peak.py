@@ -28,27 +28,21 @@ are not in these sums (``benchmarks.memory`` adds them for its ratio).
 from __future__ import annotations
 
 import argparse
-import types
 from collections import defaultdict
 
 import torch
 
-from benchmarks.bench_models import MODEL_NAMES, bench_models
-from benchmarks.report import run_models
-from benchmarks.variants import build_variant
+from benchmarks.bench_models import bench_models
+from benchmarks.report import model_parser, run_models
+from benchmarks.variants import BASELINE, PRIVATE, compiled_pair
 
-BASELINE, PRIVATE = "non-private compiled", "fx_bk compiled"
 MIB = 2**20
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--models", nargs="+", choices=MODEL_NAMES, default=list(MODEL_NAMES))
-    p.add_argument("--quick", action="store_true", help="the quick sizes of benchmarks.step")
+    p = model_parser(__doc__)
     p.add_argument("--warmup", type=int, default=3, help="steps before the profiled one")
     p.add_argument("--top", type=int, default=12, help="fx_bk's largest live allocations listed")
-    p.add_argument("--threads", type=int, default=2)
-    p.add_argument("--json", default=None, metavar="PATH")
     return p.parse_args(argv)
 
 
@@ -123,13 +117,9 @@ def profile_step(v, x, y) -> list:
 
 
 def run_model(bm, args) -> dict:
-    torch.manual_seed(0)
-    base = bm.build()
-    x, y = bm.batch(0)
-    ns = types.SimpleNamespace(lr=1e-3, max_grad_norm=1.0, device="cpu")
+    _, x, y, variants = compiled_pair(bm)
     res = {"model": bm.name, "describe": bm.describe(), "variants": {}}
-    for name in (BASELINE, PRIVATE):
-        v = build_variant(name, bm, base, ns)
+    for name, v in variants.items():
         for _ in range(args.warmup):
             v.step_fn(x, y)
         res["variants"][name] = peak_contents(profile_step(v, x, y))
@@ -162,6 +152,7 @@ def main(argv=None) -> list[dict]:
     models = bench_models(args.quick, False)
     return run_models(args.models, lambda name: run_model(models[name], args),
                       lambda res: report(res, args.top), args.threads, args.json)
+
 
 if __name__ == "__main__":
     main()

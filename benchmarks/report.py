@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import datetime
 import json
 import os
@@ -10,6 +11,7 @@ from pathlib import Path
 
 import torch
 
+from benchmarks.bench_models import MODEL_NAMES
 from benchmarks.variants import AUTOCAST_VARIANTS, BASELINE, VARIANTS
 
 
@@ -20,6 +22,17 @@ def malloc_settings() -> str:
     env = {k: v for k, v in os.environ.items()
            if k.startswith("MALLOC_") or k in ("GLIBC_TUNABLES", "LD_PRELOAD")}
     return " ".join(f"{k}={v}" for k, v in sorted(env.items())) or "default malloc settings"
+
+
+def model_parser(doc: str) -> argparse.ArgumentParser:
+    """The profiling tools' shared options: ``--models``, ``--quick``, ``--threads``, ``--json``
+    (the description: ``doc``'s first paragraph)."""
+    p = argparse.ArgumentParser(description=doc.split("\n\n")[0])
+    p.add_argument("--models", nargs="+", choices=MODEL_NAMES, default=list(MODEL_NAMES))
+    p.add_argument("--quick", action="store_true", help="the quick sizes of benchmarks.step")
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--json", default=None, metavar="PATH")
+    return p
 
 
 def run_models(names, run, describe, threads: int, json_path: str | None) -> list[dict]:

@@ -43,17 +43,15 @@ import math
 import resource
 import statistics
 import time
-import types
 from collections import defaultdict
 
 import torch
 
-from benchmarks.bench_models import MODEL_NAMES, bench_models
+from benchmarks.bench_models import bench_models
 from benchmarks.flops import measure_floor
-from benchmarks.report import malloc_settings, run_models
-from benchmarks.variants import build_variant
+from benchmarks.report import malloc_settings, model_parser, run_models
+from benchmarks.variants import BASELINE, PRIVATE, compiled_pair
 
-BASELINE, PRIVATE = "non-private compiled", "fx_bk compiled"
 OPAQUE = {  # fx_bk's opaque ops -> category
     "fx_bk::ghost_norm": "ghost norms",
     "fx_bk::gemm_norm_by_length": "ghost norms",
@@ -65,14 +63,10 @@ GEMMS = {"aten::mm", "aten::addmm", "aten::bmm", "aten::baddbmm", "aten::matmul"
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--models", nargs="+", choices=MODEL_NAMES, default=list(MODEL_NAMES))
-    p.add_argument("--quick", action="store_true", help="the quick sizes of benchmarks.step")
+    p = model_parser(__doc__)
     p.add_argument("--rounds", type=int, default=8, help="interleaved timed rounds")
     p.add_argument("--steps", type=int, default=3, help="timed steps per variant and round")
     p.add_argument("--profiled-steps", type=int, default=3)
-    p.add_argument("--threads", type=int, default=2)
-    p.add_argument("--json", default=None, metavar="PATH")
     return p.parse_args(argv)
 
 
@@ -149,12 +143,8 @@ def _timed(step, steps: int) -> tuple[float, float]:
 
 
 def run_model(bm, args) -> dict:
-    torch.manual_seed(0)
-    base = bm.build()
-    x, y = bm.batch(0)
+    base, x, y, variants = compiled_pair(bm)
     floor = measure_floor(bm, base, x, y, 1.0)["floor"]
-    ns = types.SimpleNamespace(lr=1e-3, max_grad_norm=1.0, device="cpu")
-    variants = {name: build_variant(name, bm, base, ns) for name in (BASELINE, PRIVATE)}
     steps = {name: (lambda v=v: v.step_fn(x, y)) for name, v in variants.items()}
     for step in steps.values():  # compile, warm up
         for _ in range(3):
@@ -217,6 +207,7 @@ def main(argv=None) -> list[dict]:
     with inductor_config.patch({"cpp.enable_kernel_profile": True}):
         return run_models(args.models, lambda name: run_model(models[name], args), report,
                           args.threads, args.json)
+
 
 if __name__ == "__main__":
     main()

@@ -22,6 +22,7 @@ noise multiplier, a seeded noise generator and an Opacus accountant.
 from __future__ import annotations
 
 import copy
+import types
 from collections.abc import Callable
 from typing import NamedTuple
 
@@ -32,6 +33,7 @@ import fx_bk
 from fx_bk._torch_internals import mark_batch_dynamic
 
 BASELINE = "non-private compiled"
+PRIVATE = "fx_bk compiled"
 VARIANTS = ("non-private eager", "non-private compiled", "Opacus hooks", "Opacus ghost",
             "fx_bk eager", "fx_bk compiled")
 # with ``--autocast bf16``: the forward under torch.autocast(device, dtype=torch.bfloat16)
@@ -290,3 +292,14 @@ def ieee_float32(device: str) -> None:
 def sync(device: str) -> None:
     if device.startswith("cuda"):
         torch.cuda.synchronize()
+
+
+def compiled_pair(bm) -> tuple[nn.Module, torch.Tensor, torch.Tensor, dict[str, Variant]]:
+    """The profiling tools' setup: ``bm``'s weights (built after ``torch.manual_seed(0)``), its
+    batch 0, and the ``BASELINE`` and ``PRIVATE`` variants built from them (CPU, learning rate
+    1e-3, clipping at 1)."""
+    torch.manual_seed(0)
+    base = bm.build()
+    x, y = bm.batch(0)
+    ns = types.SimpleNamespace(lr=1e-3, max_grad_norm=1.0, device="cpu")
+    return base, x, y, {name: build_variant(name, bm, base, ns) for name in (BASELINE, PRIVATE)}

@@ -301,8 +301,10 @@ class ConvRule(Rule):
                 norm = norm + position_gram_norm(windowed.detach(), plain.detach(), site,
                                                  self.grid(site)).to(norm.dtype)
             else:
-                state.per_sample_weight, state.storage_order = self._per_sample_weight(
-                    value, storage_order=True)
+                w, state.storage_order = self._per_sample_weight(value)
+                # reduced in the op's storage order (in W's order the reductions stride across
+                # the storage: measured on the benchmark CNN, 64 -> 64 channels, a scalar loop)
+                state.per_sample_weight = storage_view(w) if state.storage_order else w
                 norm = norm + instantiated_norm(state.per_sample_weight)
         return norm, state
 
@@ -333,30 +335,25 @@ class ConvRule(Rule):
             out[site.params["weight"]] = w.reshape(shape)
         return out
 
-    def _per_sample_weight(self, value, storage_order: bool = False):
-        """``[B, *W]``: by the convolution's weight-gradient kernel, else im2col + GEMM. Under
-        autocast the op reads the operands in the dtype the convolution computed in, as AMP's
-        own weight gradient (float32 accumulation, a result in that dtype), widened after: the
-        norms and the clipped sum are both computed from those widened values.
-
-        ``storage_order``: ``(G, True)`` with the op's result as its storage
-        ``[B, Cout, *K, Cin]``, the order its norm and batch sum read it in (in ``W``'s order
-        the reductions stride across the storage: measured on the benchmark CNN, 64 -> 64
-        channels, a scalar loop), or ``(G, False)`` in ``W``'s layout from im2col."""
+    def _per_sample_weight(self, value) -> tuple[torch.Tensor, bool]:
+        """``([B, *W], from_op)``: by the convolution's weight-gradient kernel
+        (``from_op``: the op's result, whose storage is ``[B, Cout, *K, Cin]``,
+        ``storage_view``), else im2col + GEMM in ``W``'s layout. Under autocast the op reads the
+        operands in the dtype the convolution computed in, as AMP's own weight gradient (float32
+        accumulation, a result in that dtype), widened after: the norms and the clipped sum are
+        both computed from those widened values."""
         w = conv_weight_grad(value.operand("input"), value.operand("grad"), value.site,
                              per_sample=True, transposed=self.is_transposed(value.site))
         if w is not None:
-            w = w.to(value.grad.dtype)
-            return (storage_view(w), True) if storage_order else w
+            return w.to(value.grad.dtype), True
         a, g = self._grouped(value)
         G = g.transpose(-1, -2) @ a  # [B, g, Cout/g, Cin/g K] in W's layout
-        G = G.reshape(G.shape[0], *value.site.shapes["weight"])
-        return (G, False) if storage_order else G
+        return G.reshape(G.shape[0], *value.site.shapes["weight"]), False
 
     def per_sample_grads(self, value):
         site, out = value.site, {}
         if "bias" in site.params:
             out[site.params["bias"]] = value.grad.reshape(*value.grad.shape[:2], -1).sum(2)
         if "weight" in site.params:
-            out[site.params["weight"]] = self._per_sample_weight(value)
+            out[site.params["weight"]] = self._per_sample_weight(value)[0]
         return out
