@@ -2,10 +2,10 @@
 
 A sample whose norm is NaN/Inf gets ``C = 0`` and its values are zeroed where the clipped sums
 read them (``fx_bk.rules.scale_samples`` / ``keep_samples`` / ``weighted_sum`` in the graph, where
-the mask on a scaled tensor fuses into its scaling and the one on an unscaled convolution input
-is an extra pass; inside ``fx_bk::clipped_gemm``, a Linear site's clipped GEMM, on CPU only when
-some ``C_i`` is zero). This script builds each benchmark model twice, once with those helpers
-and the op replaced by the plain products (no masking; NaN-unsafe), and times both in one
+the mask on a scaled tensor fuses into its scaling; inside ``fx_bk::clipped_gemm`` and
+``fx_bk::clipped_conv_weight_grad``, a Linear or convolution site's clipped weight gradient, on
+CPU only when some ``C_i`` is zero). This script builds each benchmark model twice, once with
+those helpers and ops replaced by the plain products (no masking; NaN-unsafe), and times both in one
 process, interleaved, rotating who goes first. Printed: median step (ms) of each and the ratio
 masked / plain, median over rounds.
 
@@ -41,13 +41,21 @@ def _plain_gemm(a, g, c, transposed):
     return a.t() @ g if transposed else g.t() @ a
 
 
+def _plain_conv(x, g, c, weight_shape, *geometry):
+    x, g = (x, _plain_scale(c, g)) if g[0].numel() <= x[0].numel() else (_plain_scale(c, x), g)
+    weight = g.new_empty(1).expand(weight_shape)
+    return torch.ops.aten.convolution_backward(g, x, weight, None, *geometry,
+                                               [False, True, False])[1]
+
+
 @contextlib.contextmanager
 def unmasked():
     """The rules' NaN-safe helpers replaced by plain products while a program is traced."""
     saved = []
     for mod in (sample_math, pool, base, conv, embedding, linear):
         for name, plain in (("scale_samples", _plain_scale), ("keep_samples", lambda c, t: t),
-                            ("weighted_sum", _plain_sum), ("clipped_gemm", _plain_gemm)):
+                            ("weighted_sum", _plain_sum), ("clipped_gemm", _plain_gemm),
+                            ("clipped_conv_weight_grad", _plain_conv)):
             if hasattr(mod, name):
                 saved.append((mod, name, getattr(mod, name)))
                 setattr(mod, name, plain)

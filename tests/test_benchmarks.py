@@ -14,6 +14,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from torch import nn
 
 import fx_bk
 from benchmarks import flops, memory, report, step, variants
@@ -210,8 +211,9 @@ def test_benchmarks_never_import_tests():
 
 
 def test_nonfinite_cost_tiny_run(capsys):
-    """The masked and plain programs differ (the plain one lets a NaN sample poison the sum),
-    and the table has one ratio per model."""
+    """The masked and plain programs differ (the plain one lets a NaN sample poison the sum: a
+    Linear site's, and a ghost convolution's clipped weight gradient), and the table has one
+    ratio per model."""
     from benchmarks import nonfinite_cost
     from fx_bk.testing.models import MLP
 
@@ -223,18 +225,24 @@ def test_nonfinite_cost_tiny_run(capsys):
         torch.set_num_threads(threads)
     row = [ln for ln in capsys.readouterr().out.splitlines() if ln.startswith("| mlp |")]
     assert len(row) == 1 and float(row[0].split("|")[4].split()[0]) > 0
-    x = torch.randn(4, 12)
-    x[1, 0] = float("nan")
-    grads = {}
-    for masked in (True, False):
-        model = MLP()
-        bk = fx_bk.transform(model, max_grad_norm=1.0)
-        with contextlib.nullcontext() if masked else nonfinite_cost.unmasked(), \
-                warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            bk(x).sum().backward()
-        grads[masked] = model.net[0].weight.grad
-    assert torch.isfinite(grads[True]).all() and not torch.isfinite(grads[False]).all()
+    def ghost_conv():  # L = 4 output positions: a ghost site
+        return nn.Sequential(nn.Conv2d(3, 8, 3, stride=4, padding=1), nn.Flatten(),
+                             nn.Linear(32, 2))
+
+    for build, shape, weight in ((MLP, (4, 12), lambda m: m.net[0].weight),
+                                 (ghost_conv, (4, 3, 8, 8), lambda m: m[0].weight)):
+        x = torch.randn(shape)
+        x[1].view(-1)[0] = float("nan")
+        grads = {}
+        for masked in (True, False):
+            model = build()
+            bk = fx_bk.transform(model, max_grad_norm=1.0)
+            with contextlib.nullcontext() if masked else nonfinite_cost.unmasked(), \
+                    warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                bk(x).sum().backward()
+            grads[masked] = weight(model).grad
+        assert torch.isfinite(grads[True]).all() and not torch.isfinite(grads[False]).all()
 
 
 def test_lengths_benchmark_tiny_run(capsys):

@@ -109,7 +109,8 @@ def test_small_per_sample_gradients_are_reduced_together():
 def test_conv_weight_gradients_come_from_the_convolution_kernel():
     """Conv sites compute their weight gradients with the convolution's weight-gradient kernel
     (the per-sample ones by ``fx_bk::conv_per_sample_weight_grad``, the clipped sum of a ghost
-    site as ``convolution_backward`` of ``C * g``): im2col is only materialised for a ghost
+    site by ``fx_bk::clipped_conv_weight_grad``, which scales and masks inside: no pointwise
+    kernel of its own for Inductor): im2col is only materialised for a ghost
     norm, kernel-major (channels innermost, as channels-last input holds them: a Gram does not
     depend on the column order). The per-sample gradients are reduced in the order the op
     stores them (read in the weight's order, Inductor's reductions stride across the
@@ -122,13 +123,15 @@ def test_conv_weight_gradients_come_from_the_convolution_kernel():
     (compiled,) = bk.programs
     prog, bw = compiled.prog, compiled.prog.bw_graph.graph
     assert [s.strategy for s in prog.sites if s.rule.name == "conv"] == ["instantiate", "ghost"]
-    clipped = [n for n in bw.nodes if n.target == aten.convolution_backward.default
-               and n.args[-1][1]]  # output_mask: the weight gradient
+    clipped = [n for n in bw.nodes if n.target == torch.ops.fx_bk.clipped_conv_weight_grad.default]
+    assert not [n for n in bw.nodes if n.target == aten.convolution_backward.default
+                and n.args[-1][1]], "no weight gradient of an unclipped output gradient"
     per_sample = [n for n in bw.nodes
                   if n.target == torch.ops.fx_bk.conv_per_sample_weight_grad.default]
-    assert len(clipped) == 1 and clipped[0].args[-2] == 1 and len(per_sample) == 1
+    assert len(clipped) == 1 and clipped[0].args[-1] == 1 and len(per_sample) == 1
+    assert [a.meta["val"].dim() for a in clipped[0].args[:3]] == [4, 4, 1], "x, g, C"
     clamps = [n for n in bw.nodes if n.target in (aten.clamp.default, aten.clamp_max.default)]
-    assert clamps[0] in _ancestors(clipped[0]), "the ghost site's weight gradient is C * g's"
+    assert clamps[0] in _ancestors(clipped[0]), "the ghost site's weight gradient reads C"
     assert clamps[0] not in _ancestors(per_sample[0]), "per-sample gradients come before C"
     unfolds = [n for n in bw.nodes if n.target == aten.unfold.default]
     assert 0 < len(unfolds) <= 2, "im2col only for the ghost site (one unfold per spatial dim)"

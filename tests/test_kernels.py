@@ -5,6 +5,7 @@ Inductor. fx_bk::clipped_gemm: a Linear site's clipped weight gradient, any oper
 
 from __future__ import annotations
 
+import math
 import os
 import subprocess
 import sys
@@ -141,6 +142,26 @@ CONV_GEOMETRIES = [  # (transposed, x shape, weight shape, stride, padding, dila
 ]
 
 
+def _per_sample_conv_case(geometry, seed: int = 0):
+    """``(x, g, G)`` for a ``CONV_GEOMETRIES`` entry, float64: a random input and output
+    gradient and every sample's weight gradient by autograd on that sample alone."""
+    transposed, x_shape, w_shape, stride, padding, dilation, groups = geometry
+    gen = torch.Generator().manual_seed(seed)
+    x = torch.randn(x_shape, generator=gen, dtype=torch.float64)
+    w = torch.randn(w_shape, generator=gen, dtype=torch.float64)
+    conv = {(False, 4): torch.nn.functional.conv2d, (False, 3): torch.nn.functional.conv1d,
+            (False, 5): torch.nn.functional.conv3d,
+            (True, 4): torch.nn.functional.conv_transpose2d}[transposed, x.dim()]
+    kw = dict(stride=stride, padding=padding, dilation=dilation, groups=groups)
+    g = torch.randn(conv(x, w, **kw).shape, generator=gen, dtype=torch.float64)
+    expected = []
+    for i in range(x.shape[0]):
+        wi = w.clone().requires_grad_()
+        (conv(x[i : i + 1], wi, **kw) * g[i : i + 1]).sum().backward()
+        expected.append(wi.grad)
+    return x, g, torch.stack(expected)
+
+
 def _paths(geometry) -> list[str]:
     """The op's paths that can compute ``geometry``: folded always; im2col for ungrouped
     convolutions; shifted views also needs stride 1."""
@@ -173,20 +194,7 @@ def test_conv_per_sample_weight_grad_is_each_samples_weight_grad(case, channels_
     index, path = case
     geometry = CONV_GEOMETRIES[index]
     transposed, x_shape, w_shape, stride, padding, dilation, groups = geometry
-    gen = torch.Generator().manual_seed(0)
-    x = torch.randn(x_shape, generator=gen, dtype=torch.float64)
-    w = torch.randn(w_shape, generator=gen, dtype=torch.float64)
-    conv = {(False, 4): torch.nn.functional.conv2d, (False, 3): torch.nn.functional.conv1d,
-            (False, 5): torch.nn.functional.conv3d,
-            (True, 4): torch.nn.functional.conv_transpose2d}[transposed, x.dim()]
-    kw = dict(stride=stride, padding=padding, dilation=dilation, groups=groups)
-    out_shape = conv(x, w, **kw).shape
-    g = torch.randn(out_shape, generator=gen, dtype=torch.float64)
-    expected = []
-    for i in range(x.shape[0]):
-        wi = w.clone().requires_grad_()
-        (conv(x[i : i + 1], wi, **kw) * g[i : i + 1]).sum().backward()
-        expected.append(wi.grad)
+    x, g, expected = _per_sample_conv_case(geometry)
     if channels_last and x.dim() == 4:
         x, g = (t.contiguous(memory_format=torch.channels_last) for t in (x, g))
     if chunk is not None:
@@ -198,9 +206,9 @@ def test_conv_per_sample_weight_grad_is_each_samples_weight_grad(case, channels_
     args = (list(w_shape), stride, padding, dilation, transposed, [0] * len(stride), groups)
     with FlopCounterMode(display=False) as counter:
         got = conv_per_sample_weight_grad(x, g, *args)
-    torch.testing.assert_close(got, torch.stack(expected), rtol=1e-10, atol=1e-10)
+    torch.testing.assert_close(got, expected, rtol=1e-10, atol=1e-10)
     assert got.stride() == conv_grad.out_storage(g, list(w_shape)).stride()
-    positions = (x_shape if transposed else out_shape)[2:]
+    positions = (x_shape if transposed else g.shape)[2:]
     per_sample = torch.Size(positions).numel() * torch.Size(w_shape).numel()
     assert counter.get_total_flops() == 2 * x_shape[0] * per_sample
 
@@ -284,3 +292,38 @@ def test_clipped_gemm_in_bf16_scales_in_float32_and_rounds_once(smaller):
     got = clipped_gemm(a, g, c, False)
     assert got.dtype == torch.bfloat16
     assert torch.equal(got, want)
+
+
+@pytest.mark.parametrize("index", range(len(CONV_GEOMETRIES)))
+@pytest.mark.parametrize("channels_last", [False, True])
+@pytest.mark.parametrize("skipped", ["none", "finite", "nonfinite"])
+def test_clipped_conv_weight_grad_is_the_clipped_sum(index, channels_last, skipped):
+    """``fx_bk::clipped_conv_weight_grad`` equals ``sum_i c_i G_i`` of the per-sample weight
+    gradients, whichever operand it scales, for contiguous and channels-last inputs, and
+    returns a contiguous weight; a sample with ``c_i = 0`` adds exactly zero, also when its
+    input and output gradient hold NaN and Inf; the FLOP formula counts the weight gradient."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from fx_bk.kernels.clipped_conv import clipped_conv_weight_grad
+
+    geometry = CONV_GEOMETRIES[index]
+    transposed, x_shape, w_shape, stride, padding, dilation, groups = geometry
+    x, g, per_sample = _per_sample_conv_case(geometry, seed=index)
+    c = torch.rand(x.shape[0], generator=torch.Generator().manual_seed(index),
+                   dtype=torch.float64) + 0.1
+    if skipped != "none":
+        c[1] = 0.0
+    if skipped == "nonfinite":
+        x[1].view(-1)[0], g[1].view(-1)[-1] = float("nan"), float("inf")
+    want = torch.einsum("b,b...->...", c, torch.where(
+        c.reshape(-1, *[1] * len(w_shape)) != 0, per_sample, 0))
+    if channels_last and x.dim() == 4:
+        x, g = (t.contiguous(memory_format=torch.channels_last) for t in (x, g))
+    args = (list(w_shape), stride, padding, dilation, transposed, [0] * len(stride), groups)
+    with FlopCounterMode(display=False) as counter:
+        got = clipped_conv_weight_grad(x, g, c, *args)
+    assert got.is_contiguous() and got.shape == torch.Size(w_shape)
+    torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-10)
+    positions = (x_shape if transposed else g.shape)[2:]
+    assert counter.get_total_flops() == 2 * x_shape[0] * math.prod(positions) * math.prod(w_shape)
+    torch.library.opcheck(torch.ops.fx_bk.clipped_conv_weight_grad.default, (x, g, c, *args))

@@ -32,22 +32,31 @@ import torch
 from .flops import register_flops
 
 
-def _scaled(x: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
-    cv = c.reshape(-1, 1, 1)
+def scaled_samples(x: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
+    """``c_i x_i`` (batch dim 0), in ``c``'s dtype and rounded once to ``x``'s."""
+    cv = c.reshape(-1, *[1] * (x.dim() - 1))
     if x.dtype == c.dtype:
         return x * cv
     return (x.to(c.dtype) * cv).to(x.dtype)
 
 
+def masked_if_skipped(c: torch.Tensor, *operands: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """``operands`` with the samples whose ``c_i = 0`` set to exactly zero: on CPU only when
+    there is such a sample (reading ``c`` costs nothing there), elsewhere always (reading it
+    would wait for the device)."""
+    if c.device.type == "cpu" and bool(c.all()):
+        return operands
+    keep = c != 0
+    return tuple(torch.where(keep.reshape(-1, *[1] * (t.dim() - 1)), t, 0) for t in operands)
+
+
 def _clipped_gemm(a: torch.Tensor, g: torch.Tensor, c: torch.Tensor,
                   transposed: bool) -> torch.Tensor:
     if a.shape[-1] < g.shape[-1]:  # per sample: T d against T p
-        a = _scaled(a, c)
+        a = scaled_samples(a, c)
     else:
-        g = _scaled(g, c)
-    if c.device.type != "cpu" or not bool(c.all()):  # some c_i = 0
-        keep = (c != 0).reshape(-1, 1, 1)
-        a, g = torch.where(keep, a, 0), torch.where(keep, g, 0)
+        g = scaled_samples(g, c)
+    a, g = masked_if_skipped(c, a, g)
     a = a.reshape(-1, a.shape[-1])  # [B T, d]
     g = g.reshape(-1, g.shape[-1])  # [B T, p]
     return a.t() @ g if transposed else g.t() @ a

@@ -240,12 +240,17 @@ def _fake(x, g, weight_shape, stride, padding, dilation, transposed, output_padd
     return out_storage(g, weight_shape)
 
 
-def _flops(x_shape, g_shape, weight_shape, stride, padding, dilation, transposed,
-           output_padding, groups, **kwargs) -> int:
-    """2 per multiply-add: every position of the strided side (the output of a convolution,
-    the input of a transposed one) meets every weight element once per sample."""
+def weight_grad_flops(x_shape, g_shape, weight_shape, transposed: bool) -> int:
+    """2 per multiply-add of a convolution's weight gradient, per sample or summed: every
+    position of the strided side (the output of a convolution, the input of a transposed one)
+    meets every weight element once per sample."""
     positions = math.prod((x_shape if transposed else g_shape)[2:])
     return 2 * x_shape[0] * positions * math.prod(weight_shape)
+
+
+def _flops(x_shape, g_shape, weight_shape, stride, padding, dilation, transposed,
+           output_padding, groups, **kwargs) -> int:
+    return weight_grad_flops(x_shape, g_shape, weight_shape, transposed)
 
 
 register_flops(torch.ops.fx_bk.conv_per_sample_weight_grad, _flops)

@@ -37,6 +37,7 @@ from dataclasses import dataclass
 import torch
 
 from fx_bk.cost_model import conv_strategy
+from fx_bk.kernels.clipped_conv import clipped_conv_weight_grad
 from fx_bk.kernels.conv_grad import (
     conv_per_sample_weight_grad,
     from_storage_order,
@@ -52,7 +53,6 @@ from .base import (
     keep_samples,
     register_rule,
     scale_samples,
-    scale_smaller,
 )
 from .pool import instantiated_norm, instantiated_sum
 
@@ -134,11 +134,13 @@ def im2col(x: torch.Tensor, site, grid=None, kernel_major: bool = False) -> torc
     return x.reshape(b, -1, c * math.prod(kernel))
 
 
-def conv_weight_grad(x: torch.Tensor, g: torch.Tensor, site, per_sample: bool,
+def conv_weight_grad(x: torch.Tensor, g: torch.Tensor, site, c: torch.Tensor | None = None,
                      transposed: bool = False) -> torch.Tensor | None:
     """The weight gradient of the site's (transposed) convolution for input ``x`` and output
-    gradient ``g``: summed over the batch (``[*W]``), or per sample (``[B, *W]``) when
-    ``per_sample``. ``None`` when the geometry has asymmetric padding."""
+    gradient ``g``: per sample (``[B, *W]``, ``fx_bk::conv_per_sample_weight_grad``), or with
+    clip factors ``c`` their clipped sum ``sum_i c_i W(x_i, g_i)`` (``[*W]``,
+    ``fx_bk::clipped_conv_weight_grad``). ``None`` when the geometry has asymmetric
+    padding."""
     kernel, stride, dilation, pads, groups = _geometry(site)
     if any(left != right for left, right in pads):
         return None
@@ -147,10 +149,9 @@ def conv_weight_grad(x: torch.Tensor, g: torch.Tensor, site, per_sample: bool,
     shape = list(site.shapes["weight"])
     geometry = (list(stride), [left for left, _ in pads], list(dilation), transposed,
                 list(out_pad), groups)
-    if per_sample:
+    if c is None:
         return conv_per_sample_weight_grad(x, g, shape, *geometry)
-    weight = g.new_empty(1).expand(shape)  # only its shape is read
-    return aten.convolution_backward(g, x, weight, None, *geometry, [False, True, False])[1]
+    return clipped_conv_weight_grad(x, g, c, shape, *geometry)
 
 
 def positions_by_group(t: torch.Tensor, groups: int) -> torch.Tensor:
@@ -321,8 +322,7 @@ class ConvRule(Rule):
                 if state.storage_order:
                     w = from_storage_order(w)
             else:
-                x, cg = scale_smaller(value.tensors["input"], value.grad, c)
-                w = conv_weight_grad(x, cg, site, per_sample=False,
+                w = conv_weight_grad(value.tensors["input"], value.grad, site, c,
                                      transposed=self.is_transposed(site))
                 if w is None:  # im2col path: one batched GEMM over the groups
                     a, g = self._grouped(value)
@@ -343,7 +343,7 @@ class ConvRule(Rule):
         accumulation, a result in that dtype), widened after: the norms and the clipped sum are
         both computed from those widened values."""
         w = conv_weight_grad(value.operand("input"), value.operand("grad"), value.site,
-                             per_sample=True, transposed=self.is_transposed(value.site))
+                             transposed=self.is_transposed(value.site))
         if w is not None:
             return w.to(value.grad.dtype), True
         a, g = self._grouped(value)
