@@ -150,18 +150,24 @@ def test_conv_ghost_norm_pads_in_one_op_and_windows_the_gram_in_one_view(strateg
     """A padded conv's ghost norm pads by writing into a zero tensor (``slice_scatter``, one
     fused kernel), not by concatenating zero blocks (one kernel per block); the position-Gram
     norm takes all kernel offsets as one strided view of the Gram, not a slice per dim and
-    offset. Exactness of both: tests/test_rules.py."""
+    offset, and pads channels last (``[B, *P, C]``, the layout Inductor gives convolution inputs
+    on CPU: padded channel-major, its kernel gathered the input element by element). Exactness
+    of both: tests/test_rules.py."""
     monkeypatch.setattr(conv_rules, "conv_strategy", lambda *a: (Strategy[strategy], 1))
-    model = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1, bias=False), nn.Flatten(),
+    model = nn.Sequential(nn.Conv2d(5, 4, 3, padding=1, bias=False), nn.Flatten(),
                           nn.Linear(4 * 36, 2, bias=False))
     bk = fx_bk.transform(model, max_grad_norm=1.0)
-    bk(torch.randn(3, 3, 6, 6))
+    bk(torch.randn(3, 5, 6, 6))
     (compiled,) = bk.programs
     assert [s.strategy for s in compiled.prog.sites if s.rule.name == "conv"] == [
         Strategy[strategy]]
     ops = [n.target for n in compiled.prog.joint_graph.graph.nodes]
     assert aten.cat.default not in ops
     assert ops.count(aten.slice_scatter.default) == 2  # one per padded spatial dim
+    if strategy == "GHOST_GRAM":
+        pads = [n for n in compiled.prog.joint_graph.graph.nodes
+                if n.target == aten.slice_scatter.default]
+        assert sorted(tuple(n.meta["val"].shape[1:]) for n in pads) == [(6, 8, 5), (8, 8, 5)]
     windows = ops.count(aten.as_strided.default)
     assert windows == (1 if strategy == "GHOST_GRAM" else 0)
 
