@@ -91,11 +91,11 @@ def _geometry(site):
 
 def _zero_pad(x: torch.Tensor, pads, first: int = 2) -> torch.Tensor:
     """Zero padding of the spatial dims, dims ``first`` on (``pads``: ``(left, right)`` per
-    spatial dim): ``x``
-    written into a zero tensor by one ``slice_scatter`` per padded dim, which Inductor lowers
-    to one fused kernel (``F.pad`` and ``constant_pad_nd`` specialize the batch size when traced
-    with a symbolic batch, measured on torch 2.13; a concatenation of zero blocks compiles to
-    one kernel per block). Functional: the joint trace needs no functionalization for it."""
+    spatial dim): ``x`` written into a zero tensor by one ``slice_scatter`` per padded dim,
+    which Inductor lowers to one fused kernel (``F.pad`` and ``constant_pad_nd`` specialize the
+    batch size when traced with a symbolic batch, measured on torch 2.13; a concatenation of
+    zero blocks compiles to one kernel per block). Functional: the joint trace needs no
+    functionalization for it."""
     padded = [i for i, (left, right) in enumerate(pads) if left or right]
     if not padded:
         return x
