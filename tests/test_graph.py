@@ -63,6 +63,22 @@ def test_every_weight_gradient_matmul_is_clipped(name):
         assert clamps[0] in _ancestors(mm), f"{mm} computes a weight gradient without C"
 
 
+@pytest.mark.parametrize("bias", [True, False])
+def test_rank_one_norm_reduces_each_operand_once(bias):
+    """A Linear site with one position: its squared norm is ``(||a||^2 + 1) ||g||^2`` with a
+    bias (whose per-sample gradient is ``g`` itself), ``||a||^2 ||g||^2`` without: one squared
+    reduction of each operand, none for the bias (another reduction of ``g`` lengthened
+    Inductor's code generation). Exactness: the oracle tests."""
+    model = nn.Linear(4, 3, bias=bias)
+    bk = fx_bk.transform(model, max_grad_norm=1.0)
+    bk(torch.randn(5, 4))
+    (compiled,) = bk.programs
+    assert [str(s.strategy) for s in compiled.prog.sites] == ["rank-one"]
+    pows = [n for n in compiled.prog.bw_graph.graph.nodes
+            if n.target == torch.ops.aten.pow.Tensor_Scalar]
+    assert len(pows) == 2
+
+
 def test_clipped_gemm_is_the_op_over_positions_and_in_the_graph_at_one_position():
     """A Linear site over T > 1 positions gets its clipped weight gradient from one
     ``fx_bk::clipped_gemm`` (no scaling kernels of its own for Inductor); a site with one
