@@ -12,6 +12,11 @@
   copies it into channels last after: 8 MB written, read and written again per 32-channel
   32×32 convolution of the benchmark CNN at B = 64. Written on the input's shape, the result
   is stored once, in the layout the convolution reads.
+* On CPU the three factors are expanded from groups to channels by one matrix product with the
+  0/1 group-membership matrix (:func:`_channel_factors`), not by indexing inside the
+  elementwise loop: Inductor's CPU backend vectorizes a loop only while fewer than 12% of its
+  loads are non-contiguous, and the per-group factors, read at ``channel // (C / groups)``,
+  were 4 of its ~25 loads, so the loop over the whole input ran scalar.
 
 The per-channel sums (``ds = sum g x``, ``db = sum g`` over the spatial dims) come from
 :func:`group_norm_sums` and the weight and bias gradients from :func:`group_norm_sample_grads`,
@@ -39,6 +44,25 @@ def _per_channel(t: torch.Tensor, groups: int, per_group: int) -> torch.Tensor:
     """``[N, groups]`` -> ``[N, C]``: each group's value for each of its channels."""
     n = t.shape[0]
     return t.unsqueeze(-1).expand(n, groups, per_group).reshape(n, groups * per_group)
+
+
+def _channel_factors(factors: tuple[torch.Tensor, ...], groups: int,
+                     per_group: int) -> tuple[torch.Tensor, ...]:
+    """``[N, groups]`` factors -> ``[N, C]`` each, every channel its group's value. On CPU one
+    matrix product of the stacked factors with the 0/1 group-membership matrix ``[groups, C]``:
+    exact (one nonzero term per entry, for finite factors; a non-finite factor makes every
+    channel of its own sample non-finite, as ``0 * inf`` is NaN), and an extern GEMM whose
+    result Inductor stores, so the elementwise loop reads the factors contiguously along the
+    channels and is vectorized (the benchmark CNN's 32-channel 32x32 group norm backward at
+    B = 64: 6.5 -> 1.8 ms). Elsewhere expanded in place (Triton indexes them without loss)."""
+    first = factors[0]
+    if first.device.type != "cpu":
+        return tuple(_per_channel(t, groups, per_group) for t in factors)
+    n, k, channels = first.shape[0], len(factors), groups * per_group
+    member = torch.arange(channels, device=first.device) // per_group
+    membership = (member == torch.arange(groups, device=first.device).unsqueeze(1))
+    stacked = torch.stack(factors, 1).reshape(n * k, groups)
+    return (stacked @ membership.to(stacked.dtype)).reshape(n, k, channels).unbind(1)
 
 
 def group_norm_sample_grads(ds: torch.Tensor, db: torch.Tensor, mean: torch.Tensor,
@@ -69,12 +93,11 @@ def group_norm_backward(grad_out, input, mean, rstd, gamma, N, C, HxW, group, ou
         db_g = weighted_db.reshape(-1, group, per_group).sum(2)
         c2 = (db_g * mean - ds_g) * rstd * rstd * rstd * scale
         c3 = -c2 * mean - db_g * rstd * scale
-        c1 = _per_channel(rstd, group, per_group)
+        c1, c2, c3 = _channel_factors((rstd, c2, c3), group, per_group)
         if gamma is not None:
             c1 = c1 * gamma
-        d_input = (grad_out * c1.reshape(bcast)
-                   + input * _per_channel(c2, group, per_group).reshape(bcast)
-                   + _per_channel(c3, group, per_group).reshape(bcast)).to(dtype)
+        d_input = (grad_out * c1.reshape(bcast) + input * c2.reshape(bcast)
+                   + c3.reshape(bcast)).to(dtype)
     if output_mask[1] or output_mask[2]:
         per_sample_w, per_sample_b = group_norm_sample_grads(ds, db, mean, rstd, group)
         d_gamma = per_sample_w.sum(0).to(dtype) if output_mask[1] else None
