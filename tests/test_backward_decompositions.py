@@ -87,11 +87,10 @@ def test_only_programs_built_for_inductor_decompose_the_group_norm_backward():
     assert compiled.prog.for_inductor and not _has_group_norm_backward(compiled)
 
 
-def test_compiled_group_norm_input_gradient_is_stored_once():
-    """Compiled on CPU (convolutions channels last), the input gradient of a group norm that
-    feeds a convolution whose per-sample weight gradients are instantiated is stored once: no
-    buffer in the grouped view's layout ``[B, groups, C / groups, H * W]`` besides the
-    channels-last one the convolution's backward reads."""
+@pytest.fixture(scope="module")
+def gn_cnn_backward_code() -> str:
+    """The generated code of the float32 group norm CNN's compiled backward on CPU (B = 4,
+    16x16 images)."""
     from torch._inductor.utils import run_and_get_code
 
     model = _gn_cnn().float()
@@ -103,7 +102,15 @@ def test_compiled_group_norm_input_gradient_is_stored_once():
         F.cross_entropy(bk(x), y).backward()
 
     _, codes = run_and_get_code(step)
-    backward = codes[-1]
+    return codes[-1]
+
+
+def test_compiled_group_norm_input_gradient_is_stored_once(gn_cnn_backward_code):
+    """Compiled on CPU (convolutions channels last), the input gradient of a group norm that
+    feeds a convolution whose per-sample weight gradients are instantiated is stored once: no
+    buffer in the grouped view's layout ``[B, groups, C / groups, H * W]`` besides the
+    channels-last one the convolution's backward reads."""
+    backward = gn_cnn_backward_code
     assert "conv_per_sample_weight_grad" in backward
     grouped_view = re.compile(r"empty_strided_cpu\(\(4, 2, 4, 256\)")
     assert not grouped_view.search(backward)
@@ -118,23 +125,12 @@ def _full_tensor_stores(code: str, batch_stride: int) -> tuple[int, int]:
     return len(scalar), len(vector)
 
 
-def test_compiled_group_norm_input_gradient_loop_is_vectorized():
+def test_compiled_group_norm_input_gradient_loop_is_vectorized(gn_cnn_backward_code):
     """Compiled on CPU, every loop of the backward that writes a whole activation-sized tensor
     is vectorized. The group norm's input gradient reads its three per-channel factors
     contiguously along the channels (expanded from groups by one matrix product); read at
     ``channel // (C / groups)``, they were 4 of the loop's ~25 loads, over Inductor's CPU
     threshold for non-contiguous loads (12%), and the loop ran scalar (fails that way, checked)."""
-    from torch._inductor.utils import run_and_get_code
-
-    model = _gn_cnn().float()
-    bk = torch.compile(fx_bk.transform(model, max_grad_norm=1.0), fullgraph=True)
-    x = torch.randn(4, 3, 16, 16)
-    y = torch.randint(0, 5, (4,))
-
-    def step():
-        F.cross_entropy(bk(x), y).backward()
-
-    _, codes = run_and_get_code(step)
-    scalar, vector = _full_tensor_stores(codes[-1], 8 * 16 * 16)
+    scalar, vector = _full_tensor_stores(gn_cnn_backward_code, 8 * 16 * 16)
     assert vector > 0
     assert scalar == 0
