@@ -10,7 +10,9 @@
 * constant padding (``F.pad``, ``aten.constant_pad_nd``) as concatenations with filled blocks
   and narrowing: the composite kernels read the input's sizes as integers, which pins the
   symbolic batch when the joint graph re-traces them, and their Python reference writes into a
-  buffer in place (Hugging Face Swin's window padding).
+  buffer in place (Hugging Face Swin's window padding);
+* a concatenation whose inputs but one are empty along its dim (a generation cache's first
+  ``update``) as the contiguous copy eager ``cat`` returns (:func:`_cat_of_one`).
 """
 
 from __future__ import annotations
@@ -65,6 +67,36 @@ def _index_as_embedding(input, indices):
     return rows.reshape(*ids.shape, *input.shape[1:])
 
 
+def _is_skipped(t: torch.Tensor, dim: int, rank: int) -> bool:
+    """An input ``cat`` contributes nothing to: a static 0 along ``dim`` (or the legacy 1-D
+    empty tensor ``cat`` skips), needing no gradient."""
+    if t.requires_grad:
+        return False
+    if t.dim() == 1 and rank != 1:
+        return type(t.shape[0]) is int and t.shape[0] == 0
+    return t.dim() == rank and type(t.shape[dim]) is int and t.shape[dim] == 0
+
+
+def _cat_of_one(tensors, dim=0):
+    """``cat`` whose inputs but one are empty along ``dim`` (Hugging Face's ``DynamicCache``
+    on its first ``update``: an empty ``[B, heads, 0, head_dim]`` and the new keys, which are a
+    transposed view) as what eager ``cat`` returns: a contiguous copy in the promoted dtype.
+    With a symbolic batch the fake ``cat`` gave other strides than eager, and than the fake
+    ``cat`` of ``torch.compile``'s own trace of the BK program; attention's matmul, traced as
+    a ``view`` of its output, then failed there ("Cannot view a tensor with shape ...")."""
+    if not tensors:
+        return NotImplemented
+    rank = max(t.dim() for t in tensors)
+    d = dim % rank if rank else 0
+    kept = [t for t in tensors if not _is_skipped(t, d, rank)]
+    if len(kept) != 1 or len(tensors) == 1 or kept[0].dim() != rank:
+        return NotImplemented
+    dtype = tensors[0].dtype
+    for t in tensors[1:]:
+        dtype = torch.promote_types(dtype, t.dtype)
+    return kept[0].to(dtype=dtype, memory_format=torch.contiguous_format, copy=True)
+
+
 TRACE_DECOMPOSITIONS = {
     **library_decompositions([aten.im2col]),
     **RECURRENT_DECOMPOSITIONS,
@@ -72,4 +104,5 @@ TRACE_DECOMPOSITIONS = {
     aten.pad.default: _constant_pad,
     aten.constant_pad_nd.default: _pad_functional,
     aten.index.Tensor: _index_as_embedding,
+    aten.cat.default: _cat_of_one,
 }

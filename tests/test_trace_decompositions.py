@@ -11,7 +11,7 @@ import torch.nn.functional as F
 
 from fx_bk.attention import _sdpa_with_trainable_mask
 from fx_bk.testing import assert_matches_per_sample
-from fx_bk.trace_decompositions import _pad_functional
+from fx_bk.trace_decompositions import _cat_of_one, _pad_functional
 
 PADS = [(0, 0), (1, 2), (0, 0, 0, 1), (2, 0, -1, 1), (-1, -2, 1, 0, 0, 3)]
 
@@ -25,6 +25,43 @@ def test_functional_pad_equals_f_pad(pad):
     g = torch.randn_like(ref)
     torch.testing.assert_close(torch.autograd.grad(got, x, g)[0],
                                torch.autograd.grad(ref, x, g)[0])
+
+
+CAT_CASES = [  # (shapes of the inputs, dim, dtypes); the last input is a transposed view
+    ([(2, 3, 0, 4), (2, 4, 3, 5)], -2, (torch.float32, torch.float32)),  # a cache's first update
+    ([(0,), (2, 4, 3, 5)], 1, (torch.float64, torch.float32)),  # legacy empty, promoted dtype
+    ([(2, 0, 3, 4), (2, 0, 3, 4), (2, 4, 3, 5)], 1, (torch.float32,) * 3),
+]
+
+
+@pytest.mark.parametrize("case", CAT_CASES, ids=range(len(CAT_CASES)))
+def test_cat_of_one_nonempty_input_equals_cat(case):
+    """Values, dtype and strides (contiguous) as eager ``cat``; the gradient flows to the one
+    input with elements."""
+    shapes, dim, dtypes = case
+    *empties, last = shapes
+    x = torch.randn(last, dtype=dtypes[-1]).transpose(1, 3).requires_grad_()
+    x_shape = list(x.shape)
+    tensors = []
+    for shape, dtype in zip(empties, dtypes):
+        if len(shape) > 1:
+            shape = list(x_shape)
+            shape[dim] = 0
+        tensors.append(torch.empty(shape, dtype=dtype))
+    tensors.append(x)
+    ref = torch.cat(tensors, dim)
+    got = _cat_of_one(tensors, dim)
+    assert got.dtype == ref.dtype and got.stride() == ref.stride()
+    torch.testing.assert_close(got, ref)
+    g = torch.randn_like(ref)
+    torch.testing.assert_close(torch.autograd.grad(got, x, g)[0],
+                               torch.autograd.grad(ref, x, g)[0])
+
+
+def test_cat_of_several_nonempty_inputs_is_left_to_torch():
+    x, y = torch.randn(2, 3), torch.randn(2, 3)
+    assert _cat_of_one([x, y], 0) is NotImplemented
+    assert _cat_of_one([torch.empty(0, 3, requires_grad=True), x], 0) is NotImplemented
 
 
 def test_sdpa_math_equals_fused_op_with_a_float_mask():

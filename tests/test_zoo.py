@@ -70,6 +70,22 @@ def test_unsupported_architecture_is_rejected_naming_the_op(arch):
         zoo.check(arch, dtype=torch.float64)
 
 
+def test_gpt2_with_its_generation_cache_compiles_exactly():
+    """GPT-2 with its default ``use_cache=True``, compiled, attention as matmuls (the eager
+    implementation; the SDPA one takes the same math path with dropout in training): the
+    cache's first update (a ``cat`` of an empty tensor and the transposed keys) is traced as
+    the contiguous copy eager ``cat`` returns. Traced as ``cat``, torch.compile's own trace of
+    the BK program gave it other strides and failed on the matmul's ``view`` ("Cannot view a
+    tensor with shape ..."; fails that way without the rewrite, checked)."""
+    arch = zoo.Arch("gpt2_cache", "generation cache", zoo._causal(
+        "GPT2Config", "GPT2LMHeadModel", n_layer=2, n_embd=zoo.D, n_head=2, n_positions=32,
+        resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0, attn_implementation="eager"))
+    torch._dynamo.reset()
+    with pytest.warns(UserWarning, match="DynamicCache"):
+        err = zoo.check(arch, dtype=torch.float32, compiled=True)
+    assert err <= F32_TOL, f"{err:.1e}"
+
+
 def test_generation_cache_output_is_dropped_with_a_warning():
     """A decoder with its default use_cache=True returns a DynamicCache: fx_bk returns None in
     its place (and warns), the logits are unchanged."""
