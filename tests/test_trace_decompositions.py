@@ -27,28 +27,22 @@ def test_functional_pad_equals_f_pad(pad):
                                torch.autograd.grad(ref, x, g)[0])
 
 
-CAT_CASES = [  # (shapes of the inputs, dim, dtypes); the last input is a transposed view
-    ([(2, 3, 0, 4), (2, 4, 3, 5)], -2, (torch.float32, torch.float32)),  # a cache's first update
-    ([(0,), (2, 4, 3, 5)], 1, (torch.float64, torch.float32)),  # legacy empty, promoted dtype
-    ([(2, 0, 3, 4), (2, 0, 3, 4), (2, 4, 3, 5)], 1, (torch.float32,) * 3),
+CAT_CASES = [  # (dim, dtypes of the empty inputs, legacy 1-D empties); x: float32
+    (-2, (torch.float32,), False),  # a generation cache's first update
+    (1, (torch.float64,), True),  # the legacy 1-D empty tensor; the dtype promoted
+    (1, (torch.float32, torch.float32), False),
 ]
 
 
 @pytest.mark.parametrize("case", CAT_CASES, ids=range(len(CAT_CASES)))
 def test_cat_of_one_nonempty_input_equals_cat(case):
-    """Values, dtype and strides (contiguous) as eager ``cat``; the gradient flows to the one
-    input with elements."""
-    shapes, dim, dtypes = case
-    *empties, last = shapes
-    x = torch.randn(last, dtype=dtypes[-1]).transpose(1, 3).requires_grad_()
-    x_shape = list(x.shape)
-    tensors = []
-    for shape, dtype in zip(empties, dtypes):
-        if len(shape) > 1:
-            shape = list(x_shape)
-            shape[dim] = 0
-        tensors.append(torch.empty(shape, dtype=dtype))
-    tensors.append(x)
+    """Values, dtype and strides (contiguous) as eager ``cat`` of empty inputs and one
+    transposed view; the gradient flows to that one input."""
+    dim, dtypes, legacy = case
+    x = torch.randn(2, 4, 3, 5).transpose(1, 3).requires_grad_()
+    empty_shape = [0] if legacy else [0 if k == dim % x.dim() else n
+                                      for k, n in enumerate(x.shape)]
+    tensors = [torch.empty(empty_shape, dtype=dtype) for dtype in dtypes] + [x]
     ref = torch.cat(tensors, dim)
     got = _cat_of_one(tensors, dim)
     assert got.dtype == ref.dtype and got.stride() == ref.stride()
