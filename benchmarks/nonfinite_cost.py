@@ -22,6 +22,7 @@ import time
 import torch
 
 import fx_bk
+from fx_bk.kernels.clipped_gemm import scale_goes_to_g
 from fx_bk.rules import base, conv, embedding, linear, pool, sample_math
 
 from .bench_models import bench_models
@@ -35,14 +36,19 @@ def _plain_sum(c, t):
     return torch.tensordot(c.to(t.dtype), t, dims=1)
 
 
+def _plain_smaller(x, g, c):
+    """The clip factors on the operand the ops scale (``scale_goes_to_g``), unmasked."""
+    return (x, _plain_scale(c, g)) if scale_goes_to_g(x, g) else (_plain_scale(c, x), g)
+
+
 def _plain_gemm(a, g, c, transposed):
-    a, g = (_plain_scale(c, a), g) if a.shape[-1] < g.shape[-1] else (a, _plain_scale(c, g))
+    a, g = _plain_smaller(a, g, c)
     a, g = a.reshape(-1, a.shape[-1]), g.reshape(-1, g.shape[-1])
     return a.t() @ g if transposed else g.t() @ a
 
 
 def _plain_conv(x, g, c, weight_shape, *geometry):
-    x, g = (x, _plain_scale(c, g)) if g[0].numel() <= x[0].numel() else (_plain_scale(c, x), g)
+    x, g = _plain_smaller(x, g, c)
     weight = g.new_empty(1).expand(weight_shape)
     return torch.ops.aten.convolution_backward(g, x, weight, None, *geometry,
                                                [False, True, False])[1]

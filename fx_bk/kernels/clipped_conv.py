@@ -20,11 +20,9 @@ copy of one weight-sized tensor at most.
 
 from __future__ import annotations
 
-import math
-
 import torch
 
-from .clipped_gemm import masked_if_skipped, scaled_samples
+from .clipped_gemm import masked_if_skipped, scale_goes_to_g, scaled_samples
 from .conv_grad import weight_grad_flops
 from .flops import register_flops
 
@@ -33,7 +31,7 @@ aten = torch.ops.aten
 
 def _clipped_conv_weight_grad(x, g, c, weight_shape, stride, padding, dilation, transposed,
                               output_padding, groups):
-    if math.prod(g.shape[1:]) <= math.prod(x.shape[1:]):
+    if scale_goes_to_g(x, g):
         g = scaled_samples(g, c)
     else:
         x = scaled_samples(x, c)

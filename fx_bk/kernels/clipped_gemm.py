@@ -27,9 +27,18 @@ unscaled operand a pass of its own at every step.
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 from .flops import register_flops
+
+
+def scale_goes_to_g(x: torch.Tensor, g: torch.Tensor) -> bool:
+    """Whether the clip factors go on the output gradient ``g`` rather than the input ``x`` of
+    a clipped weight gradient ``sum_i c_i W(x_i, g_i)`` (bilinear in the two): on whichever has
+    fewer elements per sample, ``g`` on a tie. A static choice (shapes only)."""
+    return math.prod(g.shape[1:]) <= math.prod(x.shape[1:])
 
 
 def scaled_samples(x: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
@@ -52,10 +61,10 @@ def masked_if_skipped(c: torch.Tensor, *operands: torch.Tensor) -> tuple[torch.T
 
 def _clipped_gemm(a: torch.Tensor, g: torch.Tensor, c: torch.Tensor,
                   transposed: bool) -> torch.Tensor:
-    if a.shape[-1] < g.shape[-1]:  # per sample: T d against T p
-        a = scaled_samples(a, c)
-    else:
+    if scale_goes_to_g(a, g):  # per sample: T p against T d
         g = scaled_samples(g, c)
+    else:
+        a = scaled_samples(a, c)
     a, g = masked_if_skipped(c, a, g)
     a = a.reshape(-1, a.shape[-1])  # [B T, d]
     g = g.reshape(-1, g.shape[-1])  # [B T, p]

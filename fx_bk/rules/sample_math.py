@@ -6,9 +6,9 @@ even if its values are NaN/Inf: the scalings here mask instead of multiplying by
 
 from __future__ import annotations
 
-import math
-
 import torch
+
+from fx_bk.kernels.clipped_gemm import scale_goes_to_g
 
 
 def accumulation_dtype(t: torch.Tensor) -> torch.dtype:
@@ -35,7 +35,7 @@ def scale_smaller(x: torch.Tensor, g: torch.Tensor, c: torch.Tensor):
     """``(keep(x), c g)`` or ``(c x, keep(g))``, whichever scales fewer elements per sample (a
     static choice): a clipped weight gradient ``sum_i c_i W(x_i, g_i)`` is bilinear in its input
     and output gradient."""
-    if math.prod(g.shape[1:]) <= math.prod(x.shape[1:]):
+    if scale_goes_to_g(x, g):
         return keep_samples(c, x), scale_samples(c, g)
     return scale_samples(c, x), keep_samples(c, g)
 
